@@ -1,0 +1,262 @@
+"""The `fmerge` command line: thin wrappers over recipe, executor and store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import FmergeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Declarative, cached merging of fine-tuned models.")
+out = Console()
+err = Console(stderr=True)
+
+StoreOpt = typer.Option(None, "--store", help="artifact store (default: recipe's 'store', $FMERGE_STORE, ./artifacts)")
+
+
+def open_store(store: Optional[Path], recipe=None):
+    from .store import Store
+
+    if store is None and recipe is not None and recipe.spec.store:
+        store = recipe.resolve(recipe.spec.store)
+    return Store(store or os.environ.get("FMERGE_STORE") or "artifacts")
+
+
+def _runtime(recipe_file: Path, store: Optional[Path], device: Optional[str] = None):
+    from .recipe import load_recipe
+    from .runtime import Runtime
+
+    recipe = load_recipe(recipe_file)
+    return Runtime(recipe, open_store(store, recipe), err, device)
+
+
+def _short(keys: list[str]) -> str:
+    return ", ".join(k[:12] for k in keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
+
+
+def _print_reports(reports, title: str) -> None:
+    colors = {"cached": "green", "computed": "cyan", "forced": "magenta", "stale": "yellow"}
+    table = Table(title=title)
+    for col in ("step", "kind", "state", "time", "key", "note"):
+        table.add_column(col)
+    for r in reports:
+        table.add_row(r.step, r.kind, f"[{colors.get(r.state, 'white')}]{r.state}[/]",
+                      f"{r.seconds:.2f}s", _short(r.keys), r.note)
+    out.print(table)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="recipe YAML file"),
+    only: list[str] = typer.Option([], "--only", help="run only this step (and what it needs); repeatable"),
+    force: list[str] = typer.Option([], "--force", help="recompute this step even if cached; repeatable"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show what would run, compute nothing"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: recipe's)"),
+    store: Optional[Path] = StoreOpt,
+):
+    """Execute a recipe's step graph, reusing every cached artifact."""
+    from . import executor
+
+    rt = _runtime(recipe, store, device)
+
+    def line(r):
+        err.print(f"[bold]{r.step}[/] ({r.kind}): {r.state} in {r.seconds:.2f}s {r.keys[0][:12] if r.keys else ''} {r.note}")
+
+    reports = executor.run(rt, only or None, force or None, dry_run, on_report=line)
+    _print_reports(reports, f"{recipe}" + (" (dry run)" if dry_run else ""))
+
+
+@app.command()
+def status(
+    recipe: Path = typer.Argument(..., help="recipe YAML file"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list of {step, state, ...}"),
+    store: Optional[Path] = StoreOpt,
+):
+    """Say which steps are cached and which would run, computing nothing."""
+    from . import executor
+
+    reports = executor.status(_runtime(recipe, store))
+    if as_json:
+        print(json.dumps([r.as_json() for r in reports], indent=2))
+    else:
+        _print_reports(reports, f"status of {recipe}")
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(..., help="recipe YAML file")):
+    """Check a recipe (keys, types, references, method parameters) without reading weights."""
+    from .recipe import load_recipe, step_order
+
+    r = load_recipe(recipe)
+    out.print(f"[green]ok[/]: {recipe}: {len(r.models)} models, steps in order: {', '.join(step_order(r))}")
+
+
+@app.command()
+def merge(
+    method: str = typer.Option(..., "--method", help="merge method (see `fmerge methods`)"),
+    model: list[Path] = typer.Option(..., "--model", help="fine-tuned model directory; repeatable"),
+    base: Optional[Path] = typer.Option(None, "--base", help="base (pretrained) model directory"),
+    param: list[str] = typer.Option([], "--param", help="method parameter KEY=VALUE (YAML value); repeatable"),
+    out_dir: Path = typer.Option(..., "--out", help="write the merged model here"),
+    out_dtype: Optional[str] = typer.Option(None, "--out-dtype"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load .bin/.pt checkpoints (weights only)"),
+    store: Optional[Path] = StoreOpt,
+):
+    """Merge models directly, without a recipe (same store, same cache)."""
+    from . import executor
+    from .recipe import parse_recipe
+    from .runtime import Runtime
+
+    recipe_text = direct_merge_recipe(method, model, base, param, out_dir, out_dtype, allow_pickle)
+    recipe = parse_recipe(recipe_text, None)
+    rt = Runtime(recipe, open_store(store), err, device)
+    reports = executor.run(rt)
+    _print_reports(reports, f"fmerge merge --method {method}")
+
+
+def direct_merge_recipe(method, models, base, params, out_dir, out_dtype, allow_pickle) -> str:
+    """The one-step recipe equivalent to a `fmerge merge` command line."""
+    import yaml
+
+    names: dict[str, str] = {}
+    for m in models:
+        name = m.resolve().name or "model"
+        while name in names:
+            name += "_"
+        names[name] = str(m.resolve())
+    parsed = {}
+    for item in params:
+        if "=" not in item:
+            raise FmergeError(f"--param '{item}' must look like KEY=VALUE (e.g. --param density=0.2).")
+        k, v = item.split("=", 1)
+        parsed[k.strip()] = yaml.safe_load(v)
+    step = {"kind": "merge", "method": method, "params": parsed, "export": str(out_dir.resolve())}
+    if out_dtype:
+        step["out_dtype"] = out_dtype
+    recipe = {"base": str((base or models[0]).resolve()), "models": names, "allow_pickle": allow_pickle,
+              "steps": {"merge": step}}
+    if base is None:
+        from .methods import get_method
+
+        if get_method(method).needs_base:
+            raise FmergeError(f"Method '{method}' needs the base model: add --base DIR.")
+    return yaml.safe_dump(recipe)
+
+
+@app.command()
+def methods():
+    """List every registered merge method with its parameters and defaults."""
+    from .methods import REGISTRY
+
+    table = Table(title="merge methods", show_lines=True)
+    for col in ("method", "description", "parameters (default)"):
+        table.add_column(col)
+    for name, m in sorted(REGISTRY.items()):
+        params = []
+        for fname, field in m.Params.model_fields.items():
+            default = "required" if field.is_required() else repr(field.default)
+            params.append(f"[bold]{field.alias or fname}[/] = {default}: {field.description or ''}")
+        needs = " [dim](needs " + ", ".join(("base",) * m.needs_base + m.needs_stats) + ")[/]" if (m.needs_base or m.needs_stats) else ""
+        table.add_row(name, m.description + needs, "\n".join(params))
+    out.print(table)
+
+
+@app.command("ls")
+def ls(store: Optional[Path] = StoreOpt, kind: Optional[str] = typer.Option(None, "--kind")):
+    """List the artifacts in the store."""
+    s = open_store(store)
+    table = Table(title=f"artifacts in {s.root}")
+    for col in ("key", "kind", "step", "created", "size"):
+        table.add_column(col)
+    for info in s.list():
+        if kind and info.kind != kind:
+            continue
+        table.add_row(info.key, info.kind, info.attrs.get("meta", {}).get("step", ""), info.created,
+                      f"{info.size_bytes / 2**20:.1f} MiB")
+    out.print(table)
+
+
+@app.command()
+def show(key: str = typer.Argument(..., help="artifact key (a unique prefix is enough)"), store: Optional[Path] = StoreOpt):
+    """Show an artifact: what made it, its inputs, parameters and tensors."""
+    art = open_store(store).open(key)
+    a = art.attrs
+    out.print(f"[bold]{art.key}[/] kind={art.kind} created={a.get('created')} fmerge={a.get('fmerge_version')} "
+              f"algorithm v{a.get('algorithm_version')}")
+    out.print_json(json.dumps({"params": a["params"], "inputs": a["inputs"], "meta": a.get("meta", {})}, default=str))
+    names = a.get("tensors", [])
+    out.print(f"{len(names)} tensors" + (": " + ", ".join(names[:8]) + (" ..." if len(names) > 8 else "") if names else ""))
+
+
+@app.command()
+def gc(
+    keep: list[Path] = typer.Argument(None, help="recipes whose artifacts are kept"),
+    older_than: Optional[str] = typer.Option(None, "--older-than", help="remove artifacts created before this date (YYYY-MM-DD)"),
+    dry_run: bool = typer.Option(False, "--dry-run"),
+    store: Optional[Path] = StoreOpt,
+):
+    """Remove artifacts no listed recipe references (or older than a date), and leftovers of interrupted writes."""
+    from . import executor
+    from .recipe import load_recipe
+    from .runtime import Runtime
+
+    if not keep and not older_than:
+        raise FmergeError("gc needs recipes to keep (fmerge gc recipes/*.yaml) or --older-than DATE; "
+                          "it will not empty the store by default.")
+    s = open_store(store)
+    referenced: set[str] = set()
+    for r in keep or []:
+        rt = Runtime(load_recipe(r), s, err)
+        for report in executor.status(rt):
+            referenced.update(report.keys)
+    cutoff = None
+    if older_than:
+        try:
+            cutoff = dt.datetime.fromisoformat(older_than).replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            raise FmergeError(f"--older-than '{older_than}' is not a date (YYYY-MM-DD).")
+    removed = 0
+    for info in list(s.list()):
+        if info.key in referenced:
+            continue
+        created = dt.datetime.fromisoformat(info.created) if info.created else None
+        if keep and cutoff is None or (cutoff is not None and created is not None and created < cutoff):
+            out.print(f"{'would remove' if dry_run else 'removed'} {info.key} ({info.kind})")
+            if not dry_run:
+                s.remove(info.key)
+            removed += 1
+    if not dry_run:
+        removed_tmp = s.clean_tmp()
+        if removed_tmp:
+            out.print(f"removed {removed_tmp} leftovers of interrupted writes")
+    out.print(f"{removed} artifact(s) {'would be ' if dry_run else ''}removed")
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv or os.environ.get("FMERGE_DEBUG") == "1"
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+    try:
+        app()
+    except FmergeError as exc:
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: finished artifacts are kept; unfinished ones were never committed.")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The one small interface every merge method implements.
+
+A method is a pure function on tensors: it sees one parameter tensor at a time across the models
+(streamed by the caller from memory-mapped files), never files, recipes or the CLI. Methods that
+need a view of the whole model (global TIES trim) get one optional `prepare` pass first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import FmergeError
+
+
+@dataclass
+class TensorGroup:
+    """One parameter tensor across the merge: base and each model, in fp32 on one device.
+
+    `stats` holds per-model statistics of the same shape, e.g. {"fisher": [F_1, ..., F_N]}.
+    """
+
+    name: str
+    base: torch.Tensor | None
+    models: list[torch.Tensor]
+    stats: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class MergeContext:
+    """What a method may know beyond the tensors: model names (for per-model parameters),
+    per-model scalar summaries of statistics (e.g. {"fisher_mean": [..]}) and the run's seed."""
+
+    model_names: list[str]
+    seed: int = 0
+    summaries: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.model_names)
+
+
+class MethodParams(BaseModel):
+    """Base of each method's typed parameters: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+PerModel = float | list[float] | dict[str, float]
+
+
+def per_model(value: PerModel, ctx: MergeContext, key: str) -> list[float]:
+    """Expand a scalar, a list (one per model, in order) or a {model: value} map to a list."""
+    names = ctx.model_names
+    if isinstance(value, (int, float)):
+        values = [float(value)] * len(names)
+    elif isinstance(value, list):
+        if len(value) != len(names):
+            raise FmergeError(
+                f"Parameter '{key}' has {len(value)} values but the merge has {len(names)} models "
+                f"({', '.join(names)}); give one value per model, a single number, or a map."
+            )
+        values = [float(v) for v in value]
+    else:
+        values = _from_map(value, names, key)
+    bad = [f"{n}={v}" for n, v in zip(names, values) if not math.isfinite(v)]
+    if bad:
+        raise FmergeError(f"Parameter '{key}' must be finite; got {', '.join(bad)}.")
+    return values
+
+
+def _from_map(value: dict[str, float], names: list[str], key: str) -> list[float]:
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise FmergeError(
+            f"Parameter '{key}' names unknown model(s) {', '.join(unknown)}; the merge's models "
+            f"are {', '.join(names)}."
+        )
+    missing = [n for n in names if n not in value]
+    if missing:
+        raise FmergeError(f"Parameter '{key}' gives no value for model(s) {', '.join(missing)}.")
+    return [float(value[n]) for n in names]
+
+
+def tensor_seed(seed: int, name: str, model_index: int) -> int:
+    """A seed per (run seed, tensor, model) that does not depend on the order tensors stream in."""
+    digest = hashlib.blake2b(f"{seed}:{name}:{model_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class MergeMethod:
+    """Subclass, set the class attributes, implement `merge`; register with `@register`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[MethodParams]]
+    needs_base: ClassVar[bool] = True
+    needs_stats: ClassVar[tuple[str, ...]] = ()
+    # Bumped whenever the numerical result of the method changes: part of every cache key.
+    version: ClassVar[int] = 1
+
+    def validate(self, params: MethodParams, ctx: MergeContext) -> None:
+        """Check parameters against the models before any tensor is read (fail early)."""
+
+    def base_needed(self, params: MethodParams) -> bool:
+        """Whether this merge reads the base model; override where a parameter decides it."""
+        return self.needs_base
+
+    def stats_needed(self, params: MethodParams) -> tuple[str, ...]:
+        """Statistics this merge reads; override where a parameter decides it."""
+        return self.needs_stats
+
+    def needs_prepare(self, params: MethodParams) -> bool:
+        return False
+
+    def prepare(self, params: MethodParams, groups: Iterable[TensorGroup], ctx: MergeContext) -> Any:
+        """Optional whole-model pass (e.g. a global top-k threshold); returns state for merge."""
+        return None
+
+    def merge(
+        self, group: TensorGroup, params: MethodParams, ctx: MergeContext, state: Any = None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    REGISTRY[cls.name] = cls()
+    return cls

@@ -1,0 +1,97 @@
+"""DARE (Yu et al. 2024): randomly drop task-vector entries, rescale the rest, then merge.
+
+The drop mask of model i on tensor `name` comes from a CPU torch.Generator seeded with
+tensor_seed(seed, name, i): keep where torch.rand(shape) ≥ p. It is drawn on the CPU even for
+CUDA tensors (then moved), because CPU and CUDA generators give different streams: this way the
+same recipe yields the same weights on any device and in any tensor order.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..errors import FmergeError
+from .base import (
+    MergeContext,
+    MergeMethod,
+    MethodParams,
+    PerModel,
+    TensorGroup,
+    per_model,
+    register,
+    tensor_seed,
+)
+from .task_arithmetic import scaling_factors
+from .ties import disjoint_merge, trim_to_top_k
+
+
+def drop_and_rescale(delta: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Zero each entry with probability p (mask from a CPU generator), divide survivors by 1 − p."""
+    if p == 0:
+        return delta
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    keep = torch.rand(delta.shape, generator=generator) >= p
+    return torch.where(keep.to(delta.device), delta / (1 - p), 0.0)
+
+
+class DareParams(MethodParams):
+    p: float = Field(
+        ..., ge=0, lt=1, description="Drop probability of each task-vector entry (0 ≤ p < 1)."
+    )
+    combine: Literal["task_arithmetic", "ties"] = Field(
+        "task_arithmetic", description="How the sparsified task vectors are merged."
+    )
+    lambda_: PerModel = Field(
+        1.0,
+        alias="lambda",
+        description="Scale λ of each task vector: one number, a list in model order, or "
+        "{model: λ}.",
+    )
+    density: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="combine: ties only: magnitude top-k kept after the drop (1 = no trim).",
+    )
+    merge: Literal["mean", "sum"] = Field(
+        "mean", description="combine: ties only: disjoint mean or sum of agreeing entries."
+    )
+    seed: int = Field(0, description="Seed of the drop masks (one stream per tensor and model).")
+
+
+@register
+class Dare(MergeMethod):
+    """θ = θ_0 + combine(λ_i · drop_p(τ_i) / (1 − p))."""
+
+    name = "dare"
+    description = "DARE: drop task-vector entries at random, rescale, then task arithmetic or TIES."
+    Params = DareParams
+    version = 1
+
+    def validate(self, params: DareParams, ctx: MergeContext) -> None:
+        scaling_factors(params.lambda_, ctx)
+        ties_only = sorted({"density", "merge"} & params.model_fields_set)
+        if params.combine == "task_arithmetic" and ties_only:
+            raise FmergeError(
+                f"DARE parameter(s) {', '.join(ties_only)} only apply with combine: ties, "
+                "but combine is task_arithmetic."
+            )
+
+    def merge(
+        self, group: TensorGroup, params: DareParams, ctx: MergeContext, state=None
+    ) -> torch.Tensor:
+        lambdas = per_model(params.lambda_, ctx, "lambda")
+        sparse = [
+            drop_and_rescale(theta - group.base, params.p, tensor_seed(params.seed, group.name, i))
+            for i, theta in enumerate(group.models)
+        ]
+        if params.combine == "task_arithmetic":
+            merged = group.base.clone()
+            for lam, delta in zip(lambdas, sparse):
+                merged.add_(delta, alpha=lam)
+            return merged
+        deltas = [trim_to_top_k(d, params.density).mul_(lam) for lam, d in zip(lambdas, sparse)]
+        return group.base + disjoint_merge(deltas, params.merge)

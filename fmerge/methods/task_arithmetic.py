@@ -1,0 +1,59 @@
+"""Task arithmetic (Ilharco et al. 2023): add scaled task vectors to the base."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ..errors import FmergeError
+from .base import (
+    MergeContext,
+    MergeMethod,
+    MethodParams,
+    PerModel,
+    TensorGroup,
+    per_model,
+    register,
+)
+
+
+def scaling_factors(value: PerModel, ctx: MergeContext, key: str = "lambda") -> list[float]:
+    """Per-model λ; all zero is refused because the merge would silently return the base."""
+    lambdas = per_model(value, ctx, key)
+    if all(lam == 0 for lam in lambdas):
+        raise FmergeError(f"Parameter '{key}': all λ are zero: the merge would equal the base.")
+    return lambdas
+
+
+class TaskArithmeticParams(MethodParams):
+    lambda_: PerModel = Field(
+        0.3,
+        alias="lambda",
+        description="Scale λ of each task vector: one number, a list in model order, or "
+        "{model: λ}. 0.3 is FusionBench's default.",
+    )
+
+
+@register
+class TaskArithmetic(MergeMethod):
+    """θ = θ_0 + Σ λ_i (θ_i − θ_0).
+
+    Task vectors are formed explicitly rather than as (1 − Σλ)θ_0 + Σ λ_i θ_i, which would lose
+    the small differences to cancellation in fp32.
+    """
+
+    name = "task_arithmetic"
+    description = "Base plus the λ-scaled sum of the task vectors θ_i − θ_0."
+    Params = TaskArithmeticParams
+    version = 1
+
+    def validate(self, params: TaskArithmeticParams, ctx: MergeContext) -> None:
+        scaling_factors(params.lambda_, ctx)
+
+    def merge(
+        self, group: TensorGroup, params: TaskArithmeticParams, ctx: MergeContext, state=None
+    ) -> torch.Tensor:
+        merged = group.base.clone()
+        for lam, theta in zip(per_model(params.lambda_, ctx, "lambda"), group.models):
+            merged.add_(theta - group.base, alpha=lam)
+        return merged

@@ -1,0 +1,90 @@
+"""What a running recipe shares between steps: the store, resolved models and their hashes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+
+from .errors import FmergeError
+from .io import HashCache, ModelDir, TensorSource
+from .recipe import BASE, ModelSpec, Recipe
+from .store import Store
+
+if TYPE_CHECKING:
+    from .steps import Planned
+
+
+class Runtime:
+    def __init__(self, recipe: Recipe, store: Store, console: Console | None = None, device: str | None = None):
+        self.recipe, self.store = recipe, store
+        self.console = console or Console(stderr=True)
+        self.device = device or recipe.spec.device
+        self.hashes = HashCache(store.hash_cache_file)
+        self.planned: dict[str, list["Planned"]] = {}
+        self._sources: dict[str, TensorSource] = {}
+        self._dirs: dict[str, Path | None] = {}
+        self._hashes: dict[str, str] = {}
+
+    def spec(self, name: str) -> ModelSpec:
+        return self.recipe.base if name == BASE else self.recipe.models[name]
+
+    def label(self, name: str) -> str:
+        return "base" if name == BASE else name
+
+    def model_dir(self, name: str) -> Path | None:
+        """The model's local directory (config, tokenizer), downloading a hub id if needed."""
+        if name not in self._dirs:
+            spec = self.spec(name)
+            if spec.from_step is not None:
+                self._dirs[name] = None
+            else:
+                local = self.recipe.resolve(spec.path)
+                if local.exists():
+                    self._dirs[name] = local
+                elif self.recipe.is_hub_id(spec.path):
+                    self._dirs[name] = download_hub_model(spec.path, spec.revision)
+                else:
+                    raise FmergeError(f"Model '{self.label(name)}': {local} does not exist.")
+        return self._dirs[name]
+
+    def source(self, name: str) -> TensorSource:
+        """A model's tensors, lazily: a model directory, or the artifact of the step that made it."""
+        if name not in self._sources:
+            spec = self.spec(name)
+            if spec.from_step is not None:
+                key = self.planned[spec.from_step][0].key
+                self._sources[name] = self.store.open(key).view("weights/")
+            else:
+                self._sources[name] = ModelDir(self.model_dir(name), allow_pickle=self.recipe.spec.allow_pickle,
+                                               label=self.label(name))
+        return self._sources[name]
+
+    def model_hash(self, name: str) -> str:
+        """Content hash of a model; for a step's output, that artifact's key (known before it exists)."""
+        if name not in self._hashes:
+            spec = self.spec(name)
+            if spec.from_step is not None:
+                self._hashes[name] = "artifact:" + self.planned[spec.from_step][0].key
+            else:
+                src = self.source(name)
+                assert isinstance(src, ModelDir)
+                self._hashes[name] = self.hashes.hash_model(src)
+        return self._hashes[name]
+
+
+def download_hub_model(repo: str, revision: str | None) -> Path:
+    """Fetch weights, config and tokenizer of a hub model (safetensors only, never pickles)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FmergeError(f"Model '{repo}' is a hub id but HF_HUB_OFFLINE=1; download it first or give a local path.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo, revision=revision, allow_patterns=[
+            "*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model"])
+    except Exception as exc:  # network, auth, missing repo: all user-facing
+        raise FmergeError(f"Could not download model '{repo}' from the hub ({type(exc).__name__}: {exc}). "
+                          f"Check the id and your network, or give a local directory.")
+    return Path(path)

@@ -1,0 +1,67 @@
+"""Step kinds: each turns a typed recipe config into planned artifacts (keys) and computes them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+    from ..runtime import Runtime
+
+
+@dataclass
+class Planned:
+    """One artifact a step will produce: its key is known before anything is computed."""
+
+    step: str
+    label: str
+    kind: str
+    key: str
+    inputs: dict[str, Any]
+    params: Any
+    version: int
+    extra: dict[str, Any] = field(default_factory=dict)  # planning facts reused by compute
+
+
+class StepKind:
+    kind: ClassVar[str]
+    Config: ClassVar[type[BaseModel]]
+    uses_base: ClassVar[bool] = True
+
+    def step_refs(self, cfg: BaseModel) -> list[tuple[str, str]]:
+        """(config field, step name) pairs this step reads."""
+        return []
+
+    def model_refs(self, cfg: BaseModel) -> list[tuple[str, str]]:
+        """(config field, model name) pairs named explicitly in the config."""
+        return []
+
+    def models_used(self, cfg: BaseModel, recipe: "Recipe") -> list[str]:
+        return list(recipe.models)
+
+    def check(self, recipe: "Recipe", name: str, cfg: BaseModel) -> None:
+        """Deeper validation at recipe load (e.g. method parameters); raise FmergeError."""
+
+    def plan(self, rt: "Runtime", name: str, cfg: BaseModel) -> list[Planned]:
+        raise NotImplementedError
+
+    def compute(self, rt: "Runtime", name: str, cfg: BaseModel, todo: list[Planned]) -> None:
+        raise NotImplementedError
+
+    def export(self, rt: "Runtime", name: str, cfg: BaseModel, planned: list[Planned]) -> str | None:
+        """Write the step's result outside the store if the recipe asks; return what was done."""
+        return None
+
+
+STEP_KINDS: dict[str, StepKind] = {}
+
+
+def register(cls: type[StepKind]) -> type[StepKind]:
+    STEP_KINDS[cls.kind] = cls()
+    return cls
+
+
+from . import task_vectors, merge  # noqa: E402,F401  (registration)

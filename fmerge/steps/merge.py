@@ -1,0 +1,175 @@
+"""The `merge` step: stream the models through a registered method into a store artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from .. import __version__
+from ..errors import FmergeError
+from ..io import ModelDir, parse_dtype, write_model_dir
+from ..merging import merge_stream, plan_tensors
+from ..methods import MergeContext, get_method
+from ..progress import tensor_progress
+from ..recipe import BASE, Strict, format_validation_error
+from ..store import make_key
+from . import Planned, StepKind, register
+
+# Bumped when the streaming driver (not a method) changes what a merge writes.
+DRIVER_VERSION = 1
+EXPORT_MARKER = ".fmerge-export.json"
+
+
+class MergeConfig(Strict):
+    method: str = Field(description="registered merge method (see `fmerge methods`)")
+    params: dict[str, Any] = Field({}, description="the method's parameters")
+    models: list[str] | None = Field(None, description="models to merge (default: all)")
+    fisher: str | None = Field(None, description="fisher step supplying the Fisher diagonals")
+    out_dtype: str | None = Field(None, description="dtype of the merged tensors (default: the base's)")
+    seed: int | None = Field(None, description="seed for stochastic methods (default: the recipe's)")
+    export: str | None = Field(None, description="write the merged model here as a Hugging Face directory")
+
+
+@register
+class MergeStep(StepKind):
+    kind = "merge"
+    Config = MergeConfig
+
+    def step_refs(self, cfg: MergeConfig) -> list[tuple[str, str]]:
+        return [("fisher", cfg.fisher)] if cfg.fisher else []
+
+    def model_refs(self, cfg: MergeConfig) -> list[tuple[str, str]]:
+        return [("models", m) for m in cfg.models or []]
+
+    def models_used(self, cfg: MergeConfig, recipe) -> list[str]:
+        return cfg.models or list(recipe.models)
+
+    def check(self, recipe, name: str, cfg: MergeConfig) -> None:
+        method = get_method_at(recipe, name, cfg.method)
+        try:
+            params = method.Params.model_validate(cfg.params)
+        except ValidationError as exc:
+            raise FmergeError(format_validation_error(exc, method.Params, recipe.lines, ("steps", name, "params")))
+        if "fisher" in method.needs_stats and not cfg.fisher:
+            raise FmergeError(f"{recipe.where('steps', name)}: method '{cfg.method}' needs Fisher diagonals: "
+                              f"add 'fisher: <name of a fisher step>'.")
+        if cfg.out_dtype:
+            parse_dtype(cfg.out_dtype, recipe.where("steps", name, "out_dtype"))
+        models = self.models_used(cfg, recipe)
+        try:
+            method.validate(params, MergeContext(models, seed=cfg.seed or recipe.spec.seed))
+        except FmergeError as exc:
+            raise FmergeError(f"{recipe.where('steps', name, 'params')}: {exc}")
+
+    def plan(self, rt, name: str, cfg: MergeConfig) -> list[Planned]:
+        method = get_method(cfg.method)
+        params = method.Params.model_validate(cfg.params)
+        models = self.models_used(cfg, rt.recipe)
+        inputs: dict[str, Any] = {"models": {m: rt.model_hash(m) for m in models}}
+        if method.needs_base:
+            inputs["base"] = rt.model_hash(BASE)
+        else:
+            inputs["reference"] = rt.model_hash(BASE)  # output naming and copied tensors come from it
+        if cfg.fisher:
+            fisher = {p.label: p.key for p in rt.planned[cfg.fisher]}
+            missing = [m for m in models if m not in fisher]
+            if missing:
+                raise FmergeError(f"{rt.recipe.where('steps', name, 'fisher')}: step '{cfg.fisher}' has no "
+                                  f"Fisher for model(s) {', '.join(missing)}.")
+            inputs["fisher"] = {m: fisher[m] for m in models}
+        spec = rt.recipe.spec
+        key_params = {
+            "method": cfg.method, "params": params.model_dump(by_alias=True, mode="json"),
+            "exclude": spec.exclude, "heads": spec.heads, "out_dtype": cfg.out_dtype,
+            "seed": cfg.seed if cfg.seed is not None else spec.seed,
+        }
+        version = DRIVER_VERSION * 1000 + method.version
+        key = make_key("merge", key_params, inputs, version)
+        return [Planned(name, "", "merge", key, inputs, key_params, version)]
+
+    def compute(self, rt, name: str, cfg: MergeConfig, todo: list[Planned]) -> None:
+        (p,) = todo
+        method = get_method(cfg.method)
+        params = method.Params.model_validate(cfg.params)
+        models = self.models_used(cfg, rt.recipe)
+        sources = {m: rt.source(m) for m in models}
+        base = rt.source(BASE)
+        plan = plan_tensors(base, sources, rt.recipe.spec.exclude, rt.recipe.spec.heads)
+        ctx = MergeContext(models, seed=p.params["seed"])
+        stats = {}
+        if cfg.fisher:
+            fishers = {m: rt.store.open(p.inputs["fisher"][m]) for m in models}
+            stats["fisher"] = {m: a.view("fisher/") for m, a in fishers.items()}
+            ctx.summaries["fisher_mean"] = [a.meta["fisher_mean"] for a in fishers.values()]
+        method.validate(params, ctx)  # again, now with the statistics' summaries
+        out_dtype = parse_dtype(cfg.out_dtype, "out_dtype") if cfg.out_dtype else None
+        writer = rt.store.writer(p.key, "merge", p.inputs, p.params, p.version)
+        try:
+            with tensor_progress(rt.console, f"{name}: {cfg.method}", len(plan.reference)) as advance:
+                stream = merge_stream(method, params, ctx, plan, base, sources, with_base=method.needs_base,
+                                      stats=stats, device=rt.device, out_dtype=out_dtype, on_tensor=advance)
+                for ref_name, tensor in stream:
+                    writer.write("weights/" + ref_name, tensor)
+            writer.commit({"step": name, "method": cfg.method, "models": models, "plan": plan.summary()})
+        except BaseException:
+            writer.abort()
+            raise
+
+    def export(self, rt, name: str, cfg: MergeConfig, planned: list[Planned]) -> str | None:
+        if not cfg.export:
+            return None
+        out = rt.recipe.resolve(cfg.export)
+        (p,) = planned
+        marker = out / EXPORT_MARKER
+        if marker.is_file() and json.loads(marker.read_text()).get("key") == p.key:
+            return f"export {out} up to date"
+        art = rt.store.open(p.key)
+        weights = art.view("weights/")
+        layout = [(n, weights.dtype(n), weights.shape(n)) for n in weights.names()]
+        base_dir = rt.model_dir(BASE)
+        card = model_card(rt, name, cfg, p)
+        write_model_dir(out, layout, ((n, weights.get(n)) for n in weights.names()),
+                        side_files_from=base_dir, readme=card,
+                        metadata={"format": "pt", "fmerge_key": p.key})
+        write_heads(rt, cfg, out)
+        marker.write_text(json.dumps({"key": p.key, "step": name, "fmerge_version": __version__}))
+        return f"exported {out}"
+
+
+def get_method_at(recipe, name: str, method: str):
+    try:
+        return get_method(method)
+    except FmergeError as exc:
+        raise FmergeError(f"{recipe.where('steps', name, 'method')}: {exc}")
+
+
+def write_heads(rt, cfg: MergeConfig, out: Path) -> None:
+    """Each model's own tensors (task heads), never averaged, saved beside the merged body."""
+    from safetensors.torch import save_file
+
+    models = cfg.models or list(rt.recipe.models)
+    sources = {m: rt.source(m) for m in models}
+    plan = plan_tensors(rt.source(BASE), sources, rt.recipe.spec.exclude, rt.recipe.spec.heads)
+    heads = {m: names for m, names in plan.per_model.items() if names}
+    if not heads:
+        return
+    (out / "heads").mkdir(exist_ok=True)
+    for m, names in heads.items():
+        save_file({n: sources[m].get(n).contiguous() for n in names}, str(out / "heads" / f"{m}.safetensors"))
+
+
+def model_card(rt, name: str, cfg: MergeConfig, p: Planned) -> str:
+    step_yaml = yaml.safe_dump({name: {"kind": "merge", **cfg.model_dump(exclude_none=True)}}, sort_keys=False)
+    inputs = json.dumps(p.inputs, indent=2)
+    recipe_file = rt.recipe.file or "(command line)"
+    return (
+        f"---\ntags: [fmerge, merge, {cfg.method}]\n---\n# Merged with fmerge {__version__}\n\n"
+        f"Step `{name}` of recipe `{recipe_file}`, method `{cfg.method}`.\n\n"
+        f"```yaml\n{step_yaml}```\n\nArtifact key `{p.key}`. Inputs (content hashes):\n\n```json\n{inputs}\n```\n\n"
+        f"Task-specific heads, never averaged, are in `heads/<model>.safetensors` (the model's own "
+        f"tensor names); the weights here use the base model's names.\n"
+    )

@@ -1,0 +1,58 @@
+"""The `task_vectors` step: τ_i = θ_i − θ_0 per model, stored for inspection and iterative methods."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ..merging import plan_tensors
+from ..progress import tensor_progress
+from ..recipe import BASE, Strict
+from ..store import make_key
+from . import Planned, StepKind, register
+
+VERSION = 1
+
+
+class TaskVectorsConfig(Strict):
+    models: list[str] | None = Field(None, description="models (default: all)")
+
+
+@register
+class TaskVectorsStep(StepKind):
+    kind = "task_vectors"
+    Config = TaskVectorsConfig
+
+    def model_refs(self, cfg: TaskVectorsConfig) -> list[tuple[str, str]]:
+        return [("models", m) for m in cfg.models or []]
+
+    def models_used(self, cfg: TaskVectorsConfig, recipe) -> list[str]:
+        return cfg.models or list(recipe.models)
+
+    def plan(self, rt, name: str, cfg: TaskVectorsConfig) -> list[Planned]:
+        spec = rt.recipe.spec
+        params = {"exclude": spec.exclude, "heads": spec.heads}
+        planned = []
+        for m in self.models_used(cfg, rt.recipe):
+            inputs = {"base": rt.model_hash(BASE), "model": rt.model_hash(m)}
+            planned.append(Planned(name, m, "task_vector", make_key("task_vector", params, inputs, VERSION),
+                                   inputs, params, VERSION))
+        return planned
+
+    def compute(self, rt, name: str, cfg: TaskVectorsConfig, todo: list[Planned]) -> None:
+        base = rt.source(BASE)
+        for p in todo:
+            model = rt.source(p.label)
+            plan = plan_tensors(base, {p.label: model}, rt.recipe.spec.exclude, rt.recipe.spec.heads)
+            names = plan.name_maps[p.label]
+            writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
+            try:
+                with tensor_progress(rt.console, f"{name}: {p.label}", len(plan.merge)) as advance:
+                    for r in plan.merge:
+                        tau = model.get(names[r]).to(torch.float32) - base.get(r).to(torch.float32)
+                        writer.write("tau/" + r, tau)
+                        advance()
+                writer.commit({"step": name, "model": p.label})
+            except BaseException:
+                writer.abort()
+                raise
