@@ -73,6 +73,10 @@ def run(
 
     reports = executor.run(rt, only or None, force or None, dry_run, on_report=line)
     _print_reports(reports, f"{recipe}" + (" (dry run)" if dry_run else ""))
+    from .report import results_table
+
+    for step, results in rt.results.items():
+        out.print(results_table(results, step))
 
 
 @app.command()

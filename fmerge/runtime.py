@@ -24,6 +24,7 @@ class Runtime:
         self.device = device or recipe.spec.device
         self.hashes = HashCache(store.hash_cache_file)
         self.planned: dict[str, list["Planned"]] = {}
+        self.results: dict[str, list[dict]] = {}  # eval step -> result rows, for the report
         self._sources: dict[str, TensorSource] = {}
         self._dirs: dict[str, Path | None] = {}
         self._hashes: dict[str, str] = {}

@@ -185,13 +185,20 @@ def test_weighted_average_zero_sum_is_legal_without_normalisation():
     method.validate(method.Params(weights=[1.0, -1.0, 0.0], normalize=False), ctx())
 
 
-def test_fisher_floor_and_normalize_need_the_mean_fisher():
+def test_fisher_checks_the_mean_fisher_once_it_is_known():
     method = get_method("fisher")
-    with pytest.raises(FmergeError, match="fisher_mean"):
-        method.validate(method.Params(), ctx())  # default floor 1e-6 is relative to the mean
-    method.validate(method.Params(floor=0), ctx())  # no floor, no normalize: no mean needed
+    method.validate(method.Params(normalize=True), ctx())  # at recipe load: no statistics yet
     with pytest.raises(FmergeError, match="Fisher of 0 everywhere"):
         method.validate(method.Params(normalize=True), ctx(fisher_mean=[1.0, 0.0, 2.0]))
+    with pytest.raises(FmergeError, match="invalid mean Fisher"):
+        method.validate(method.Params(), ctx(fisher_mean=[1.0, float("nan"), 2.0]))
+    method.validate(method.Params(floor=0), ctx(fisher_mean=[1.0, 0.0, 2.0]))
+
+
+@pytest.mark.parametrize("params", [{}, {"floor": 0, "normalize": True}])
+def test_fisher_floor_and_normalize_need_the_mean_fisher_to_merge(params):
+    with pytest.raises(FmergeError, match="fisher_mean"):
+        run("fisher", fisher_group(seed=1), **params)
 
 
 def test_fisher_reports_what_it_needs_per_params():

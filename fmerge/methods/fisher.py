@@ -101,17 +101,15 @@ class Fisher(MergeMethod):
                 "Parameters 'normalize' and 'base_prior' cannot be combined: normalising gives "
                 "each model's Fisher mean 1 while the base Fisher F_0 keeps its raw scale."
             )
-        if params.floor > 0 or params.normalize:
+        # At recipe load the statistics do not exist yet; the merge step validates again with them.
+        if (params.floor > 0 or params.normalize) and "fisher_mean" in ctx.summaries:
             self._check_means(params, ctx)
 
     @staticmethod
     def _check_means(params: FisherParams, ctx: MergeContext) -> None:
-        means = ctx.summaries.get("fisher_mean")
-        if means is None or len(means) != ctx.n:
-            raise FmergeError(
-                "Fisher merging with a floor or normalize needs each model's mean Fisher "
-                "(summary 'fisher_mean'), which the statistics store did not provide."
-            )
+        means = ctx.summaries["fisher_mean"]
+        if len(means) != ctx.n:
+            raise FmergeError(f"Got {len(means)} mean Fishers for {ctx.n} models.")
         for name, mean in zip(ctx.model_names, means):
             if not math.isfinite(mean) or mean < 0:
                 raise FmergeError(f"Model '{name}' has an invalid mean Fisher {mean}.")
@@ -129,6 +127,11 @@ class Fisher(MergeMethod):
             raise FmergeError(f"Tensor '{group.name}' lacks a Fisher for every model.")
         lambdas = per_model(params.lambda_, ctx, "lambda")
         means = ctx.summaries.get("fisher_mean")
+        if means is None and (params.floor > 0 or params.normalize):
+            raise FmergeError(
+                "Fisher merging with a floor or normalize needs each model's mean Fisher "
+                "(summary 'fisher_mean'), which the statistics store did not provide."
+            )
 
         if params.base_prior:
             prior = group.stats.get("fisher_base")

@@ -64,4 +64,4 @@ def register(cls: type[StepKind]) -> type[StepKind]:
     return cls
 
 
-from . import task_vectors, merge  # noqa: E402,F401  (registration)
+from . import task_vectors, merge, finetune, fisher, eval  # noqa: E402,F401  (registration)

@@ -1,0 +1,85 @@
+"""The `finetune` step: a short, seeded fine-tune of the base on one task, cached as an artifact.
+
+It exists so a demo or an experiment can build its own model zoo reproducibly; the resulting
+model is used in `models:` with `from_step`.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..data import encode_batches
+from ..errors import FmergeError
+from ..finetune import finetune_classifier, fresh_classifier, tensor_batches
+from ..progress import tensor_progress
+from ..recipe import BASE, Strict
+from ..store import make_key
+from ..tasks import data_spec, load_examples, load_tokenizer
+from . import Planned, StepKind, register
+
+VERSION = 1
+
+
+class FinetuneConfig(Strict):
+    data: str = Field(description="name of the task's entry in `data`")
+    examples: int | None = Field(2000, description="training rows used (seeded subset)")
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = 0.01
+    warmup: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(64, ge=2)
+    seed: int | None = None
+    config_overrides: dict = Field({}, description="transformers config changes, e.g. num_hidden_layers")
+
+
+@register
+class FinetuneStep(StepKind):
+    kind = "finetune"
+    Config = FinetuneConfig
+
+    def models_used(self, cfg, recipe) -> list[str]:
+        return []
+
+    def check(self, recipe, name: str, cfg: FinetuneConfig) -> None:
+        if cfg.data not in recipe.spec.data:
+            raise FmergeError(f"{recipe.where('steps', name, 'data')}: no data entry named '{cfg.data}'; "
+                              f"entries: {', '.join(recipe.spec.data) or 'none'}.")
+
+    def plan(self, rt, name: str, cfg: FinetuneConfig) -> list[Planned]:
+        seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
+        split = rt.recipe.spec.data[cfg.data].train_split
+        _, rows, fingerprint, labels = load_examples(rt, cfg.data, split, cfg.examples, seed)
+        params = cfg.model_dump(mode="json") | {"seed": seed, "label_names": labels}
+        inputs = {"base": rt.model_hash(BASE), "data": fingerprint}
+        key = make_key("finetune", params, inputs, VERSION)
+        return [Planned(name, "", "finetune", key, inputs, params, VERSION, {"rows": rows})]
+
+    def compute(self, rt, name: str, cfg: FinetuneConfig, todo: list[Planned]) -> None:
+        (p,) = todo
+        labels = p.params["label_names"]
+        if not labels:
+            raise FmergeError(f"{rt.recipe.where('steps', name, 'data')}: finetune needs class labels; "
+                              f"set 'label_names' in data.{cfg.data}.")
+        dspec = data_spec(rt, cfg.data, rt.recipe.spec.data[cfg.data].train_split)
+        tok = load_tokenizer(rt, BASE)
+        batches = list(encode_batches(tok, p.extra["rows"], dspec, len(p.extra["rows"]), cfg.max_length, labels))
+        (features,) = batches
+        features.pop("example_ids")
+        model = fresh_classifier(rt.model_dir(BASE), len(labels), p.params["seed"], **cfg.config_overrides)
+        with tensor_progress(rt.console, f"{name}: fine-tune", cfg.steps) as advance:
+            log = finetune_classifier(model, tensor_batches(features, cfg.batch_size, p.params["seed"]),
+                                      steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      warmup=cfg.warmup, seed=p.params["seed"], device=rt.device,
+                                      progress=advance)
+        writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
+        try:
+            for n, t in model.state_dict().items():
+                writer.write("weights/" + n, t)
+            config = model.config.to_dict()
+            writer.commit({"step": name, "config": config, "label_names": labels,
+                           "train_accuracy": log["train_accuracy"], "seconds": log["seconds"],
+                           "final_loss": log["losses"][-1]})
+        except BaseException:
+            writer.abort()
+            raise
