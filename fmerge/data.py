@@ -81,15 +81,17 @@ def load_dataset_split(spec: DataSpec):
             ds = datasets.load_dataset(spec.path, spec.config, split=spec.split)
     except FmergeError:
         raise
-    except UnicodeDecodeError as err:
-        raise FmergeError(
-            f"Data file '{spec.path}' is not UTF-8 ({err.reason} at byte {err.start}); convert it, "
-            "e.g. `iconv -f latin1 -t utf-8`."
-        ) from err
-    except Exception as err:  # datasets raises many types; the user needs the one line
-        local = path.exists()
-        what = "Reading the data" if local else "No local file or directory is named so, and loading it as a hub dataset"
-        raise FmergeError(f"{what} at {where} failed: {type(err).__name__}: {err}") from err
+    except Exception as err:  # datasets wraps many error types; the user needs the root one
+        cause = _root_cause(err)
+        if isinstance(cause, UnicodeDecodeError):
+            raise FmergeError(
+                f"Data file '{spec.path}' is not UTF-8 ({cause.reason} at byte {cause.start}); convert "
+                "it, e.g. `iconv -f latin1 -t utf-8`."
+            ) from err
+        if (path.is_file() and path.stat().st_size == 0) or "corresponds to no data" in str(err):
+            raise FmergeError(f"Dataset {where} has no rows; a Fisher or evaluation needs examples.") from err
+        what = "Reading the data" if path.exists() else "No local file or directory is named so, and loading it as a hub dataset"
+        raise FmergeError(f"{what} at {where} failed: {type(cause).__name__}: {cause}") from err
     if len(ds) == 0:
         raise FmergeError(f"Dataset {where} has no rows; a Fisher or evaluation needs examples.")
     columns = ds.column_names
@@ -103,6 +105,12 @@ def load_dataset_split(spec: DataSpec):
                 f"{', '.join(columns)}. Set {role} to one of them{hint}."
             )
     return ds
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def select_examples(ds, n: int, seed: int, *, source: str | None = None):

@@ -140,6 +140,13 @@ def test_classifier_estimators_match_loop_in_every_layout(classifier, examples, 
     assert all(p.requires_grad for p in classifier.parameters())
 
 
+@pytest.mark.parametrize("num_labels", [2, 5])
+def test_exact_for_other_class_counts(examples, num_labels):
+    model = tiny_bert(num_labels=num_labels, seed=num_labels)
+    reference = loop_fisher(model, examples, classifier_terms("exact"))
+    assert_fisher_close(fisher_diagonal(model, pad_batches(examples, 4, extra=1), "exact").sums, reference)
+
+
 def test_estimators_differ_and_seed_matters(classifier, examples):
     """Guards against a comparison that cannot fail: the estimators are different quantities."""
     exact = fisher_diagonal(classifier, pad_batches(examples, 6), "exact")
@@ -355,10 +362,14 @@ def test_missing_columns_are_listed(tmp_path):
 
 
 def test_empty_dataset_is_an_error(tmp_path):
-    path = tmp_path / "empty.csv"
-    path.write_text("text,label\n")
-    with pytest.raises(FmergeError, match="no rows"):
-        load_dataset_split(DataSpec(path=str(path)))
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("text,label\n")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("")
+    for path in (header_only, blank):
+        with pytest.raises(FmergeError, match="no rows") as err:
+            load_dataset_split(DataSpec(path=str(path)))
+        assert str(path) in str(err.value)
 
 
 def test_check_labels_names_value_column_and_range(tmp_path):
