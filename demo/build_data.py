@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [t for t in TASKS if args.tasks is None or t.name in args.tasks]
     table = Table(title=f"demo tasks in {args.out}/")
     for col in ("task", "train", "validation", "test", "per class", "classes", "s"):
-        table.add_column(col, justify="left" if col in ("task", "classes") else "right")
+        table.add_column(col, justify="left" if col in ("task", "classes") else "right",
+                         no_wrap=col != "classes")
     missing = []
     for task in wanted:
         source = task.source(args)

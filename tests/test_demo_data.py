@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -195,19 +196,28 @@ def _rows(per_class: list[int]) -> list[tuple[str, int]]:
 def test_make_splits_disjoint_capped_balanced():
     rows = _rows([1000, 60, 300])  # very unbalanced source
     sizes = {"train": 90, "validation": 15, "test": 30}
-    splits = bd.make_splits(rows, 3, sizes, bd.random.Random(0))
+    splits = bd.make_splits(rows, 3, sizes, random.Random(0))
     assert {s: len(v) for s, v in splits.items()} == sizes
     for split, n in sizes.items():
         counts = [sum(1 for _, y in splits[split] if y == c) for c in range(3)]
         assert counts == [n // 3] * 3
     texts = [t for split in splits.values() for t, _ in split]
     assert len(texts) == len(set(texts))
+    labels = [y for _, y in splits["train"]]
+    assert labels != sorted(labels)  # shuffled, not grouped by class
 
 
 def test_make_splits_small_source_fills_eval_first():
     splits = bd.make_splits(_rows([20, 20]), 2, {"train": 100, "validation": 10, "test": 10},
-                            bd.random.Random(0))
+                            random.Random(0))
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [20, 10, 10]
+
+
+def test_make_splits_short_class_leaves_room_to_the_others():
+    splits = bd.make_splits(_rows([20, 60]), 2, {"train": 40, "validation": 10, "test": 10},
+                            random.Random(0))
+    train = [y for _, y in splits["train"]]
+    assert (train.count(0), train.count(1)) == (10, 30)
 
 
 def _build(out: Path, fixtures: Path, seed: int) -> None:
