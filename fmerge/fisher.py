@@ -16,7 +16,10 @@ Estimators (what the store records): `exact` Σ_c p_c g_c² (C − 1 backward pa
 
 Model kinds: sequence classification (C = num_labels), regression heads (Gaussian Fisher with unit
 variance, J_fᵀJ_f), causal LM (next-token labels; one squared gradient per sequence of the summed
-token log-likelihoods, count in tokens). Image classification is not supported yet.
+token log-likelihoods, count in tokens). For a causal LM with `sampled` labels, drawn
+independently at each position, the cross-position terms of that square have zero mean, so it is
+an unbiased estimate of the sum of the per-token Fishers at one backward pass per sequence rather
+than one per token. Image classification is not supported yet.
 """
 
 from __future__ import annotations

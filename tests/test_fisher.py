@@ -35,7 +35,9 @@ def make_examples(vocab: int = 100, seed: int = 3, regression: bool = False) -> 
     for i, length in enumerate(LENGTHS):
         label = torch.randn((), generator=g) if regression else torch.randint(0, 3, (), generator=g)
         examples.append({
-            "input_ids": torch.randint(4, vocab, (length,), generator=g),
+            # example 1 holds the pad id as a real token: PyTorch never updates a padding_idx row
+            "input_ids": torch.randint(4, vocab, (length,), generator=g).index_fill_(0, torch.tensor([2]), 0)
+            if i == 1 else torch.randint(4, vocab, (length,), generator=g),
             "token_type_ids": torch.randint(0, 2, (length,), generator=g),
             "label": label,
             "id": 100 + i,  # ids that are not positions: the draws must follow them
