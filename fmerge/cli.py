@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import FmergeError
@@ -21,6 +22,8 @@ out = Console()
 err = Console(stderr=True)
 
 StoreOpt = typer.Option(None, "--store", help="artifact store (default: recipe's 'store', $FMERGE_STORE, ./artifacts)")
+SetOpt = typer.Option([], "--set", help="STEP.PARAM=VALUE overrides a parameter; STEP.PARAM=V1,V2,... sweeps it "
+                      "(values are YAML); repeatable")
 
 
 def open_store(store: Optional[Path], recipe=None):
@@ -31,11 +34,11 @@ def open_store(store: Optional[Path], recipe=None):
     return Store(store or os.environ.get("FMERGE_STORE") or "artifacts")
 
 
-def _runtime(recipe_file: Path, store: Optional[Path], device: Optional[str] = None):
+def _runtime(recipe_file: Path, store: Optional[Path], device: Optional[str] = None, sets: list[str] | None = None):
     from .recipe import load_recipe
     from .runtime import Runtime
 
-    recipe = load_recipe(recipe_file)
+    recipe = load_recipe(recipe_file, sets)
     return Runtime(recipe, open_store(store, recipe), err, device)
 
 
@@ -49,7 +52,7 @@ def _print_reports(reports, title: str) -> None:
     for col in ("step", "kind", "state", "time", "key", "note"):
         table.add_column(col)
     for r in reports:
-        table.add_row(r.step, r.kind, f"[{colors.get(r.state, 'white')}]{r.state}[/]",
+        table.add_row(escape(r.step), r.kind, f"[{colors.get(r.state, 'white')}]{r.state}[/]",
                       f"{r.seconds:.2f}s", _short(r.keys), r.note)
     out.print(table)
 
@@ -61,21 +64,28 @@ def run(
     force: list[str] = typer.Option([], "--force", help="recompute this step even if cached; repeatable"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show what would run, compute nothing"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: recipe's)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load .bin/.pt checkpoints (weights only), "
+                                      "whatever the recipe's allow_pickle says"),
+    sets: list[str] = SetOpt,
     store: Optional[Path] = StoreOpt,
 ):
     """Execute a recipe's step graph, reusing every cached artifact."""
     from . import executor
 
-    rt = _runtime(recipe, store, device)
+    rt = _runtime(recipe, store, device, sets)
+    if allow_pickle:
+        rt.recipe.spec.allow_pickle = True
 
     def line(r):
-        err.print(f"[bold]{r.step}[/] ({r.kind}): {r.state} in {r.seconds:.2f}s {r.keys[0][:12] if r.keys else ''} {r.note}")
+        err.print(f"[bold]{escape(r.step)}[/] ({r.kind}): {r.state} in {r.seconds:.2f}s {r.keys[0][:12] if r.keys else ''} {r.note}")
 
     reports = executor.run(rt, only or None, force or None, dry_run, on_report=line)
     _print_reports(reports, f"{recipe}" + (" (dry run)" if dry_run else ""))
-    from .report import results_table
+    from .report import results_table, sweep_table
 
     for step, results in rt.results.items():
+        for sweep in rt.sweep_results.get(step, []):
+            out.print(sweep_table(sweep))
         out.print(results_table(results, step))
 
 
@@ -83,12 +93,13 @@ def run(
 def status(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list of {step, state, ...}"),
+    sets: list[str] = SetOpt,
     store: Optional[Path] = StoreOpt,
 ):
     """Say which steps are cached and which would run, computing nothing."""
     from . import executor
 
-    reports = executor.status(_runtime(recipe, store))
+    reports = executor.status(_runtime(recipe, store, sets=sets))
     if as_json:
         print(json.dumps([r.as_json() for r in reports], indent=2))
     else:
@@ -101,7 +112,7 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML file")):
     from .recipe import load_recipe, step_order
 
     r = load_recipe(recipe)
-    out.print(f"[green]ok[/]: {recipe}: {len(r.models)} models, steps in order: {', '.join(step_order(r))}")
+    out.print(f"[green]ok[/]: {recipe}: {len(r.models)} models, steps in order: {escape(', '.join(step_order(r)))}")
 
 
 @app.command()
@@ -128,16 +139,76 @@ def merge(
     _print_reports(reports, f"fmerge merge --method {method}")
 
 
-def direct_merge_recipe(method, models, base, params, out_dir, out_dtype, allow_pickle) -> str:
-    """The one-step recipe equivalent to a `fmerge merge` command line."""
+@app.command()
+def fisher(
+    model: list[Path] = typer.Option(..., "--model", help="fine-tuned classifier directory; repeatable"),
+    data: str = typer.Option(..., "--data", help="task data: a csv/json/jsonl/parquet file, a directory, or a hub id"),
+    text_column: str = typer.Option("text", "--text-column"),
+    text_pair_column: Optional[str] = typer.Option(None, "--text-pair-column"),
+    label_column: Optional[str] = typer.Option("label", "--label-column", help="'' for unlabelled data"),
+    split: str = typer.Option("train", "--split"),
+    estimator: str = typer.Option("exact", "--estimator", help="exact, sampled, empirical or fusionbench"),
+    examples: int = typer.Option(256, "--examples", help="seeded random subset of this many rows"),
+    samples: int = typer.Option(1, "--samples", help="draws per example for 'sampled'"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    chunk_size: int = typer.Option(32, "--chunk-size"),
+    max_length: int = typer.Option(128, "--max-length"),
+    seed: int = typer.Option(0, "--seed"),
+    export: Optional[Path] = typer.Option(None, "--export", help="write the mean diagonal here (.safetensors)"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load .bin/.pt checkpoints (weights only)"),
+    store: Optional[Path] = StoreOpt,
+):
+    """Estimate a model's diagonal Fisher on its task data (cached; more --examples extend it).
+
+    Under `torchrun --nproc_per_node K -m fmerge fisher ...` the examples are sharded across ranks."""
+    from . import distributed, executor
+    from .recipe import parse_recipe
+    from .runtime import Runtime
+
+    names = _model_names(model)
+    step = {"kind": "fisher", "estimator": estimator, "examples": examples, "samples": samples, "split": split,
+            "batch_size": batch_size, "chunk_size": chunk_size, "max_length": max_length, "seed": seed}
+    if export is not None:
+        step["export"] = str(export.resolve())
+    local = Path(data)
+    spec = {"path": str(local.resolve()) if local.exists() else data, "text": text_column,
+            "text_pair": text_pair_column, "label": label_column or None, "train_split": split}
+    recipe = {"base": next(iter(names.values())), "allow_pickle": allow_pickle,
+              "models": {n: {"path": p, "data": "task"} for n, p in names.items()},
+              "data": {"task": spec}, "steps": {"fisher": step}}
     import yaml
 
+    rt = Runtime(parse_recipe(yaml.safe_dump(recipe), None), open_store(store), err, device)
+    reports = executor.run(rt)
+    if distributed.is_main():
+        _print_reports(reports, f"fmerge fisher --estimator {estimator} --examples {examples}")
+        table = Table(title="Fisher diagonals")
+        for col in ("model", "estimator", "examples", "extended from", "mean Fisher", "key"):
+            table.add_column(col)
+        for p in rt.planned["fisher"]:
+            meta = rt.store.open(p.key).meta
+            table.add_row(p.label, meta["estimator"], str(meta.get("examples", "")),
+                          str(meta.get("extended_from") or "-"), f"{meta['fisher_mean']:.3e}", p.key[:12])
+        out.print(table)
+
+
+def _model_names(models: list[Path]) -> dict[str, str]:
+    """Unique short names (directory names) for models given on the command line."""
     names: dict[str, str] = {}
     for m in models:
         name = m.resolve().name or "model"
         while name in names:
             name += "_"
         names[name] = str(m.resolve())
+    return names
+
+
+def direct_merge_recipe(method, models, base, params, out_dir, out_dtype, allow_pickle) -> str:
+    """The one-step recipe equivalent to a `fmerge merge` command line."""
+    import yaml
+
+    names = _model_names(models)
     parsed = {}
     for item in params:
         if "=" not in item:
@@ -197,9 +268,54 @@ def show(key: str = typer.Argument(..., help="artifact key (a unique prefix is e
     a = art.attrs
     out.print(f"[bold]{art.key}[/] kind={art.kind} created={a.get('created')} fmerge={a.get('fmerge_version')} "
               f"algorithm v{a.get('algorithm_version')}")
-    out.print_json(json.dumps({"params": a["params"], "inputs": a["inputs"], "meta": a.get("meta", {})}, default=str))
+    meta = dict(a.get("meta", {}))
+    trace = meta.pop("trace", None)
+    out.print_json(json.dumps({"params": a["params"], "inputs": a["inputs"], "meta": meta}, default=str))
     names = a.get("tensors", [])
     out.print(f"{len(names)} tensors" + (": " + ", ".join(names[:8]) + (" ..." if len(names) > 8 else "") if names else ""))
+    if trace:
+        out.print(trace_table(trace, f"trace of {art.key[:12]} ({len(trace)} iterations)"))
+
+
+def trace_table(trace: list[dict], title: str) -> Table:
+    """An iterative step's trace (one row per iteration) as a table; floats to 6 significant digits."""
+    table = Table(title=title)
+    columns = list(dict.fromkeys(k for row in trace for k in row))
+    for c in columns:
+        table.add_column(c, justify="left" if c == "chosen" else "right")
+    for row in trace:
+        table.add_row(*[f"{v:.6g}" if isinstance(v, float) else str(v if v is not None else "-")
+                        for v in (row.get(c) for c in columns)])
+    return table
+
+
+@app.command()
+def verify(
+    repair: bool = typer.Option(False, "--repair", help="remove bad artifacts (and leftovers of interrupted writes)"),
+    store: Optional[Path] = StoreOpt,
+):
+    """Check every artifact against the checksums recorded when it was written; exit 1 if any is bad."""
+    s = open_store(store)
+    bad = s.verify()
+    if bad:
+        table = Table(title=f"bad artifacts in {s.root}")
+        for col in ("key", "kind", "step", "problem", "action"):
+            table.add_column(col)
+        for b in bad:
+            if repair:
+                s.remove_path(b.path)
+            table.add_row(b.key, b.kind, b.step, b.problem, "removed" if repair else "")
+        out.print(table)
+    if repair:
+        removed_tmp = s.clean_tmp()
+        if removed_tmp:
+            out.print(f"removed {removed_tmp} leftovers of interrupted writes")
+    bad_keys = {b.key for b in bad}
+    ok = sum(1 for info in s.list() if info.key not in bad_keys)
+    out.print(f"{ok} artifact(s) ok" + (f", {len(bad)} bad" + (" (removed)" if repair else "") if bad else ""))
+    if bad and not repair:
+        out.print("run `fmerge verify --repair` to remove them; the next `fmerge run` recomputes them")
+        raise typer.Exit(1)
 
 
 @app.command()

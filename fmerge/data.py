@@ -131,6 +131,13 @@ def select_examples(ds, n: int, seed: int, *, source: str | None = None):
     return ds.select(indices.tolist()), digest.hexdigest()[:32]
 
 
+def subset_family(ds, seed: int, *, source: str | None = None) -> str:
+    """A hash of what `select_examples` draws from, without the count: for a fixed seed the subset
+    of n rows is the first n rows of one permutation, so estimates over n rows can be extended."""
+    identity = f"{source or ''}:{getattr(ds, '_fingerprint', '')}:{len(ds)}:{seed}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
 def label_names_for(ds, spec: DataSpec) -> list[str] | None:
     """The class names of a string or ClassLabel label column (sorted unique values for strings);
     None for numeric labels, which are class indices or regression targets already."""
@@ -192,7 +199,7 @@ def check_labels(ds, spec: DataSpec, num_labels: int, label_names: Sequence[str]
     bad = values[(values < 0) | (values >= num_labels)]
     if bad.size:
         raise FmergeError(
-            f"Label column '{column}' holds the value {bad[0].item()!r} ({bad.size} row(s) out of "
+            f"Dataset '{spec.path}': label column '{column}' holds the value {bad[0].item()!r} ({bad.size} row(s) out of "
             f"range), but the model's head has {num_labels} classes, so labels must lie in "
             f"0..{num_labels - 1}. Check the data (-1 often marks an unlabelled test split) or the "
             "model's num_labels."
@@ -268,4 +275,5 @@ __all__ = [
     "label_names_for",
     "load_dataset_split",
     "select_examples",
+    "subset_family",
 ]

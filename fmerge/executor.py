@@ -6,6 +6,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+from . import distributed
 from .errors import FmergeError
 from .recipe import Recipe, kind_of, step_dependencies, step_order
 from .runtime import Runtime
@@ -31,6 +32,7 @@ def selected_steps(recipe: Recipe, only: list[str] | None) -> list[str]:
     order = step_order(recipe)
     if not only:
         return order
+    only = [step for name in only for step in recipe.step_names(name)]
     unknown = [s for s in only if s not in recipe.steps]
     if unknown:
         raise FmergeError(f"--only names unknown step(s) {', '.join(unknown)}; the recipe's steps are "
@@ -68,7 +70,7 @@ def status(rt: Runtime, only: list[str] | None = None) -> list[StepReport]:
 
 def run(rt: Runtime, only: list[str] | None = None, force: list[str] | None = None,
         dry_run: bool = False, on_report=None) -> list[StepReport]:
-    force = force or []
+    force = [step for name in force or [] for step in rt.recipe.step_names(name)]
     unknown = [s for s in force if s not in rt.recipe.steps]
     if unknown:
         raise FmergeError(f"--force names unknown step(s) {', '.join(unknown)}; the recipe's steps are "
@@ -85,15 +87,39 @@ def run(rt: Runtime, only: list[str] | None = None, force: list[str] | None = No
         if dry_run:
             report.state = "stale" if todo else "cached"
         else:
-            if todo:
+            if distributed.active():
+                todo = compute_distributed(rt, kind, step, cfg, planned, todo, forced)
+            elif todo:
                 todo = compute_locked(rt, kind, step, cfg, todo, forced)
-                report.state = ("forced" if forced else "computed") if todo else "cached"
-            report.note = kind.export(rt, step, cfg, planned) or ""
+            report.state = ("forced" if forced else "computed") if todo else "cached"
+            if distributed.is_main():
+                report.note = kind.export(rt, step, cfg, planned) or ""
         report.seconds = time.perf_counter() - start
         reports.append(report)
         if on_report:
             on_report(report)
     return reports
+
+
+def compute_distributed(rt: Runtime, kind, step: str, cfg, planned: list[Planned], todo: list[Planned],
+                        forced: bool) -> list[Planned]:
+    """Under torchrun: rank 0 locks and decides; sharded steps run on all ranks, others on rank 0."""
+    with ExitStack() as stack:
+        if distributed.is_main():
+            for p in sorted(todo, key=lambda p: p.key):
+                stack.enter_context(rt.store.lock(p.key))
+            if forced:
+                for p in todo:
+                    if rt.store.has(p.key):
+                        rt.store.remove(p.key)
+            else:
+                todo = [p for p in todo if not rt.store.has(p.key)]
+        keys = distributed.broadcast([p.key for p in todo])
+        todo = [p for p in planned if p.key in keys]
+        if todo and (kind.distributed or distributed.is_main()):
+            kind.compute(rt, step, cfg, todo)
+        distributed.barrier()
+    return todo
 
 
 def compute_locked(rt: Runtime, kind, step: str, cfg, todo: list[Planned], forced: bool) -> list[Planned]:

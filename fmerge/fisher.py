@@ -19,7 +19,8 @@ variance, J_fᵀJ_f), causal LM (next-token labels; one squared gradient per seq
 token log-likelihoods, count in tokens). For a causal LM with `sampled` labels, drawn
 independently at each position, the cross-position terms of that square have zero mean, so it is
 an unbiased estimate of the sum of the per-token Fishers at one backward pass per sequence rather
-than one per token. Image classification is not supported yet.
+than one per token. A module that says `fisher_kind = "classification"` (CLIP's zero-shot
+classifier, fmerge/clip.py, whose batches carry `pixel_values`) is a classifier too.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .errors import FmergeError
 
 ESTIMATORS = ("exact", "sampled", "empirical", "fusionbench")
 KINDS = ("classification", "regression", "causal_lm")
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
 
 
 @dataclass
@@ -91,6 +92,8 @@ def model_kind(model: nn.Module) -> str:
     )
 
     cls = type(model).__name__
+    if getattr(model, "fisher_kind", None) in KINDS:  # e.g. fmerge.clip.ClipClassifier
+        return model.fisher_kind
     if cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         return "causal_lm"
     if cls in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
@@ -105,7 +108,7 @@ def model_kind(model: nn.Module) -> str:
         return "classification"
     raise FmergeError(
         f"fmerge computes the Fisher of sequence classifiers, regression heads and causal LMs; "
-        f"model class {cls} is none of these (image classification is not supported yet)."
+        f"model class {cls} is none of these (of images, only CLIP zero-shot classifiers)."
     )
 
 
@@ -195,8 +198,9 @@ def _per_example(model, batches, kind, estimator, samples, seed, chunk_size, acc
     position = 0
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
-        n = batch["input_ids"].shape[0]
+        if "input_ids" in batch:
+            batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+        n = _batch_size(batch)
         ids = batch.get("example_ids")
         ids = ids.tolist() if ids is not None else list(range(position, position + n))
         position += n
@@ -222,6 +226,10 @@ def _forward(model, batch, accepted, kind) -> torch.Tensor:
     if kind == "causal_lm" and "use_cache" in accepted:
         inputs["use_cache"] = False
     return model(**inputs).logits
+
+
+def _batch_size(batch) -> int:
+    return batch["input_ids" if "input_ids" in batch else "pixel_values"].shape[0]
 
 
 def _classification_labels(batch, num_classes: int) -> torch.Tensor:
@@ -344,7 +352,7 @@ def _fusionbench(model, batches, selected, accepted, device, result):
         for (name, _), grad in zip(selected.items(), grads):
             if grad is not None:
                 result.sums[name] += grad.float().square()
-        n = batch["input_ids"].shape[0]
+        n = _batch_size(batch)
         result.count += n
         result.examples += n
 
@@ -431,9 +439,18 @@ def _generic_grads(module, args, kwargs, g, wanted, ctx):
     return {name: t.float() for name, t in grads.items()}
 
 
+def _class_token_grads(module, args, kwargs, g, wanted, ctx):
+    """CLIP's vision embeddings put `class_embedding` at position 0 of their output, unchanged
+    but for the position embedding added to every position: its gradient is g at position 0."""
+    return {"class_embedding": g[:, 0].to(torch.float32, copy=True)}  # a copy: sums square in place
+
+
 def _rule_for(module: nn.Module):
+    from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
     from transformers.pytorch_utils import Conv1D
 
+    if isinstance(module, CLIPVisionEmbeddings):
+        return _class_token_grads
     if isinstance(module, nn.Linear):
         return _linear_grads
     if isinstance(module, Conv1D):

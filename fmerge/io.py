@@ -15,10 +15,9 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
-from safetensors import safe_open
 
 from .errors import FmergeError
 
@@ -62,6 +61,8 @@ class _Entry:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    start: int = -1  # byte range of the data in a safetensors file
+    end: int = -1
 
 
 _ST_TO_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -78,7 +79,7 @@ class ModelDir:
         self.files = sorted(p for p in self.path.iterdir() if WEIGHT_FILE_RE.match(p.name))
         self._pickled: dict[str, torch.Tensor] | None = None
         self._entries: dict[str, _Entry] = {}
-        self._handles: dict[Path, object] = {}
+        self._files: dict[Path, object] = {}
         if self.files:
             for f in self.files:
                 self._index_safetensors(f)
@@ -103,6 +104,7 @@ class ModelDir:
             with open(file, "rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))
                 header = json.loads(fh.read(n))
+            file_size = file.stat().st_size
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise FmergeError(f"Model '{self.label}': {file} is not a readable safetensors file ({exc}).")
         for name, info in header.items():
@@ -110,12 +112,26 @@ class ModelDir:
                 continue
             if info["dtype"] not in _ST_TO_TORCH:
                 raise FmergeError(f"Model '{self.label}': tensor '{name}' in {file} has unsupported dtype {info['dtype']}.")
-            self._entries[name] = _Entry(file, tuple(info["shape"]), _ST_TO_TORCH[info["dtype"]])
+            dtype, shape = _ST_TO_TORCH[info["dtype"]], tuple(info["shape"])
+            start, end = (8 + n + int(o) for o in info["data_offsets"])
+            if end - start != nbytes(dtype, shape) or end > file_size:
+                raise FmergeError(f"Model '{self.label}': tensor '{name}' in {file} has a byte range that does not "
+                                  f"match its shape {list(shape)} or lies past the end of the file (truncated?).")
+            self._entries[name] = _Entry(file, shape, dtype, start, end)
 
     def _load_pickles(self, files: list[Path]) -> None:
         self._pickled = {}
         for f in files:
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # UnpicklingError for objects beyond plain tensors, or a bad file
+                raise FmergeError(
+                    f"Model '{self.label}': {f} could not be loaded as a plain tensor checkpoint with "
+                    f"torch's weights-only loader ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                    f"fmerge never unpickles arbitrary objects; convert the checkpoint to safetensors."
+                ) from exc
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise FmergeError(f"Model '{self.label}': {f} is not a state dict of tensors.")
             for name, t in state.items():
                 self._pickled[name] = t
                 self._entries[name] = _Entry(f, tuple(t.shape), t.dtype)
@@ -130,13 +146,30 @@ class ModelDir:
         return self._entries[name].dtype
 
     def get(self, name: str) -> torch.Tensor:
+        """A fresh tensor read with pread, not a view of a memory map: pages of files already merged
+        do not stay mapped into the process (and counted in its resident memory)."""
         if self._pickled is not None:
             return self._pickled[name]
-        file = self._entries[name].file
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(str(file), framework="pt")
-        return handle.get_tensor(name)
+        e = self._entries[name]
+        size = e.end - e.start
+        if size == 0:
+            return torch.empty(e.shape, dtype=e.dtype)
+        fh = self._files.get(e.file)
+        if fh is None:
+            fh = self._files[e.file] = open(e.file, "rb", buffering=0)
+        buf = bytearray(size)
+        view, done = memoryview(buf), 0
+        while done < size:
+            got = os.preadv(fh.fileno(), [view[done:]], e.start + done)
+            if got == 0:
+                raise FmergeError(f"Model '{self.label}': {e.file} ended while reading tensor '{name}' (truncated?).")
+            done += got
+        return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
+
+    @property
+    def fresh_tensors(self) -> bool:
+        """Whether `get` returns a new tensor each call (safetensors), not a shared one (pickles)."""
+        return self._pickled is None
 
     def weight_files(self) -> list[Path]:
         return self.files or sorted({e.file for e in self._entries.values()})
@@ -227,7 +260,8 @@ class StreamingSafetensorsWriter:
         if name != exp_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise RuntimeError(f"writer expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.fh.write(data.tobytes() if data.size else b"")
+        if data.size:
+            self.fh.write(memoryview(data))
         self.next += 1
 
     def close(self) -> None:
@@ -258,14 +292,17 @@ def write_model_dir(
     readme: str,
     metadata: dict[str, str],
     max_shard_bytes: int = 5 * 2**30,
+    finish: Callable[[Path], None] | None = None,
 ) -> None:
     """Write a Hugging Face model directory (sharded safetensors + index), streaming tensors.
 
-    `tensors` must yield in `layout` order. The directory is built aside and moved into place,
-    so `out` is either the old export or the complete new one, never a mix.
+    `tensors` must yield in `layout` order; `finish(dir)` adds files of the caller's. The directory
+    is built aside and moved into place, so `out` is either the old export or the complete new one,
+    never a mix.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_leftovers(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -294,10 +331,35 @@ def write_model_dir(
                 if src.is_file():
                     shutil.copy2(src, tmp / fname)
         (tmp / "README.md").write_text(readme)
+        if finish is not None:
+            finish(tmp)
         _swap_into_place(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FmergeError(f"Exporting the model to {out} failed: {exc.strerror or exc}. The partial export was "
+                          f"removed{' and the previous one kept' if out.exists() else ''}; free space or "
+                          f"choose another export directory, then run again.") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_dead_leftovers(out: Path) -> None:
+    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` beside `out` left by exports killed midway."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        stem, _, pid = p.name.rpartition("-")
+        if stem in (f".{out.name}.tmp", f".{out.name}.old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

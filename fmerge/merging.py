@@ -100,8 +100,13 @@ def plan_tensors(
             f"'exclude' (they are then taken from the base) or list them in 'heads' to keep them per model."
         )
     if not merge:
+        examples = "; ".join(
+            f"'{m}' has {', '.join(repr(n) for n in models[m].names()[:3])}"
+            for m, nm in name_maps.items() if len(nm) < len(reference)
+        )[:600]
         raise FmergeError("The models share no floating-point tensor to merge: check that they are "
-                          "fine-tuned from the same base and that 'exclude' is not too broad.")
+                          "fine-tuned from the same base and that 'exclude' is not too broad. The base has "
+                          f"{', '.join(repr(r) for r in reference[:3])}" + (f"; {examples}" if examples else "") + ".")
     per_model = {}
     for m, src in models.items():
         mapped = set(name_maps[m].values())
@@ -124,27 +129,56 @@ def merge_stream(
     device: str = "cpu",
     out_dtype: torch.dtype | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    tensor_params: Callable[[str], MethodParams] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (reference name, output tensor) in reference order, one tensor in memory per model.
+
+    `tensor_params(name)`, where given, supplies the parameters of each merged tensor (values
+    that depend on the tensor, resolved by `TensorParams`); `params` then serves only `prepare`.
 
     `reference` (the base) gives output names and the tensors copied unchanged; it is read for
     merged tensors only `with_base` (methods that need θ_0), so an average reads N models, not N+1.
     `stats[kind][model]` serves per-model statistics in the model's naming (e.g. Fisher sums);
-    a stats entry under the model name "__base__" is passed as `<kind>_base`.
+    a stats entry under the model name "__base__" is passed as `<kind>_base`. A statistic that
+    no model has for a tensor is left out of its group.
     """
     stats = stats or {}
     names = list(models)
+    covered = {kind: {m: set(src.names()) for m, src in by_model.items()} for kind, by_model in stats.items()}
+
+    def load(src: TensorSource, name: str, what: str, owned: list[bool] | None = None) -> torch.Tensor:
+        """A tensor in fp32 on `device`, refused if non-finite: mixed input dtypes merge in fp32.
+        `owned` records whether the result is a copy that nobody else holds."""
+        raw = src.get(name)
+        t = raw.to(device, torch.float32)
+        if owned is not None:
+            owned.append(t is not raw or getattr(src, "fresh_tensors", False))
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise FmergeError(f"Tensor '{name}' of {what} holds {bad} NaN or Inf value(s); fmerge will not "
+                              f"merge it. Check that file (a diverged fine-tune?) or exclude the tensor.")
+        return t
 
     def group(r: str) -> TensorGroup:
+        owned: list[bool] = []
         g = TensorGroup(
             name=r,
-            base=reference.get(r).to(device, torch.float32) if with_base else None,
-            models=[models[m].get(plan.name_maps[m][r]).to(device, torch.float32) for m in names],
+            base=load(reference, r, "the base model") if with_base else None,
+            models=[load(models[m], plan.name_maps[m][r], f"model '{m}'", owned) for m in names],
         )
+        g.models_owned = all(owned)
         for kind, by_model in stats.items():
-            g.stats[kind] = [by_model[m].get(plan.name_maps[m][r]).to(device, torch.float32) for m in names]
-            if "__base__" in by_model:
-                g.stats[f"{kind}_base"] = [by_model["__base__"].get(r).to(device, torch.float32)]
+            have = [plan.name_maps[m][r] in covered[kind][m] for m in names]
+            if not any(have):
+                continue  # a statistic of some tensors only (Grams exist for linear weights only)
+            if not all(have):
+                lacking = ", ".join(m for m, h in zip(names, have) if not h)
+                raise FmergeError(f"Tensor '{r}' has {kind} statistics for some models but not for "
+                                  f"{lacking}; recompute them from the same architecture.")
+            g.stats[kind] = [load(by_model[m], plan.name_maps[m][r], f"the {kind} statistics of model '{m}'")
+                             for m in names]
+            if "__base__" in by_model and r in covered[kind]["__base__"]:
+                g.stats[f"{kind}_base"] = [load(by_model["__base__"], r, f"the {kind} statistics of the base")]
         return g
 
     state = None
@@ -153,7 +187,7 @@ def merge_stream(
     to_merge = set(plan.merge)
     for r in plan.reference:
         if r in to_merge:
-            out = method.merge(group(r), params, ctx, state)
+            out = method.merge(group(r), tensor_params(r) if tensor_params else params, ctx, state)
             if not torch.isfinite(out).all():
                 raise FmergeError(f"Merging tensor '{r}' produced NaN or Inf: check the inputs "
                                   f"(`fmerge verify`) and the method's parameters.")
@@ -163,3 +197,168 @@ def merge_stream(
         if on_tensor:
             on_tensor(r)
         yield r, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter values that depend on the tensor (mergekit's grammar), resolved here so that methods
+# only ever see plain numbers. Beside a number, a parameter (or a per-model entry of one) may be
+#   {gradient: [v0, ..., vn]}            interpolated linearly over layer depth, and
+#   [{filter: s, value: v}, ..., {value: v}]  the first entry whose `filter` is a substring of the
+#                                        tensor name (no filter, or "*", matches every tensor).
+# A filter entry's value may itself be a gradient (a plain list of numbers there) or a filter list.
+
+_LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_positions(names: list[str]) -> dict[str, float]:
+    """Each tensor's depth t in [0, 1] for gradients: layer index / (number of layers − 1).
+
+    The layer index is the first numeric component of the name (`model.layers.7.mlp...`); tensors
+    outside the numbered layers (embeddings, final norm, head) get t = 0, and a one-layer model
+    t = 1, as in mergekit 0.1.5.
+    """
+    index = {n: int(m.group(1)) for n in names if (m := _LAYER_RE.search(n))}
+    depth = max(index.values(), default=0) + 1
+    return {n: (index[n] / (depth - 1) if depth > 1 else 1.0) if n in index else 0.0 for n in names}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_gradient(v) -> bool:
+    return isinstance(v, dict) and set(v) == {"gradient"}
+
+
+def _is_filter_list(v) -> bool:
+    return (isinstance(v, list) and bool(v)
+            and all(isinstance(e, dict) and "value" in e and set(e) <= {"filter", "value"} for e in v))
+
+
+def _tensor_dependent(v) -> bool:
+    if _is_gradient(v) or _is_filter_list(v):
+        return True
+    if isinstance(v, dict):
+        return any(_tensor_dependent(x) for x in v.values())
+    if isinstance(v, list):
+        return any(_tensor_dependent(x) for x in v)
+    return False
+
+
+def _gradient_points(v, where: str) -> list[float]:
+    points = v["gradient"] if _is_gradient(v) else v
+    if not isinstance(points, list) or not points or not all(_is_number(x) for x in points):
+        raise FmergeError(f"{where}: a gradient is a non-empty list of numbers, got {points!r}.")
+    return points
+
+
+def interpolate(points: list[float], t: float) -> float:
+    """mergekit's gradient: linear interpolation between neighbouring points at t·(n − 1)."""
+    scaled = t * (len(points) - 1)
+    i0 = int(scaled)
+    i1 = min(len(points) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * points[i0] + frac * points[i1]
+
+
+def _filter_value(entry: dict, where: str):
+    value = entry["value"]
+    return {"gradient": _gradient_points(value, where)} if isinstance(value, list) and not _is_filter_list(value) else value
+
+
+def resolve_value(v, name: str, t: float, where: str):
+    """The plain value `v` takes for tensor `name` at depth `t`."""
+    if _is_gradient(v):
+        return interpolate(_gradient_points(v, where), t)
+    if _is_filter_list(v):
+        for i, entry in enumerate(v):
+            f = entry.get("filter")
+            if f is None or f == "*" or str(f) in name:
+                return resolve_value(_filter_value(entry, f"{where}[{i}]"), name, t, f"{where}[{i}].value")
+        raise FmergeError(f"{where}: no entry's filter matches tensor '{name}'; end the list with an entry "
+                          f"without 'filter' to give the value of all other tensors.")
+    if isinstance(v, dict):
+        return {k: resolve_value(x, name, t, f"{where}.{k}") for k, x in v.items()}
+    if isinstance(v, list):
+        return [resolve_value(x, name, t, f"{where}[{i}]") for i, x in enumerate(v)]
+    return v
+
+
+def _options(v, where: str) -> list:
+    """Every plain value a tensor-dependent value can take at a gradient point or filter entry."""
+    if _is_gradient(v):
+        return list(_gradient_points(v, where))
+    if _is_filter_list(v):
+        return [o for i, e in enumerate(v) for o in _options(_filter_value(e, f"{where}[{i}]"), f"{where}[{i}].value")]
+    return [v]
+
+
+def _variant(v, j: int, where: str):
+    """`v` with every tensor-dependent value replaced by its j-th possible value (or its last)."""
+    if _is_gradient(v) or _is_filter_list(v):
+        options = _options(v, where)
+        return options[min(j, len(options) - 1)]
+    if isinstance(v, dict):
+        return {k: _variant(x, j, f"{where}.{k}") for k, x in v.items()}
+    if isinstance(v, list):
+        return [_variant(x, j, f"{where}[{i}]") for i, x in enumerate(v)]
+    return v
+
+
+def _choices(v, where: str) -> int:
+    if _is_gradient(v) or _is_filter_list(v):
+        return len(_options(v, where))
+    if isinstance(v, dict):
+        return max([_choices(x, f"{where}.{k}") for k, x in v.items()], default=1)
+    if isinstance(v, list):
+        return max([_choices(x, f"{where}[{i}]") for i, x in enumerate(v)], default=1)
+    return 1
+
+
+class TensorParams:
+    """A method's raw parameters whose values may depend on the tensor, resolved per tensor.
+
+    Construction validates the parameters with every value each tensor-dependent entry can take
+    (interpolated values lie between those, so ranges hold for them too) and raises pydantic's
+    ValidationError for the caller to place in the recipe. `params` is the first of those
+    variants: the parameters themselves when nothing depends on the tensor.
+    """
+
+    def __init__(self, method: MergeMethod, raw: dict, where: str = "params"):
+        self.method, self.raw, self.where = method, raw, where
+        self.varies = _tensor_dependent(raw)
+        self.variants = [method.Params.model_validate(_variant(raw, j, where)) for j in range(_choices(raw, where))]
+        self.params = self.variants[0]
+        self._cache: dict[str, MethodParams] = {}
+        self._positions: dict[str, float] = {}
+
+    def validate(self, ctx: MergeContext) -> None:
+        for params in self.variants:
+            self.method.validate(params, ctx)
+
+    def key(self) -> dict:
+        """Canonical parameters for a cache key: defaults filled in, tensor-dependent values as written."""
+        dumped = self.params.model_dump(by_alias=True, mode="json")
+        if self.varies:
+            dumped.update({k: v for k, v in self.raw.items() if _tensor_dependent(v)})
+        return dumped
+
+    def resolver(self, names: list[str], ctx: MergeContext) -> Callable[[str], MethodParams] | None:
+        """name -> that tensor's parameters (validated once per distinct value), or None if none vary."""
+        if not self.varies:
+            return None
+        positions = layer_positions(names)
+
+        def for_tensor(name: str) -> MethodParams:
+            resolved = resolve_value(self.raw, name, positions.get(name, 0.0), self.where)
+            cache_key = repr(sorted(resolved.items()))
+            if cache_key not in self._cache:
+                try:
+                    params = self.method.Params.model_validate(resolved)
+                    self.method.validate(params, ctx)
+                except (ValueError, FmergeError) as exc:  # pydantic's ValidationError is a ValueError
+                    raise FmergeError(f"{self.where} resolved for tensor '{name}' to {resolved}: {exc}")
+                self._cache[cache_key] = params
+            return self._cache[cache_key]
+
+        return for_tensor

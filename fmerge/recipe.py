@@ -52,6 +52,29 @@ class DataSpec(Strict):
     train_split: str = "train"
     validation_split: str = "validation"
     test_split: str = "test"
+    image: str | None = Field(None, description="image column: a CLIP zero-shot task (see fmerge/clip.py)")
+    classnames: str | list[str] | None = Field(
+        None, description="CLIP class names in label order, or a built-in task name (default: the data "
+        "entry's name if built in, else the dataset's label names)")
+    templates: str | list[str] | None = Field(
+        None, description="CLIP prompt templates with '{}', or a built-in task name (default: the data "
+        "entry's name if built in, else 'a photo of a {}.')")
+
+    def model_post_init(self, _: Any) -> None:
+        from .clip import builtin_task
+
+        if self.image is None and (self.classnames is not None or self.templates is not None):
+            raise ValueError("'classnames' and 'templates' are for image (CLIP) tasks: set 'image' too")
+        for key in ("classnames", "templates"):
+            value = getattr(self, key)
+            if isinstance(value, str) and builtin_task(value) is None:
+                raise ValueError(f"{key} '{value}' is no built-in task; give a list, or one of "
+                                 f"sun397, cars, resisc45, eurosat, svhn, gtsrb, mnist, dtd")
+            if isinstance(value, str) and key == "classnames" and builtin_task(value)["classnames"] is None:
+                raise ValueError(f"the built-in table has no class names for '{value}' (they are read from "
+                                 f"the dataset's labels): leave 'classnames' out")
+        if isinstance(self.templates, list) and not all("{}" in t for t in self.templates):
+            raise ValueError("each template must contain '{}', where the class name goes")
 
 
 class RecipeSpec(Strict):
@@ -68,6 +91,7 @@ class RecipeSpec(Strict):
     allow_pickle: bool = False
     trust_remote_code: bool = False
     steps: dict[str, dict[str, Any]] = Field(min_length=1)
+    sweep: dict[str, list[Any]] = Field({}, description="grid over step parameters: {step.param.path: [values]}")
 
     @field_validator("models", "data", "steps")
     @classmethod
@@ -96,10 +120,20 @@ class Recipe:
         self.dir = file.parent if file else Path.cwd()
         self.base = spec.base if isinstance(spec.base, ModelSpec) else ModelSpec(path=spec.base)
         self.models = {n: m if isinstance(m, ModelSpec) else ModelSpec(path=m) for n, m in spec.models.items()}
+        self.sweeps: dict[str, list] = {}  # swept step -> its variants (fmerge.sweep.Variant)
+
+    def step_names(self, name: str) -> list[str]:
+        """The steps a recipe-level step name stands for: itself, or a swept step's variants."""
+        return [v.name for v in self.sweeps[name]] if name in self.sweeps else [name]
 
     def where(self, *path: str | int) -> str:
         """'file:line: a.b.c' for messages about a recipe key."""
         return self.lines.where(path)
+
+    @property
+    def is_clip(self) -> bool:
+        """Tasks with an image column are CLIP zero-shot tasks: only vision towers are merged."""
+        return any(d.image is not None for d in self.spec.data.values())
 
     def is_hub_id(self, path: str) -> bool:
         """'org/name' is a hub id unless 'org' is a local directory (then it is a missing path)."""
@@ -170,11 +204,21 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return keys
 
 
+def _is_union_tag(part: Any) -> bool:
+    """Loc entries pydantic adds for union members ('list[float]', 'constrained-float', 'str')."""
+    return isinstance(part, str) and ("[" in part or part.startswith("constrained-")
+                                      or part in {"str", "int", "float", "bool", "ModelSpec"})
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel], lines: LineIndex, prefix: tuple = ()) -> str:
     """One sentence per problem, each naming file, line and key path."""
     parts = []
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"str", "ModelSpec"})))
+    errors = [(tuple(p for p in err["loc"] if not _is_union_tag(p)), err) for err in exc.errors()]
+    # A value fitting no member of a union yields one error per member; if a member took its type
+    # but not its value (e.g. density 0 for a float > 0), that error alone says what is wrong.
+    value_errors = {loc for loc, err in errors if not err["type"].endswith("_type") and err["type"] != "missing"}
+    errors = [(loc, err) for loc, err in errors if loc not in value_errors or not err["type"].endswith("_type")]
+    for loc, err in errors:
         where = lines.where(prefix + loc)
         if err["type"] == "extra_forbidden":
             close = get_close_matches(str(loc[-1]), _known_keys(model, loc), n=1, cutoff=0.6)
@@ -205,20 +249,26 @@ def parse_yaml(text: str, file: Path | None) -> tuple[Any, LineIndex]:
     return data, LineIndex(file, root)
 
 
-def load_recipe(file: Path | str) -> Recipe:
+def load_recipe(file: Path | str, sets: list[str] | None = None) -> Recipe:
+    """Load and validate a recipe; `sets` are `--set STEP.PARAM=VALUE[,VALUE...]` items."""
     file = Path(file)
     try:
         text = file.read_text()
     except OSError as exc:
         raise FmergeError(f"Cannot read recipe {file}: {exc.strerror or exc}.")
-    return parse_recipe(text, file)
+    return parse_recipe(text, file, sets)
 
 
-def parse_recipe(text: str, file: Path | None = None) -> Recipe:
+def parse_recipe(text: str, file: Path | None = None, sets: list[str] | None = None) -> Recipe:
     data, lines = parse_yaml(text, file)
-    if "merge_method" in data:
-        raise FmergeError(f"{file}: this looks like a mergekit config ('merge_method'); fmerge recipes use "
-                          f"'base', 'models' and 'steps' (see recipes/ for examples).")
+    if sets:
+        from .sweep import apply_overrides, parse_set
+
+        apply_overrides(data, *parse_set(sets))
+    if "merge_method" in data:  # a mergekit config: read as the equivalent one-step recipe
+        from .mergekit import recipe_from_mergekit
+
+        data = recipe_from_mergekit(data, lines, file)
     try:
         spec = RecipeSpec.model_validate(data)
     except ValidationError as exc:
@@ -243,6 +293,13 @@ def parse_recipe(text: str, file: Path | None = None) -> Recipe:
             raise FmergeError(format_validation_error(exc, config_cls, lines, ("steps", name)))
     recipe = Recipe(spec, file, steps, lines)
     _check_references(recipe)
+    if spec.sweep:
+        from .sweep import expand
+
+        expand(recipe, spec.sweep)
+        for group in recipe.sweeps.values():
+            for v in group:
+                STEP_KINDS[kind_of(recipe, v.name)].check(recipe, v.name, recipe.steps[v.name])
     return recipe
 
 
@@ -290,7 +347,7 @@ def step_dependencies(recipe: Recipe, name: str) -> list[str]:
 
     cfg = recipe.steps[name]
     kind = STEP_KINDS[recipe.spec.steps[name]["kind"]]
-    deps = [ref for _, ref in kind.step_refs(cfg)]
+    deps = [step for _, ref in kind.step_refs(cfg) for step in recipe.step_names(ref)]
     for model in kind.models_used(cfg, recipe):
         producer = recipe.models[model].from_step
         if producer:

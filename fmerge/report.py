@@ -1,7 +1,8 @@
-"""Evaluation results as a table: rows are base, individual models and merges; columns tasks."""
+"""Evaluation results as tables: rows are base, individual models and merges; columns tasks."""
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -9,8 +10,13 @@ def results_table(results: list[dict], title: str) -> Table:
     tasks = list(dict.fromkeys(r["task"] for r in results))
     variants = list(dict.fromkeys(r["variant"] for r in results))
     acc = {(r["variant"], r["task"]): r["accuracy"] for r in results}
+    chosen = {r["variant"]: r["selected_on"] for r in results if r.get("selected_on")}
     split = results[0]["split"] if results else ""
-    table = Table(title=f"{title}: accuracy on split '{split}'")
+    caption = None
+    if chosen:
+        caption = (f"* chosen among a sweep's variants by average accuracy on split "
+                   f"'{', '.join(sorted(set(chosen.values())))}', reported on '{split}'")
+    table = Table(title=f"{title}: accuracy on split '{split}'", caption=caption)
     table.add_column("model")
     for t in tasks:
         table.add_column(t, justify="right")
@@ -22,7 +28,22 @@ def results_table(results: list[dict], title: str) -> Table:
         avg = sum(have) / len(have) if have else None
         norm = [a / acc[("individual", t)] for a, t in zip(row, tasks)
                 if a is not None and acc.get(("individual", t))]
-        table.add_row(v, *[f"{a:.3f}" if a is not None else "-" for a in row],
+        table.add_row(escape(v) + (" *" if v in chosen else ""), *[f"{a:.3f}" if a is not None else "-" for a in row],
                       f"{avg:.3f}" if avg is not None else "-",
                       f"{sum(norm) / len(norm):.3f}" if norm else "-")
+    return table
+
+
+def sweep_table(sweep: dict) -> Table:
+    """A sweep's variants with their selection-split accuracies; the chosen one marked."""
+    tasks = sweep["tasks"]
+    table = Table(title=f"sweep of {sweep['group']}: accuracy on split '{sweep['split']}' (used to choose)")
+    table.add_column("variant")
+    for t in tasks:
+        table.add_column(t, justify="right")
+    table.add_column("avg", justify="right")
+    for i, v in enumerate(sweep["variants"]):
+        row = [sweep["accuracy"][t][i] for t in tasks]
+        mark = " [bold green]← chosen[/]" if v == sweep["chosen"] else ""
+        table.add_row(escape(v) + mark, *[f"{a:.3f}" for a in row], f"{sum(row) / len(row):.3f}")
     return table

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from . import distributed
 from .errors import FmergeError
 from .io import HashCache, ModelDir, TensorSource
 from .recipe import BASE, ModelSpec, Recipe
@@ -20,11 +21,15 @@ if TYPE_CHECKING:
 class Runtime:
     def __init__(self, recipe: Recipe, store: Store, console: Console | None = None, device: str | None = None):
         self.recipe, self.store = recipe, store
+        # Every artifact this run writes records the recipe that asked for it (not part of its key).
+        store.provenance = {"recipe": {"file": str(recipe.file) if recipe.file else None,
+                                       "spec": recipe.spec.model_dump(mode="json")}}
         self.console = console or Console(stderr=True)
-        self.device = device or recipe.spec.device
+        self.device = distributed.init(device or recipe.spec.device)
         self.hashes = HashCache(store.hash_cache_file)
         self.planned: dict[str, list["Planned"]] = {}
         self.results: dict[str, list[dict]] = {}  # eval step -> result rows, for the report
+        self.sweep_results: dict[str, list[dict]] = {}  # eval step -> per swept merge, selection curves
         self._sources: dict[str, TensorSource] = {}
         self._dirs: dict[str, Path | None] = {}
         self._hashes: dict[str, str] = {}
@@ -61,6 +66,10 @@ class Runtime:
             else:
                 self._sources[name] = ModelDir(self.model_dir(name), allow_pickle=self.recipe.spec.allow_pickle,
                                                label=self.label(name))
+                if self.recipe.is_clip:  # CLIP: only the vision tower, named vision_model.* (fmerge/clip.py)
+                    from .clip import VisionTower
+
+                    self._sources[name] = VisionTower(self._sources[name], self.label(name))
         return self._sources[name]
 
     def model_hash(self, name: str) -> str:
@@ -71,6 +80,7 @@ class Runtime:
                 self._hashes[name] = "artifact:" + self.planned[spec.from_step][0].key
             else:
                 src = self.source(name)
+                src = getattr(src, "inner", src)  # a CLIP vision tower: hash the whole checkpoint
                 assert isinstance(src, ModelDir)
                 self._hashes[name] = self.hashes.hash_model(src)
         return self._hashes[name]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .data import DataSpec, label_names_for, load_dataset_split, select_examples
+from .data import DataSpec, encode_batches, label_names_for, load_dataset_split, select_examples, subset_family
 from .errors import FmergeError
 from .io import ModelDir
 from .recipe import BASE
@@ -16,7 +17,7 @@ def data_spec(rt, data_name: str, split: str) -> DataSpec:
     d = rt.recipe.spec.data[data_name]
     local = rt.recipe.resolve(d.path)
     path = str(local) if local.exists() else d.path
-    return DataSpec(path=path, text_column=d.text, text_pair_column=d.text_pair, label_column=d.label,
+    return DataSpec(path=path, text_column=d.image or d.text, text_pair_column=d.text_pair, label_column=d.label,
                     split=split, config=d.config)
 
 
@@ -28,14 +29,32 @@ def task_data(rt, model: str, where: tuple) -> str:
     return data
 
 
-def load_examples(rt, data_name: str, split: str, n: int | None, seed: int):
-    """(rows, fingerprint, label names) of a seeded subset (all rows if n is None or larger)."""
+@dataclass
+class Subset:
+    """A seeded subset of a task's rows; `family` names every subset of the same draw order."""
+
+    spec: DataSpec
+    rows: object  # datasets.Dataset
+    fingerprint: str
+    labels: list[str] | None
+    family: str
+
+
+def load_subset(rt, data_name: str, split: str, n: int | None, seed: int) -> Subset:
+    """A seeded subset of n rows (all rows if n is None or larger)."""
     spec = data_spec(rt, data_name, split)
     ds = load_dataset_split(spec)
     names = rt.recipe.spec.data[data_name].label_names or label_names_for(ds, spec)
     count = len(ds) if n is None else min(n, len(ds))
-    subset, fingerprint = select_examples(ds, count, seed, source=f"{data_name}:{split}")
-    return spec, subset, fingerprint, names
+    source = f"{data_name}:{split}"
+    subset, fingerprint = select_examples(ds, count, seed, source=source)
+    return Subset(spec, subset, fingerprint, names, subset_family(ds, seed, source=source))
+
+
+def load_examples(rt, data_name: str, split: str, n: int | None, seed: int):
+    """(spec, rows, fingerprint, label names) of a seeded subset (all rows if n is None or larger)."""
+    s = load_subset(rt, data_name, split, n, seed)
+    return s.spec, s.rows, s.fingerprint, s.labels
 
 
 def tokenizer_dir(rt, model: str) -> Path:
@@ -62,8 +81,14 @@ def model_config(rt, model: str):
         meta = rt.store.open(rt.planned[spec.from_step][0].key).meta
         cfg = dict(meta["config"])
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    return AutoConfig.from_pretrained(rt.model_dir(model), local_files_only=True,
-                                      trust_remote_code=rt.recipe.spec.trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(rt.model_dir(model), local_files_only=True,
+                                          trust_remote_code=rt.recipe.spec.trust_remote_code)
+    except (OSError, ValueError) as exc:  # no/invalid config.json, or custom code not trusted
+        hint = (" Its config asks to run the model's own Python code, which fmerge does only when the "
+                "recipe sets 'trust_remote_code: true'." if "trust_remote_code" in str(exc) else "")
+        raise FmergeError(f"Model '{rt.label(model)}': cannot read the transformers config in "
+                          f"{rt.model_dir(model)} ({str(exc).splitlines()[0]}).{hint}") from exc
 
 
 def build_classifier(rt, model: str, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
@@ -83,6 +108,77 @@ def build_classifier(rt, model: str, weights: dict[str, torch.Tensor] | None = N
         raise FmergeError(f"Model '{model}': its weights lack {len(missing)} tensor(s) the architecture "
                           f"needs, e.g. {', '.join(missing[:3])}.")
     del unexpected  # e.g. a pooler a classifier does not use
+    return net.eval().to(rt.device)
+
+
+def is_image_task(rt, model: str) -> bool:
+    """A CLIP zero-shot task: the model's data entry names an image column."""
+    data = rt.recipe.models[model].data
+    return data is not None and rt.recipe.spec.data[data].image is not None
+
+
+def build_task_model(rt, model: str, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The runnable classifier of a model's task: a sequence classifier, or for a CLIP task the
+    model's vision tower with the task's zero-shot head. `weights` (model naming) override its own."""
+    if is_image_task(rt, model):
+        return build_clip_classifier(rt, model, weights)
+    return build_classifier(rt, model, weights)
+
+
+def task_inputs(rt, model: str) -> dict[str, str]:
+    """What a task model depends on besides its weights, for cache keys: a CLIP task's head."""
+    if not is_image_task(rt, model):
+        return {}
+    from .steps.zeroshot_head import head_planned
+
+    return {"head": head_planned(rt, model).key}
+
+
+def task_batches(rt, model: str, rows, spec: DataSpec, batch_size: int, max_length: int, labels=None):
+    """Batches of `rows` for the model's task model: tokenized text, or CLIP-processed images
+    (`pixel_values`), with `labels` and `example_ids` as `data.encode_batches` gives them."""
+    if not is_image_task(rt, model):
+        return encode_batches(load_tokenizer(rt, model), rows, spec, batch_size, max_length, labels)
+    from .clip import image_batches
+    from .data import EXAMPLE_ID_COLUMN, _label_values
+
+    values = _label_values(rows, spec, labels) if spec.label_column is not None else None
+    ids = rows[EXAMPLE_ID_COLUMN] if EXAMPLE_ID_COLUMN in rows.column_names else None
+    return image_batches(load_image_processor(rt, model), rows, spec.text_column, values, batch_size, ids)
+
+
+def load_image_processor(rt, model: str):
+    """The model's own CLIP image processor if its directory has one, else the base's."""
+    from transformers import AutoImageProcessor
+
+    for name in (model, BASE):
+        d = rt.model_dir(name) if rt.spec(name).from_step is None else None
+        if d is not None and (d / "preprocessor_config.json").is_file():
+            return AutoImageProcessor.from_pretrained(d, local_files_only=True)
+    raise FmergeError(f"No image processor (preprocessor_config.json) found for model '{model}' nor the base model.")
+
+
+def build_clip_classifier(rt, model: str, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The model's vision tower (a CLIPVisionModel, or the vision part of a CLIPModel) with its
+    task's zero-shot head; parameters are named `vision_model.*` like the tower's tensors."""
+    from .clip import VISION_PREFIX, ClipClassifier, vision_tower_module
+    from .steps.zeroshot_head import ensure_head
+
+    head = ensure_head(rt, model)
+    config = model_config(rt, model)
+    vision_config = getattr(config, "vision_config", config)
+    vision_config._attn_implementation = "eager"
+    tower = vision_tower_module(vision_config)
+    src = rt.source(model)
+    state = {n: src.get(n) for n in src.names()}
+    state.update(weights or {})
+    own = {n[len(VISION_PREFIX):]: t for n, t in state.items() if n.startswith(VISION_PREFIX)}
+    missing, _ = tower.load_state_dict(own, strict=False)
+    missing = [m for m in missing if not m.endswith("position_ids")]
+    if missing:
+        raise FmergeError(f"Model '{model}': its vision tower lacks {len(missing)} tensor(s) the architecture "
+                          f"needs, e.g. {', '.join(VISION_PREFIX + m for m in missing[:3])}.")
+    net = ClipClassifier(tower, head.get("visual_projection"), head.get("head"), head.get("logit_scale"))
     return net.eval().to(rt.device)
 
 

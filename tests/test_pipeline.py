@@ -113,3 +113,27 @@ def test_tiny_pipeline_end_to_end_and_lambda_change_reuses_every_fisher(project)
     _, states = run(project)
     assert states == {"ft_sentiment": "cached", "ft_animal": "cached", "fisher_exact": "cached",
                       "avg": "cached", "fisher": "computed", "eval": "computed"}
+
+
+def test_base_prior_merge_equals_daheim_formula(project):
+    """θ_0 + Σ λ_i F_i τ_i / (Σ λ_i F_i + F_0), with F_0 from a fisher step of one model."""
+    text = RECIPE.replace("LAMBDA", "[1.0, 2.0]") + """
+  prior_fisher: {kind: fisher, estimator: empirical, examples: 16, max_length: 16, models: [animal]}
+  prior: {kind: merge, method: fisher, fisher: fisher_exact, base_fisher: prior_fisher,
+          params: {lambda: [1.0, 2.0], base_prior: true, floor: 0}}
+"""
+    project.write_text(text)
+    rt, states = run(project)
+    assert states["prior"] == "computed"
+    merged = rt.store.open(rt.planned["prior"][0].key)
+    fisher = {p.label: rt.store.open(p.key) for p in rt.planned["fisher_exact"]}
+    f0 = rt.store.open(rt.planned["prior_fisher"][0].key)
+    name = "encoder.layer.1.output.dense.weight"
+    theta0 = rt.source("__base__").get(name)
+    num = torch.zeros_like(theta0)
+    den = f0.get("fisher/bert." + name).clone()
+    for lam, m in ((1.0, "sentiment"), (2.0, "animal")):
+        f = fisher[m].get("fisher/bert." + name)
+        num += lam * f * (rt.source(m).get("bert." + name) - theta0)
+        den += lam * f
+    torch.testing.assert_close(merged.get("weights/" + name), theta0 + num / den, rtol=1e-5, atol=1e-7)

@@ -7,6 +7,7 @@ from .base import REGISTRY, MergeContext, MergeMethod, MethodParams, TensorGroup
 
 # Importing a module registers its method.
 from . import simple_average, weighted_average, task_arithmetic, ties, dare, fisher  # noqa: E402,F401
+from . import regmean  # noqa: E402,F401
 
 
 def get_method(name: str) -> MergeMethod:

@@ -29,6 +29,9 @@ class TensorGroup:
     base: torch.Tensor | None
     models: list[torch.Tensor]
     stats: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # True when the caller hands these model tensors over (fresh copies nobody else reads): a
+    # method may then reuse their memory, e.g. form τ_i in place, to hold one buffer per model.
+    models_owned: bool = False
 
 
 @dataclass

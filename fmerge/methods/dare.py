@@ -8,7 +8,7 @@ same recipe yields the same weights on any device and in any tensor order.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -28,18 +28,30 @@ from .task_arithmetic import scaling_factors
 from .ties import disjoint_merge, trim_to_top_k
 
 
-def drop_and_rescale(delta: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def drop_and_rescale(delta: torch.Tensor, p: float, seed: int, rescale: bool = True) -> torch.Tensor:
     """Zero each entry with probability p (mask from a CPU generator), divide survivors by 1 − p."""
     if p == 0:
         return delta
     generator = torch.Generator(device="cpu").manual_seed(seed)
     keep = torch.rand(delta.shape, generator=generator) >= p
-    return torch.where(keep.to(delta.device), delta / (1 - p), 0.0)
+    return torch.where(keep.to(delta.device), delta / (1 - p) if rescale else delta, 0.0)
+
+
+DropProbability = Annotated[float, Field(ge=0, lt=1)]
 
 
 class DareParams(MethodParams):
-    p: float = Field(
-        ..., ge=0, lt=1, description="Drop probability of each task-vector entry (0 ≤ p < 1)."
+    p: DropProbability | list[DropProbability] | dict[str, DropProbability] = Field(
+        ..., description="Drop probability of each task-vector entry (0 ≤ p < 1): one number, or per "
+        "model (list in model order or {model: p}); mergekit's density is 1 − p."
+    )
+    rescale: bool = Field(
+        True, description="Divide the surviving entries by 1 − p (the paper). mergekit 0.1.5 instead "
+        "rescales to the task vector's L1 norm, which is 1/(1 − p) only in expectation."
+    )
+    weight: PerModel = Field(
+        1.0, description="Per-model weight (mergekit's `weight`): scales each task vector like λ; "
+        "with combine: ties and merge: mean the agreeing entries are divided by their summed weight."
     )
     combine: Literal["task_arithmetic", "ties"] = Field(
         "task_arithmetic", description="How the sparsified task vectors are merged."
@@ -64,7 +76,7 @@ class DareParams(MethodParams):
 
 @register
 class Dare(MergeMethod):
-    """θ = θ_0 + combine(λ_i · drop_p(τ_i) / (1 − p))."""
+    """θ = θ_0 + combine(λ_i · w_i · drop_p(τ_i) / (1 − p))."""
 
     name = "dare"
     description = "DARE: drop task-vector entries at random, rescale, then task arithmetic or TIES."
@@ -73,6 +85,8 @@ class Dare(MergeMethod):
 
     def validate(self, params: DareParams, ctx: MergeContext) -> None:
         scaling_factors(params.lambda_, ctx)
+        per_model(params.weight, ctx, "weight")
+        per_model(params.p, ctx, "p")
         ties_only = sorted({"density", "merge"} & params.model_fields_set)
         if params.combine == "task_arithmetic" and ties_only:
             raise FmergeError(
@@ -83,9 +97,11 @@ class Dare(MergeMethod):
     def merge(
         self, group: TensorGroup, params: DareParams, ctx: MergeContext, state=None
     ) -> torch.Tensor:
-        lambdas = per_model(params.lambda_, ctx, "lambda")
+        weights = per_model(params.weight, ctx, "weight")
+        lambdas = [lam * w for lam, w in zip(per_model(params.lambda_, ctx, "lambda"), weights)]
+        drop = per_model(params.p, ctx, "p")
         sparse = [
-            drop_and_rescale(theta - group.base, params.p, tensor_seed(params.seed, group.name, i))
+            drop_and_rescale(theta - group.base, drop[i], tensor_seed(params.seed, group.name, i), params.rescale)
             for i, theta in enumerate(group.models)
         ]
         if params.combine == "task_arithmetic":
@@ -94,4 +110,4 @@ class Dare(MergeMethod):
                 merged.add_(delta, alpha=lam)
             return merged
         deltas = [trim_to_top_k(d, params.density).mul_(lam) for lam, d in zip(lambdas, sparse)]
-        return group.base + disjoint_merge(deltas, params.merge)
+        return group.base + disjoint_merge(deltas, params.merge, weights)

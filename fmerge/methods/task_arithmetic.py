@@ -32,11 +32,14 @@ class TaskArithmeticParams(MethodParams):
         description="Scale λ of each task vector: one number, a list in model order, or "
         "{model: λ}. 0.3 is FusionBench's default.",
     )
+    weight: PerModel = Field(
+        1.0, description="Per-model weight multiplying λ (mergekit's `weight`; its `lambda` is one λ for all)."
+    )
 
 
 @register
 class TaskArithmetic(MergeMethod):
-    """θ = θ_0 + Σ λ_i (θ_i − θ_0).
+    """θ = θ_0 + Σ λ_i w_i (θ_i − θ_0).
 
     Task vectors are formed explicitly rather than as (1 − Σλ)θ_0 + Σ λ_i θ_i, which would lose
     the small differences to cancellation in fp32.
@@ -49,11 +52,15 @@ class TaskArithmetic(MergeMethod):
 
     def validate(self, params: TaskArithmeticParams, ctx: MergeContext) -> None:
         scaling_factors(params.lambda_, ctx)
+        weights = per_model(params.weight, ctx, "weight")
+        if all(w == 0 for w in weights):
+            raise FmergeError("Parameter 'weight' is 0 for every model: the merge would equal the base.")
 
     def merge(
         self, group: TensorGroup, params: TaskArithmeticParams, ctx: MergeContext, state=None
     ) -> torch.Tensor:
         merged = group.base.clone()
-        for lam, theta in zip(per_model(params.lambda_, ctx, "lambda"), group.models):
-            merged.add_(theta - group.base, alpha=lam)
+        lambdas = per_model(params.lambda_, ctx, "lambda")
+        for lam, w, theta in zip(lambdas, per_model(params.weight, ctx, "weight"), group.models):
+            merged.add_(theta - group.base, alpha=lam * w)
         return merged

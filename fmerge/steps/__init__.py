@@ -30,6 +30,8 @@ class StepKind:
     kind: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
     uses_base: ClassVar[bool] = True
+    # True if compute() splits its work across torchrun ranks (writing only on rank 0).
+    distributed: ClassVar[bool] = False
 
     def step_refs(self, cfg: BaseModel) -> list[tuple[str, str]]:
         """(config field, step name) pairs this step reads."""
@@ -65,3 +67,6 @@ def register(cls: type[StepKind]) -> type[StepKind]:
 
 
 from . import task_vectors, merge, finetune, fisher, eval  # noqa: E402,F401  (registration)
+from . import frank_wolfe, adamerging  # noqa: E402,F401  (registration)
+from . import gram  # noqa: E402,F401  (registration)
+from . import zeroshot_head  # noqa: E402,F401  (registration)

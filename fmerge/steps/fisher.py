@@ -1,4 +1,10 @@
-"""The `fisher` step: one diagonal-Fisher artifact per model, on a seeded subset of its task data."""
+"""The `fisher` step: one diagonal-Fisher artifact per model, on a seeded subset of its task data.
+
+The n-row subset is the first n rows of one seeded permutation, so asking for more examples later
+extends the largest cached estimate of the same model, data, seed and settings (its mean × count
+is the sum over its rows) with the missing rows only. Under torchrun the rows are sharded across
+ranks and the sums all-reduced; rank 0 writes.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,13 @@ from difflib import get_close_matches
 import torch
 from pydantic import Field
 
-from ..data import check_labels, encode_batches
-from ..fisher import ESTIMATORS, fisher_diagonal
+from .. import distributed
+from ..data import EXAMPLE_ID_COLUMN, check_labels
+from ..fisher import ESTIMATORS, FisherSums, allreduce_sums, fisher_diagonal, shard_by_rank
 from ..errors import FmergeError
 from ..recipe import Strict
 from ..store import make_key
-from ..tasks import build_classifier, data_spec, load_examples, load_tokenizer, task_data
+from ..tasks import build_task_model, data_spec, load_subset, task_batches, task_data, task_inputs
 from . import Planned, StepKind, register
 
 VERSION = 1
@@ -28,6 +35,8 @@ class FisherConfig(Strict):
     max_length: int = Field(64, ge=2)
     seed: int | None = None
     models: list[str] | None = None
+    export: str | None = Field(None, description="also write the mean diagonal as safetensors: this file "
+                               "for one model, else <export>/<model>.safetensors")
 
 
 @register
@@ -35,6 +44,7 @@ class FisherStep(StepKind):
     kind = "fisher"
     Config = FisherConfig
     uses_base = False
+    distributed = True
 
     def model_refs(self, cfg):
         return [("models", m) for m in cfg.models or []]
@@ -55,36 +65,84 @@ class FisherStep(StepKind):
         for m in self.models_used(cfg, rt.recipe):
             data = task_data(rt, m, ("steps", name))
             split = cfg.split or rt.recipe.spec.data[data].train_split
-            _, rows, fingerprint, labels = load_examples(rt, data, split, cfg.examples, seed)
+            sub = load_subset(rt, data, split, cfg.examples, seed)
             params = {"estimator": cfg.estimator, "examples": cfg.examples, "samples": cfg.samples,
                       "split": split, "max_length": cfg.max_length, "seed": seed}
-            inputs = {"model": rt.model_hash(m), "data": fingerprint}
+            inputs = {"model": rt.model_hash(m), "data": sub.fingerprint, **task_inputs(rt, m)}
+            family_params = {k: v for k, v in params.items() if k != "examples"}
+            family = make_key("fisher-family", family_params, {"model": inputs["model"], "data": sub.family}, VERSION)
             planned.append(Planned(name, m, "fisher", make_key("fisher", params, inputs, VERSION), inputs,
-                                   params, VERSION, {"rows": rows, "labels": labels, "data": data}))
+                                   params, VERSION, {"rows": sub.rows, "labels": sub.labels, "data": data,
+                                                     "family": family}))
         return planned
 
     def compute(self, rt, name, cfg, todo):
         for p in todo:
-            model = build_classifier(rt, p.label)
+            model = build_task_model(rt, p.label)
             spec = data_spec(rt, p.extra["data"], p.params["split"])
+            rows = p.extra["rows"]
             if spec.label_column:
-                check_labels(p.extra["rows"], spec, model.config.num_labels, p.extra["labels"])
-            tok = load_tokenizer(rt, p.label)
-            batches = encode_batches(tok, p.extra["rows"], spec, cfg.batch_size, cfg.max_length, p.extra["labels"])
-            sums = fisher_diagonal(model, batches, cfg.estimator, samples=cfg.samples, seed=p.params["seed"],
-                                   chunk_size=cfg.chunk_size)
-            means = sums.mean()
-            total = sum(float(t.double().sum()) for t in means.values())
-            numel = sum(t.numel() for t in means.values())
+                check_labels(rows, spec, model.config.num_labels, p.extra["labels"])
+            # Each row's position in the full subset seeds its draws, whatever shard or extension runs it.
+            rows = rows.add_column(EXAMPLE_ID_COLUMN, list(range(len(rows))))
+            previous, done = self._cached_prefix(rt, p)
+            rows = shard_by_rank(rows.select(range(done, len(rows))))
+            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length, p.extra["labels"])
+            sums = allreduce_sums(fisher_diagonal(model, batches, cfg.estimator, samples=cfg.samples,
+                                                  seed=p.params["seed"], chunk_size=cfg.chunk_size))
+            if previous is not None:
+                sums = previous.extend(sums)
+            if distributed.is_main():
+                self._write(rt, name, p, sums, done)
+
+    @staticmethod
+    def _cached_prefix(rt, p) -> tuple[FisherSums | None, int]:
+        """The largest cached estimate over a prefix of this subset, as sums, and its row count."""
+        found = [i for i in rt.store.find("fisher", family=p.extra["family"])
+                 if i.attrs["meta"].get("examples", 0) < p.params["examples"]]
+        if not found:
+            return None, 0
+        art = rt.store.open(max(found, key=lambda i: i.attrs["meta"]["examples"]).key)
+        meta = art.meta
+        sums = {n: art.get("fisher/" + n).to(rt.device, torch.float32) * meta["count"]
+                for n in art.view("fisher/").names()}
+        return FisherSums(sums, meta["count"], meta["count_unit"], meta["examples"], meta["estimator"],
+                          p.params["samples"] if meta["estimator"] == "sampled" else 1), meta["examples"]
+
+    @staticmethod
+    def _write(rt, name, p, sums: FisherSums, extended_from: int) -> None:
+        means = sums.mean()
+        for n, t in means.items():
+            if not bool(torch.isfinite(t).all()):
+                raise FmergeError(f"Fisher of model '{p.label}' has NaN or Inf in '{n}'.")
+        total = sum(float(t.double().sum()) for t in means.values())
+        numel = sum(t.numel() for t in means.values())
+        writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
+        try:
             for n, t in means.items():
-                if not bool(torch.isfinite(t).all()):
-                    raise FmergeError(f"Fisher of model '{p.label}' has NaN or Inf in '{n}'.")
-            writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
-            try:
-                for n, t in means.items():
-                    writer.write("fisher/" + n, t)
-                writer.commit({"step": name, "model": p.label, "count": sums.count, "count_unit": sums.count_unit,
-                               "estimator": cfg.estimator, "fisher_mean": total / max(numel, 1)})
-            except BaseException:
-                writer.abort()
-                raise
+                writer.write("fisher/" + n, t)
+            writer.commit({"step": name, "model": p.label, "count": sums.count, "count_unit": sums.count_unit,
+                           "examples": sums.examples, "estimator": sums.estimator, "family": p.extra["family"],
+                           "extended_from": extended_from, "fisher_mean": total / max(numel, 1)})
+        except BaseException:
+            writer.abort()
+            raise
+
+    def export(self, rt, name, cfg, planned):
+        if not cfg.export:
+            return None
+        from safetensors.torch import save_file
+
+        out = rt.recipe.resolve(cfg.export)
+        single = len(planned) == 1 and out.suffix == ".safetensors"
+        for p in planned:
+            art = rt.store.open(p.key)
+            fisher = art.view("fisher/")
+            target = out if single else out / f"{p.label}.safetensors"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".tmp")
+            meta = {k: str(v) for k, v in art.meta.items() if k in ("estimator", "count", "count_unit", "examples")}
+            save_file({n: fisher.get(n).contiguous() for n in fisher.names()}, str(tmp),
+                      metadata={"fmerge_key": p.key, **meta})
+            tmp.replace(target)
+        return f"Fisher written to {out}"

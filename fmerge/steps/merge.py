@@ -6,17 +6,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pydantic import Field, ValidationError
 
 from .. import __version__
 from ..errors import FmergeError
 from ..io import ModelDir, parse_dtype, write_model_dir
-from ..merging import merge_stream, plan_tensors
+from ..merging import TensorParams, align_names, merge_stream, plan_tensors
 from ..methods import MergeContext, get_method
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict, format_validation_error
-from ..store import make_key
+from ..store import library_versions, make_key
 from . import Planned, StepKind, register
 
 # Bumped when the streaming driver (not a method) changes what a merge writes.
@@ -29,6 +30,9 @@ class MergeConfig(Strict):
     params: dict[str, Any] = Field({}, description="the method's parameters")
     models: list[str] | None = Field(None, description="models to merge (default: all)")
     fisher: str | None = Field(None, description="fisher step supplying the Fisher diagonals")
+    gram: str | None = Field(None, description="gram step supplying the layer-input Gram matrices (RegMean)")
+    base_fisher: str | None = Field(None, description="fisher step of one model whose Fisher is the prior F_0 "
+                                    "of fisher merging with base_prior (e.g. the base LM on generic text)")
     out_dtype: str | None = Field(None, description="dtype of the merged tensors (default: the base's)")
     seed: int | None = Field(None, description="seed for stochastic methods (default: the recipe's)")
     export: str | None = Field(None, description="write the merged model here as a Hugging Face directory")
@@ -40,7 +44,7 @@ class MergeStep(StepKind):
     Config = MergeConfig
 
     def step_refs(self, cfg: MergeConfig) -> list[tuple[str, str]]:
-        return [("fisher", cfg.fisher)] if cfg.fisher else []
+        return [(f, getattr(cfg, f)) for f in ("fisher", "gram", "base_fisher") if getattr(cfg, f)]
 
     def model_refs(self, cfg: MergeConfig) -> list[tuple[str, str]]:
         return [("models", m) for m in cfg.models or []]
@@ -51,26 +55,41 @@ class MergeStep(StepKind):
     def check(self, recipe, name: str, cfg: MergeConfig) -> None:
         method = get_method_at(recipe, name, cfg.method)
         try:
-            params = method.Params.model_validate(cfg.params)
+            tparams = TensorParams(method, cfg.params, recipe.where("steps", name, "params"))
+            params = tparams.params
         except ValidationError as exc:
             raise FmergeError(format_validation_error(exc, method.Params, recipe.lines, ("steps", name, "params")))
-        if "fisher" in method.needs_stats and not cfg.fisher:
+        needed = method.stats_needed(params)
+        if "fisher_base" in needed and not cfg.base_fisher:
+            raise FmergeError(f"{recipe.where('steps', name, 'params', 'base_prior')}: base_prior needs the "
+                              f"prior's Fisher F_0: add 'base_fisher: <a fisher step of one model>'.")
+        if cfg.base_fisher and "fisher_base" not in needed:
+            raise FmergeError(f"{recipe.where('steps', name, 'base_fisher')}: only fisher merging with "
+                              f"base_prior: true uses a base Fisher; remove 'base_fisher' or set base_prior.")
+        if "fisher" in needed and not cfg.fisher:
             raise FmergeError(f"{recipe.where('steps', name)}: method '{cfg.method}' needs Fisher diagonals: "
                               f"add 'fisher: <name of a fisher step>'.")
+        if "gram" in needed and not cfg.gram:
+            raise FmergeError(f"{recipe.where('steps', name)}: method '{cfg.method}' needs Gram matrices: "
+                              f"add 'gram: <name of a gram step>'.")
+        if cfg.gram and "gram" not in needed:
+            raise FmergeError(f"{recipe.where('steps', name, 'gram')}: method '{cfg.method}' does not use "
+                              f"Gram matrices; remove 'gram' (or use method 'regmean').")
         if cfg.out_dtype:
             parse_dtype(cfg.out_dtype, recipe.where("steps", name, "out_dtype"))
         models = self.models_used(cfg, recipe)
         try:
-            method.validate(params, MergeContext(models, seed=cfg.seed or recipe.spec.seed))
+            tparams.validate(MergeContext(models, seed=cfg.seed or recipe.spec.seed))
         except FmergeError as exc:
             raise FmergeError(f"{recipe.where('steps', name, 'params')}: {exc}")
 
     def plan(self, rt, name: str, cfg: MergeConfig) -> list[Planned]:
         method = get_method(cfg.method)
-        params = method.Params.model_validate(cfg.params)
+        tparams = TensorParams(method, cfg.params, rt.recipe.where("steps", name, "params"))
+        params = tparams.params
         models = self.models_used(cfg, rt.recipe)
         inputs: dict[str, Any] = {"models": {m: rt.model_hash(m) for m in models}}
-        if method.needs_base:
+        if method.base_needed(params):
             inputs["base"] = rt.model_hash(BASE)
         else:
             inputs["reference"] = rt.model_hash(BASE)  # output naming and copied tensors come from it
@@ -81,9 +100,22 @@ class MergeStep(StepKind):
                 raise FmergeError(f"{rt.recipe.where('steps', name, 'fisher')}: step '{cfg.fisher}' has no "
                                   f"Fisher for model(s) {', '.join(missing)}.")
             inputs["fisher"] = {m: fisher[m] for m in models}
+        if cfg.base_fisher:
+            prior = rt.planned[cfg.base_fisher]
+            if len(prior) != 1:
+                raise FmergeError(f"{rt.recipe.where('steps', name, 'base_fisher')}: step '{cfg.base_fisher}' "
+                                  f"has {len(prior)} Fishers; give it one model (models: [name]).")
+            inputs["base_fisher"] = prior[0].key
+        if cfg.gram:
+            gram = {p.label: p.key for p in rt.planned[cfg.gram]}
+            missing = [m for m in models if m not in gram]
+            if missing:
+                raise FmergeError(f"{rt.recipe.where('steps', name, 'gram')}: step '{cfg.gram}' has no "
+                                  f"Gram matrices for model(s) {', '.join(missing)}.")
+            inputs["gram"] = {m: gram[m] for m in models}
         spec = rt.recipe.spec
         key_params = {
-            "method": cfg.method, "params": params.model_dump(by_alias=True, mode="json"),
+            "method": cfg.method, "params": tparams.key(),
             "exclude": spec.exclude, "heads": spec.heads, "out_dtype": cfg.out_dtype,
             "seed": cfg.seed if cfg.seed is not None else spec.seed,
         }
@@ -94,7 +126,8 @@ class MergeStep(StepKind):
     def compute(self, rt, name: str, cfg: MergeConfig, todo: list[Planned]) -> None:
         (p,) = todo
         method = get_method(cfg.method)
-        params = method.Params.model_validate(cfg.params)
+        tparams = TensorParams(method, cfg.params, rt.recipe.where("steps", name, "params"))
+        params = tparams.params
         models = self.models_used(cfg, rt.recipe)
         sources = {m: rt.source(m) for m in models}
         base = rt.source(BASE)
@@ -105,13 +138,21 @@ class MergeStep(StepKind):
             fishers = {m: rt.store.open(p.inputs["fisher"][m]) for m in models}
             stats["fisher"] = {m: a.view("fisher/") for m, a in fishers.items()}
             ctx.summaries["fisher_mean"] = [a.meta["fisher_mean"] for a in fishers.values()]
-        method.validate(params, ctx)  # again, now with the statistics' summaries
+        if cfg.base_fisher:
+            prior = rt.store.open(p.inputs["base_fisher"]).view("fisher/")
+            stats["fisher"][BASE] = Renamed(prior, align_names(plan.reference, prior.names()))
+        if cfg.gram:
+            grams = {m: rt.store.open(p.inputs["gram"][m]) for m in models}
+            for group in sorted({n.split("/")[0] for a in grams.values() for n in a.names()}):
+                stats[group] = {m: a.view(group + "/") for m, a in grams.items()}  # gram, gram_in_out, gram_rows
+        tparams.validate(ctx)  # again, now with the statistics' summaries
         out_dtype = parse_dtype(cfg.out_dtype, "out_dtype") if cfg.out_dtype else None
         writer = rt.store.writer(p.key, "merge", p.inputs, p.params, p.version)
         try:
             with tensor_progress(rt.console, f"{name}: {cfg.method}", len(plan.reference)) as advance:
-                stream = merge_stream(method, params, ctx, plan, base, sources, with_base=method.needs_base,
-                                      stats=stats, device=rt.device, out_dtype=out_dtype, on_tensor=advance)
+                stream = merge_stream(method, params, ctx, plan, base, sources, with_base=method.base_needed(params),
+                                      stats=stats, device=rt.device, out_dtype=out_dtype, on_tensor=advance,
+                                      tensor_params=tparams.resolver(plan.merge, ctx))
                 for ref_name, tensor in stream:
                     writer.write("weights/" + ref_name, tensor)
             writer.commit({"step": name, "method": cfg.method, "models": models, "plan": plan.summary()})
@@ -125,19 +166,39 @@ class MergeStep(StepKind):
         out = rt.recipe.resolve(cfg.export)
         (p,) = planned
         marker = out / EXPORT_MARKER
-        if marker.is_file() and json.loads(marker.read_text()).get("key") == p.key:
-            return f"export {out} up to date"
-        art = rt.store.open(p.key)
-        weights = art.view("weights/")
-        layout = [(n, weights.dtype(n), weights.shape(n)) for n in weights.names()]
-        base_dir = rt.model_dir(BASE)
-        card = model_card(rt, name, cfg, p)
-        write_model_dir(out, layout, ((n, weights.get(n)) for n in weights.names()),
-                        side_files_from=base_dir, readme=card,
-                        metadata={"format": "pt", "fmerge_key": p.key})
-        write_heads(rt, cfg, out)
-        marker.write_text(json.dumps({"key": p.key, "step": name, "fmerge_version": __version__}))
+        with rt.store.lock(make_key("export", str(out.resolve()), {}, 1)):  # one exporter at a time
+            if marker.is_file() and json.loads(marker.read_text()).get("key") == p.key:
+                return f"export {out} up to date"
+            if out.exists() and not marker.is_file() and any(out.iterdir()):
+                raise FmergeError(f"{rt.recipe.where('steps', name, 'export')}: {out} exists and was not "
+                                  f"written by fmerge; refusing to replace it. Remove it or export elsewhere.")
+            art = rt.store.open(p.key)
+            weights = art.view("weights/")
+            layout = [(n, weights.dtype(n), weights.shape(n)) for n in weights.names()]
+            base_dir = rt.model_dir(BASE)
+            card = model_card(rt, name, cfg, p)
+
+            def finish(tmp: Path) -> None:  # heads and marker inside the directory swapped into place
+                write_heads(rt, cfg, tmp)
+                (tmp / EXPORT_MARKER).write_text(json.dumps({"key": p.key, "step": name, "fmerge_version": __version__}))
+
+            write_model_dir(out, layout, ((n, weights.get(n)) for n in weights.names()),
+                            side_files_from=base_dir, readme=card,
+                            metadata={"format": "pt", "fmerge_key": p.key}, finish=finish)
         return f"exported {out}"
+
+
+class Renamed:
+    """A tensor source seen through the reference (base) naming."""
+
+    def __init__(self, src, names: dict[str, str]):
+        self.src, self.map = src, names
+
+    def names(self) -> list[str]:
+        return list(self.map)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.src.get(self.map[name])
 
 
 def get_method_at(recipe, name: str, method: str):
@@ -157,9 +218,13 @@ def write_heads(rt, cfg: MergeConfig, out: Path) -> None:
     heads = {m: names for m, names in plan.per_model.items() if names}
     if not heads:
         return
-    (out / "heads").mkdir(exist_ok=True)
+    heads_dir = (out / "heads").resolve()
+    heads_dir.mkdir(exist_ok=True)
     for m, names in heads.items():
-        save_file({n: sources[m].get(n).contiguous() for n in names}, str(out / "heads" / f"{m}.safetensors"))
+        file = (heads_dir / f"{m}.safetensors").resolve()
+        if file.parent != heads_dir:  # model names are checked at load; never write outside the export
+            raise FmergeError(f"Model name '{m}' cannot name a head file inside {heads_dir}.")
+        save_file({n: sources[m].get(n).contiguous() for n in names}, str(file))
 
 
 def model_card(rt, name: str, cfg: MergeConfig, p: Planned) -> str:
@@ -170,6 +235,7 @@ def model_card(rt, name: str, cfg: MergeConfig, p: Planned) -> str:
         f"---\ntags: [fmerge, merge, {cfg.method}]\n---\n# Merged with fmerge {__version__}\n\n"
         f"Step `{name}` of recipe `{recipe_file}`, method `{cfg.method}`.\n\n"
         f"```yaml\n{step_yaml}```\n\nArtifact key `{p.key}`. Inputs (content hashes):\n\n```json\n{inputs}\n```\n\n"
+        f"Library versions:\n\n```json\n{json.dumps(library_versions(), indent=2)}\n```\n\n"
         f"Task-specific heads, never averaged, are in `heads/<model>.safetensors` (the model's own "
         f"tensor names); the weights here use the base model's names.\n"
     )

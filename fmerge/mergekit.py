@@ -1,0 +1,272 @@
+"""A mergekit config read as a one-step fmerge recipe, strictly.
+
+mergekit ignores parameters it does not know (`densty: 0.5` merges at density 1); here every
+unknown key is an error with a did-you-mean. Only the methods both tools share are accepted, with
+mergekit 0.1.5's defaults:
+
+| mergekit       | fmerge                                    | normalize default |
+| -------------- | ----------------------------------------- | ----------------- |
+| linear         | weighted_average (weights)                | true              |
+| task_arithmetic| task_arithmetic (weight, lambda)          | false             |
+| ties           | ties (density, weight, lambda, mean/sum)  | true              |
+| dare_ties      | dare, combine: ties, p = 1 − density      | false             |
+| dare_linear    | dare, combine: task_arithmetic            | false             |
+
+Values keep mergekit's grammar (a number, a list interpolated over layer depth, `{filter, value}`
+entries matched against tensor names), written in fmerge's explicit form (`{gradient: [...]}`)
+and resolved per tensor by the merge driver. Known differences, all documented in the methods:
+TIES keeps ⌈density·n⌉ entries (ties at the cut kept) where mergekit keeps ⌊density·n⌋, an exact
+zero sign sum keeps the base value where mergekit elects +, and DARE's rescale divides by 1 − p
+where mergekit 0.1.5 matches the L1 norm. Arithmetic is fp32 whatever `dtype` says; `out_dtype`
+(else `dtype`, else the base's dtype) is the dtype written. Paths are relative to the config file
+(then to the working directory, as mergekit reads them); the merged model is exported beside the
+config as `<config name>-merged/`.
+"""
+
+from __future__ import annotations
+
+import re
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+from .errors import FmergeError
+
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+UNSUPPORTED_TOP = {"slices", "modules", "tokenizer", "chat_template"}
+
+# method -> {parameter: (scope, default)}; scope "model" may be given per model or globally.
+_GTA = {"weight": ("model", None), "lambda": ("global", 1.0), "int8_mask": ("global", False)}
+METHODS: dict[str, dict[str, tuple[str, Any]]] = {
+    "linear": {"weight": ("model", None), "normalize": ("global", True)},
+    "task_arithmetic": {**_GTA, "normalize": ("global", False)},
+    "ties": {**_GTA, "density": ("model", 1.0), "normalize": ("global", True), "rescale": ("global", False)},
+    "dare_ties": {**_GTA, "density": ("model", 1.0), "normalize": ("global", False), "rescale": ("global", True)},
+    "dare_linear": {**_GTA, "density": ("model", 1.0), "normalize": ("global", False), "rescale": ("global", True)},
+}
+NOT_SHARED = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "breadcrumbs", "breadcrumbs_ties",
+              "della", "della_linear", "sce", "passthrough", "nearswap", "arcee_fusion", "ram")
+_NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hint(word: str, known) -> str:
+    close = get_close_matches(str(word), sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(known))}"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _spec(value, where: str):
+    """A mergekit numeric setting in fmerge's grammar: number, {gradient}, or [{filter, value}]."""
+    if _is_number(value):
+        return value
+    if isinstance(value, list) and value and all(_is_number(v) for v in value):
+        return {"gradient": list(value)}
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
+        out = []
+        for i, entry in enumerate(value):
+            unknown = set(entry) - {"filter", "value"}
+            if unknown or "value" not in entry:
+                bad = sorted(unknown)[0] if unknown else "value"
+                raise FmergeError(f"{where}[{i}]: a conditional value has 'value' and optional 'filter'; "
+                                  + (f"unknown key '{bad}'{_hint(bad, ['filter', 'value'])}" if unknown else "'value' is missing") + ".")
+            item = {"value": _spec(entry["value"], f"{where}[{i}].value")}
+            if entry.get("filter") is not None:
+                item["filter"] = str(entry["filter"])
+            out.append(item)
+        return out
+    raise FmergeError(f"{where}: expected a number, a list of numbers (interpolated over layer depth) or "
+                      f"a list of {{filter, value}} entries, got {value!r}.")
+
+
+def _map(spec, f):
+    """Apply f to every number of a spec (interpolation and filters commute with affine maps)."""
+    if _is_number(spec):
+        return f(spec)
+    if isinstance(spec, dict):
+        return {"gradient": [f(v) for v in spec["gradient"]]}
+    return [{**e, "value": _map(e["value"], f)} for e in spec]
+
+
+def _with_fallback(spec, fallback):
+    """A filter list that may match no tensor falls back to the global setting or the default."""
+    if isinstance(spec, list) and fallback is not None and not any("filter" not in e for e in spec):
+        return spec + [{"value": fallback}]
+    return spec
+
+
+def _resolve_model_path(ref: str, where: str, config_dir: Path) -> str:
+    if "+" in ref:
+        raise FmergeError(f"{where}: '{ref}' applies a LoRA with '+', which fmerge does not support; "
+                          f"merge the adapter into its model first.")
+    for root in (config_dir, Path.cwd()):
+        p = (root / ref).expanduser()
+        if p.exists():
+            return str(p.resolve())
+    if _HUB_ID.match(ref):
+        return ref
+    raise FmergeError(f"{where}: model directory '{ref}' does not exist (looked beside the config, in "
+                      f"{config_dir}, and in the working directory), nor is it a hub id of the form org/name.")
+
+
+def _model_name(ref: str, taken: set[str]) -> str:
+    name = _NAME_BAD.sub("_", Path(ref.rstrip("/")).name) or "model"
+    if not name[0].isalnum():
+        name = "m" + name
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
+
+
+def recipe_from_mergekit(data: dict, lines, file: Path | None) -> dict:
+    """The fmerge recipe (a dict, as parsed YAML) equivalent to a mergekit config."""
+    try:
+        return _convert(data, lines, file)
+    except FmergeError as exc:
+        raise FmergeError(f"{exc} (Read as a mergekit config because it has 'merge_method'.)") from None
+
+
+def _convert(data: dict, lines, file: Path | None) -> dict:
+    where = lines.where
+    for key in data:
+        if key in UNSUPPORTED_TOP:
+            raise FmergeError(f"{where((key,))}: mergekit's '{key}' is not supported by fmerge; only plain "
+                              f"configs (merge_method, base_model, models, parameters, dtype, out_dtype) are read.")
+        if key not in TOP_KEYS:
+            raise FmergeError(f"{where((key,))}: unknown mergekit key{_hint(key, TOP_KEYS)} (mergekit would "
+                              f"ignore it; fmerge refuses to guess).")
+    method = data["merge_method"]
+    if method not in METHODS:
+        shared = ", ".join(sorted(METHODS))
+        why = (" (a mergekit method fmerge does not share)" if method in NOT_SHARED
+               else _hint(method, METHODS))
+        raise FmergeError(f"{where(('merge_method',))}: merge_method '{method}' is not supported{why}. "
+                          f"Methods both tools share: {shared}.")
+    spec = METHODS[method]
+    config_dir = file.parent if file else Path.cwd()
+
+    tok = data.get("tokenizer_source")
+    if tok not in (None, "base") and tok != data.get("base_model"):
+        raise FmergeError(f"{where(('tokenizer_source',))}: fmerge copies the base model's tokenizer; "
+                          f"tokenizer_source '{tok}' (vocabulary union or another model's) is not supported.")
+
+    global_params = data.get("parameters") or {}
+    if not isinstance(global_params, dict):
+        raise FmergeError(f"{where(('parameters',))}: 'parameters' must be a mapping of parameter: value.")
+    for key in global_params:
+        if key not in spec:
+            raise FmergeError(f"{where(('parameters', key))}: unknown parameter for merge_method {method}"
+                              f"{_hint(key, spec)} (mergekit would silently ignore it).")
+
+    base_ref = data.get("base_model")
+    if base_ref is None and method != "linear":
+        raise FmergeError(f"{file or '<config>'}: merge_method {method} needs 'base_model'.")
+    models_raw = data.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise FmergeError(f"{where(('models',))}: 'models' must be a non-empty list of {{model, parameters}}.")
+
+    taken: set[str] = set()
+    base_path = _resolve_model_path(str(base_ref), where(("base_model",)), config_dir) if base_ref else None
+    models: dict[str, str] = {}
+    per_model: dict[str, dict[str, Any]] = {}
+    for i, entry in enumerate(models_raw):
+        at = ("models", i)
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise FmergeError(f"{where(at)}: each entry needs 'model' (and optional 'parameters').")
+        for key in entry:
+            if key not in ("model", "parameters"):
+                raise FmergeError(f"{where(at + (key,))}: unknown key{_hint(key, ['model', 'parameters'])}.")
+        ref = str(entry["model"])
+        path = _resolve_model_path(ref, where(at + ("model",)), config_dir)
+        params = entry.get("parameters") or {}
+        if method != "linear" and path == base_path:
+            continue  # mergekit treats the base model listed among the models as the base
+        for key in params:
+            if key not in spec:
+                raise FmergeError(f"{where(at + ('parameters', key))}: unknown parameter for merge_method "
+                                  f"{method}{_hint(key, spec)} (mergekit would silently ignore it).")
+            if spec[key][0] == "global":
+                raise FmergeError(f"{where(at + ('parameters', key))}: '{key}' is one value for the whole merge "
+                                  f"in mergekit; give it under the top-level 'parameters'.")
+        name = _model_name(ref, taken)
+        models[name] = path
+        per_model[name] = {k: (v, at + ("parameters", k)) for k, v in params.items()}
+    if not models:
+        raise FmergeError(f"{where(('models',))}: no model to merge besides the base model.")
+
+    def model_values(key: str) -> dict[str, Any]:
+        default = spec[key][1]
+        glob = _spec(global_params[key], where(("parameters", key))) if key in global_params else None
+        out = {}
+        for name, params in per_model.items():
+            if key in params:
+                value, at = params[key]
+                out[name] = _with_fallback(_spec(value, where(at)), glob if glob is not None else default)
+            elif glob is not None:
+                out[name] = glob
+            elif default is not None:
+                out[name] = default
+            else:
+                raise FmergeError(f"{where(('models',))}: model '{name}' has no '{key}' (required by mergekit's "
+                                  f"{method}; give it per model or under 'parameters').")
+        return out
+
+    def flag(key: str) -> bool:
+        value = global_params.get(key, spec[key][1])
+        if not isinstance(value, bool):
+            raise FmergeError(f"{where(('parameters', key))}: '{key}' must be true or false, got {value!r}.")
+        return value
+
+    def scalar_weights_normalized(weights: dict[str, Any], key_where) -> dict[str, Any]:
+        if not all(_is_number(w) for w in weights.values()):
+            raise FmergeError(f"{key_where}: normalize: true with weights that vary by tensor is supported for "
+                              f"{', '.join(m for m in METHODS if METHODS[m].get('normalize', ('', False))[1])} only; "
+                              f"give plain numbers or normalize: false.")
+        total = sum(weights.values())
+        total = 1.0 if abs(total) < 1e-8 else total  # mergekit's guard
+        return {n: w / total for n, w in weights.items()}
+
+    weights = model_values("weight")
+    lam = _spec(global_params["lambda"], where(("parameters", "lambda"))) if "lambda" in global_params else 1.0
+    if method == "linear":
+        fmerge_method, params = "weighted_average", {"weights": weights, "normalize": flag("normalize")}
+    elif method == "task_arithmetic":
+        if flag("normalize"):
+            weights = scalar_weights_normalized(weights, where(("parameters", "normalize")))
+        fmerge_method, params = "task_arithmetic", {"lambda": lam, "weight": weights}
+    elif method == "ties":
+        if flag("rescale"):
+            raise FmergeError(f"{where(('parameters', 'rescale'))}: rescale: true (L1 rescaling after the "
+                              f"magnitude trim) is not supported for ties.")
+        fmerge_method = "ties"
+        params = {"density": model_values("density"), "weight": weights, "lambda": lam,
+                  "merge": "mean" if flag("normalize") else "sum"}
+    else:  # dare_ties, dare_linear
+        p = {n: _map(d, lambda v: 1.0 - v) for n, d in model_values("density").items()}
+        fmerge_method = "dare"
+        params = {"p": p, "rescale": flag("rescale"), "lambda": lam}
+        if method == "dare_ties":
+            params.update(combine="ties", merge="mean" if flag("normalize") else "sum", weight=weights)
+        else:
+            if flag("normalize"):
+                weights = scalar_weights_normalized(weights, where(("parameters", "normalize")))
+            params.update(combine="task_arithmetic", weight=weights)
+
+    step: dict[str, Any] = {"kind": "merge", "method": fmerge_method, "params": params}
+    out_dtype = data.get("out_dtype") or data.get("dtype")
+    if out_dtype:
+        step["out_dtype"] = str(out_dtype)
+    stem = file.stem if file else "mergekit"
+    step["export"] = str(config_dir / f"{stem}-merged")
+    return {
+        "name": f"mergekit {method}" + (f" ({file.name})" if file else ""),
+        "base": base_path or next(iter(models.values())),
+        "models": models,
+        "steps": {"merge": step},
+    }

@@ -1,0 +1,184 @@
+"""Frank-Wolfe merging (Chen et al. 2025), hard and soft, as pure functions on dicts of tensors.
+
+The iterate x_t is a merged body (tensor name -> tensor). Each candidate model s has a vertex
+v_s = merge_fn(s) (task arithmetic with λ = 1: θ_s itself; TIES: θ_0 + trim(τ_s), a one-model
+TIES merge being the trimmed task vector) and raw weights θ_s. At x_t:
+
+1. g = ∂L/∂x from the caller's callback (batched forward/backward on each task's data);
+2. a linear minimisation oracle scores every candidate: `cosine` Σ_p cos(g_p, θ_{s,p}) over
+   tensors (FusionBench's, on the raw weights), or `linear` Σ_p ⟨g_p, v_{s,p} − x_{t,p}⟩ (the
+   textbook FW oracle). A tensor where g or the other operand has zero norm scores 0: it does
+   not vote (FusionBench divides by zero there and selects on NaN). `layer` granularity picks a
+   candidate per tensor; ties go to the first candidate in order;
+3. hard: x_{t+1} = x_t + γ_t (v − x_t) with γ_t = 2/(t+2)·step_size and no other factor
+   (FusionBench multiplies every step by a hidden 0.3); soft: each task picks a candidate not
+   yet picked in this iteration, then layer-wise AdaMerging learns x_{t+1} = x_t +
+   Σ_k Λ_{k,p} (v_{k,p} − x_{t,p}) over the picks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from .adamerging import Body, GradientFn, adamerging
+
+Oracle = Literal["cosine", "linear"]
+Granularity = Literal["task", "layer"]
+
+
+def step_size_at(t: int, step_size: float) -> float:
+    """γ_t = 2/(t+2)·step_size: the standard open-loop FW schedule, scaled once, by the user."""
+    return 2.0 / (t + 2) * step_size
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(a, b) in float64; 0 where either has zero norm (no direction to compare)."""
+    a, b = a.double().flatten(), b.double().flatten()
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0:
+        return torch.zeros((), dtype=torch.float64, device=a.device)
+    return torch.dot(a, b) / (na * nb)
+
+
+def oracle_scores(grad: Body, current: Body, vertices: Sequence[Body], raw: Sequence[Body],
+                  names: Sequence[str], oracle: Oracle) -> torch.Tensor:
+    """Per-candidate, per-tensor scores (C, P) in float64 on the CPU; lower is better."""
+    rows = []
+    for vertex, weights in zip(vertices, raw):
+        if oracle == "cosine":
+            row = [cosine(grad[n], weights[n]) for n in names]
+        else:
+            row = [torch.sum(grad[n].double() * (vertex[n].double() - current[n].double())) for n in names]
+        rows.append(torch.stack(row))
+    return torch.stack(rows).cpu()
+
+
+def select(scores: torch.Tensor, granularity: Granularity, taken: torch.Tensor | None = None) -> list[int]:
+    """The chosen candidate per tensor (P entries; all equal task-wise), skipping `taken` (C, P).
+
+    Task-wise the candidate minimising the sum of its tensor scores; layer-wise per tensor.
+    argmin returns the first minimum, so ties go to the earliest candidate.
+    """
+    masked = scores if taken is None else scores.masked_fill(taken, math.inf)
+    if granularity == "task":
+        return [int(torch.argmin(masked.sum(dim=1)))] * scores.shape[1]
+    return [int(i) for i in torch.argmin(masked, dim=0)]
+
+
+def assemble(choice: Sequence[int], vertices: Sequence[Body], names: Sequence[str]) -> Body:
+    """The point whose tensor p is the chosen candidate's vertex at p."""
+    return {n: vertices[c][n] for n, c in zip(names, choice)}
+
+
+def chosen_summary(choice: Sequence[int], model_names: Sequence[str], granularity: Granularity) -> str:
+    """'b' task-wise; 'a:3 b:9' (tensors per model) layer-wise, for the trace."""
+    if granularity == "task":
+        return model_names[choice[0]]
+    counts = {m: 0 for m in model_names}
+    for c in choice:
+        counts[model_names[c]] += 1
+    return " ".join(f"{m}:{k}" for m, k in counts.items() if k)
+
+
+def body_norm(body: Body) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in body.values()))
+
+
+def frank_wolfe_hard(
+    x0: Body,
+    vertices: Sequence[Body],
+    raw: Sequence[Body],
+    gradient_fn: GradientFn,
+    *,
+    names: Sequence[str],
+    model_names: Sequence[str],
+    tasks: Sequence[str],
+    max_iters: int,
+    step_size: float,
+    oracle: Oracle = "cosine",
+    granularity: Granularity = "task",
+    on_iteration: Callable[[], None] | None = None,
+) -> tuple[Body, list[dict]]:
+    """Hard FW; iteration t reads draw t of each task's data. Returns (x_T, trace)."""
+    x = {n: x0[n].clone() for n in names}
+    trace = []
+    for t in range(max_iters):
+        loss, grad = gradient_fn(x, t, tasks)
+        scores = oracle_scores(grad, x, vertices, raw, names, oracle)
+        choice = select(scores, granularity)
+        gamma = step_size_at(t, step_size)
+        target = assemble(choice, vertices, names)
+        for n in names:
+            x[n].add_(target[n] - x[n], alpha=gamma)
+        trace.append({"iteration": t, "chosen": chosen_summary(choice, model_names, granularity),
+                      "loss": loss, "grad_norm": body_norm(grad), "step": gamma,
+                      "score": float(sum(scores[c, j] for j, c in enumerate(choice)))})
+        if on_iteration:
+            on_iteration()
+    return x, trace
+
+
+def frank_wolfe_soft(
+    x0: Body,
+    vertices: Sequence[Body],
+    raw: Sequence[Body],
+    gradient_fn: GradientFn,
+    *,
+    names: Sequence[str],
+    model_names: Sequence[str],
+    tasks: Sequence[str],
+    max_iters: int,
+    oracle: Oracle = "cosine",
+    granularity: Granularity = "task",
+    ada_iters: int = 50,
+    ada_lr: float = 1e-3,
+    ada_coeff: float = 0.3,
+    simplex: bool = False,
+    ada_gradient_fn: GradientFn | None = None,
+    on_iteration: Callable[[], None] | None = None,
+) -> tuple[Body, list[dict]]:
+    """Soft FW: per task a pick among the candidates not yet picked this iteration (at most one
+    pick per candidate), then `ada_iters` steps of layer-wise AdaMerging over the picks.
+
+    With no more candidates than tasks every candidate is picked each iteration: the selection
+    then does nothing (the caller warns). `ada_gradient_fn` (default `gradient_fn`) gives the
+    AdaMerging loss, e.g. entropy where the selection uses cross-entropy. Iteration t reads draw
+    t·(ada_iters+1) for the selection and the next `ada_iters` draws for AdaMerging.
+    """
+    x = {n: x0[n].clone() for n in names}
+    trace = []
+    n_picks = min(len(vertices), len(tasks))
+    for t in range(max_iters):
+        draw = t * (ada_iters + 1)
+        taken = torch.zeros(len(vertices), len(names), dtype=torch.bool)
+        picks, losses, grad_sum = [], [], None
+        for task in tasks[:n_picks]:
+            loss, grad = gradient_fn(x, draw, [task])
+            choice = select(oracle_scores(grad, x, vertices, raw, names, oracle), granularity, taken)
+            for j, c in enumerate(choice):
+                taken[c, j] = True
+            picks.append(choice)
+            losses.append(loss)
+            grad_sum = grad if grad_sum is None else {n: grad_sum[n] + grad[n] for n in names}
+        targets = [assemble(c, vertices, names) for c in picks]
+        directions = [{n: target[n] - x[n] for n in names} for target in targets]
+        result = adamerging(x, directions, ada_gradient_fn or gradient_fn, names=names, tasks=tasks,
+                            granularity="layer", steps=ada_iters, lr=ada_lr, init=ada_coeff,
+                            simplex=simplex, first_draw=draw + 1)
+        x = result.body
+        trace.append({
+            "iteration": t,
+            "chosen": ", ".join(f"{task}->{chosen_summary(c, model_names, granularity)}"
+                                for task, c in zip(tasks, picks)),
+            "loss": sum(losses) / len(losses),
+            "grad_norm": body_norm({n: g / len(picks) for n, g in grad_sum.items()}),
+            "ada_loss_first": result.trace[0]["loss"] if result.trace else None,
+            "ada_loss_last": result.trace[-1]["loss"] if result.trace else None,
+            "coef_mean": float(result.coefficients.mean()),
+        })
+        if on_iteration:
+            on_iteration()
+    return x, trace

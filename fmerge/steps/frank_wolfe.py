@@ -1,0 +1,164 @@
+"""The `frank_wolfe` (hard) and `frank_wolfe_soft` steps: see fmerge/methods/frank_wolfe.py."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationError
+
+from ..errors import FmergeError
+from ..io import ModelDir
+from ..merging import TensorParams, align_names
+from ..methods import MergeContext, TensorGroup, get_method, per_model
+from ..methods.frank_wolfe import frank_wolfe_hard, frank_wolfe_soft
+from ..methods.ties import trim_to_top_k
+from ..objective import Objective
+from ..progress import tensor_progress
+from ..recipe import BASE, format_validation_error
+from . import register
+from .iterative import IterativeConfig, IterativeStep, Loss
+
+
+class FrankWolfeCommon(IterativeConfig):
+    merge_fn: Literal["task_arithmetic", "ties"] = Field(
+        "task_arithmetic", description="vertex of a candidate s: θ_s (task_arithmetic) or θ_0 + trim(τ_s) (ties); "
+                                       "also the method of init: merge")
+    merge_params: dict[str, Any] = Field({}, description="merge_fn's parameters (see `fmerge methods`): all of them "
+                                                         "for init: merge; the vertices use only ties' density")
+    init: str = Field("merge", description="x_0: base, merge (merge_fn over the models), or a model directory")
+    max_iters: int = Field(10, ge=1)
+    dataset_size: int = Field(32, ge=1, description="examples per task per iteration")
+    granularity: Literal["task", "layer"] = Field("task", description="one candidate per iteration, or per tensor")
+    oracle: Literal["cosine", "linear"] = Field(
+        "cosine", description="cosine: Σ_p cos(g_p, θ_s,p) (FusionBench); linear: ⟨g, v_s − x_t⟩ (textbook)")
+    loss: Loss = Field("cross_entropy", description="cross_entropy (needs labels) or entropy")
+    max_num_models: int = Field(100, ge=1, description="candidates: the first this many models")
+
+
+class FrankWolfeConfig(FrankWolfeCommon):
+    step_size: float = Field(0.1, gt=0, le=1, description="γ_t = 2/(t+2)·step_size, no other factor")
+
+
+class FrankWolfeSoftConfig(FrankWolfeCommon):
+    init: str = Field("base", description="x_0: base, merge (merge_fn over the models), or a model directory")
+    ada_iters: int = Field(50, ge=1, description="AdaMerging steps per iteration")
+    ada_loss: Loss = Field("entropy", description="AdaMerging loss")
+    ada_coeff: float = Field(0.3, description="initial weight of each pick")
+    ada_lr: float = Field(1e-3, gt=0)
+    simplex: bool = Field(False, description="project each tensor's weights on the probability simplex")
+
+
+@register
+class FrankWolfeStep(IterativeStep):
+    kind = "frank_wolfe"
+    Config = FrankWolfeConfig
+    VERSION = 1
+
+    def candidates(self, cfg, recipe):
+        return (cfg.models or list(recipe.models))[: cfg.max_num_models]
+
+    def check(self, recipe, name, cfg):
+        super().check(recipe, name, cfg)
+        method = get_method(cfg.merge_fn)
+        try:
+            tparams = TensorParams(method, cfg.merge_params, recipe.where("steps", name, "merge_params"))
+        except ValidationError as exc:
+            raise FmergeError(format_validation_error(exc, method.Params, recipe.lines, ("steps", name, "merge_params")))
+        if getattr(tparams.params, "trim", "tensor") != "tensor":
+            raise FmergeError(f"{recipe.where('steps', name, 'merge_params', 'trim')}: Frank-Wolfe trims each vertex "
+                              f"per tensor; remove 'trim: global'.")
+        try:
+            tparams.validate(MergeContext(self.candidates(cfg, recipe)))
+        except FmergeError as exc:
+            raise FmergeError(f"{recipe.where('steps', name, 'merge_params')}: {exc}")
+        if cfg.init not in ("base", "merge") and not (recipe.resolve(cfg.init) / "config.json").is_file():
+            raise FmergeError(f"{recipe.where('steps', name, 'init')}: '{cfg.init}' is neither 'base', 'merge' nor a "
+                              f"model directory (no {recipe.resolve(cfg.init) / 'config.json'}).")
+
+    def key_params(self, rt, name, cfg):
+        """merge_params validated and dumped with defaults, so `{}` and the explicit defaults share a key."""
+        tparams = TensorParams(get_method(cfg.merge_fn), cfg.merge_params, rt.recipe.where("steps", name, "merge_params"))
+        return super().key_params(rt, name, cfg) | {"merge_params": tparams.key()}
+
+    def extra_inputs(self, rt, name, cfg):
+        if cfg.init in ("base", "merge"):
+            return {"init": cfg.init}
+        src = ModelDir(rt.recipe.resolve(cfg.init), label=f"init of step {name}")
+        return {"init": "weights:" + rt.hashes.hash_model(src)}
+
+    def merge_params(self, rt, cfg, name, plan):
+        """merge_fn, its context and a tensor name -> that tensor's parameters."""
+        method = get_method(cfg.merge_fn)
+        tparams = TensorParams(method, cfg.merge_params, rt.recipe.where("steps", name, "merge_params"))
+        ctx = MergeContext(self.candidates(cfg, rt.recipe), seed=cfg.seed or rt.recipe.spec.seed)
+        resolve = tparams.resolver(plan.merge, ctx)
+        return method, ctx, (resolve or (lambda r: tparams.params))
+
+    def initial_point(self, rt, cfg, name, plan, base, raw):
+        if cfg.init == "base":
+            return {r: t.clone() for r, t in base.items()}
+        if cfg.init == "merge":
+            method, ctx, params = self.merge_params(rt, cfg, name, plan)
+            return {r: method.merge(TensorGroup(r, base[r], [w[r] for w in raw]), params(r), ctx) for r in plan.merge}
+        src = ModelDir(rt.recipe.resolve(cfg.init), label=f"init of step {name}")
+        names = align_names(plan.merge, src.names())
+        missing = [r for r in plan.merge if r not in names]
+        if missing:
+            raise FmergeError(f"{rt.recipe.where('steps', name, 'init')}: {cfg.init} lacks {len(missing)} merged "
+                              f"tensor(s), e.g. '{missing[0]}'.")
+        return {r: src.get(names[r]).to(rt.device, torch.float32) for r in plan.merge}
+
+    def vertices(self, rt, cfg, name, plan, base, raw):
+        """θ_s (task arithmetic), or θ_0 + τ_s trimmed at s's density for that tensor (TIES)."""
+        if cfg.merge_fn == "task_arithmetic":
+            return raw
+        _, ctx, params = self.merge_params(rt, cfg, name, plan)
+        density = {r: per_model(params(r).density, ctx, "density") for r in plan.merge}
+        return [{r: base[r] + trim_to_top_k(w[r] - base[r], density[r][i]) for r in plan.merge}
+                for i, w in enumerate(raw)]
+
+    def compute(self, rt, name, cfg, todo):
+        (p,) = todo
+        plan = self.tensor_plan(rt, cfg)
+        models = self.candidates(cfg, rt.recipe)
+        tasks = self.task_names(cfg, rt.recipe)
+        base = self.weights(rt, BASE, plan)
+        raw = [self.weights(rt, m, plan) for m in models]
+        x0 = self.initial_point(rt, cfg, name, plan, base, raw)
+        vertices = self.vertices(rt, cfg, name, plan, base, raw)
+        objective = self.objective(rt, cfg, p, plan, self.losses(cfg), cfg.dataset_size)
+        common = dict(names=plan.merge, model_names=models, tasks=tasks, max_iters=cfg.max_iters,
+                      oracle=cfg.oracle, granularity=cfg.granularity)
+        with tensor_progress(rt.console, f"{name}: {self.kind}", cfg.max_iters) as advance:
+            body, trace = self.run(rt, cfg, x0, vertices, raw, objective, p, common, advance)
+        meta = {"models": models, "tasks": tasks, "splits": p.params["splits"], "trace": trace}
+        self.write(rt, p, plan, body, meta)
+
+    def losses(self, cfg) -> tuple[str, ...]:
+        return (cfg.loss,)
+
+    def run(self, rt, cfg, x0, vertices, raw, objective, p, common, advance):
+        return frank_wolfe_hard(x0, vertices, raw, objective, step_size=cfg.step_size, on_iteration=advance, **common)
+
+
+@register
+class FrankWolfeSoftStep(FrankWolfeStep):
+    kind = "frank_wolfe_soft"
+    Config = FrankWolfeSoftConfig
+    VERSION = 1
+
+    def losses(self, cfg) -> tuple[str, ...]:
+        return (cfg.loss, cfg.ada_loss)
+
+    def run(self, rt, cfg, x0, vertices, raw, objective, p, common, advance):
+        picks = min(len(vertices), len(common["tasks"]))
+        if len(vertices) <= len(common["tasks"]):
+            rt.console.print(f"[yellow]warning:[/] step '{p.step}': {len(vertices)} candidate(s) for "
+                             f"{len(common['tasks'])} task(s): every candidate is picked in every iteration, so the "
+                             f"Frank-Wolfe selection does nothing and this is layer-wise AdaMerging over "
+                             f"{picks} model(s). Add candidates (models) or use fewer tasks.")
+        ada = Objective(objective.tasks, cfg.ada_loss, objective.names)
+        return frank_wolfe_soft(x0, vertices, raw, objective, ada_iters=cfg.ada_iters, ada_lr=cfg.ada_lr,
+                                ada_coeff=cfg.ada_coeff, simplex=cfg.simplex, ada_gradient_fn=ada,
+                                on_iteration=advance, **common)

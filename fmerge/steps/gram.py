@@ -1,0 +1,82 @@
+"""The `gram` step: one artifact of linear-layer input Grams per model, on a seeded subset of its
+task data (labels are not needed).
+
+Tensor groups, keyed by the weight's name in the model's own naming: `gram/<name>` (nn.Linear,
+weight out × in), `gram_in_out/<name>` (Conv1D, weight in × out) and `gram_rows/<name>` (rows
+summed, shape [1]). The merge step serves each group as a statistic of that name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from pydantic import Field
+
+from ..errors import FmergeError
+from ..gram import OUT_IN, gram_matrices
+from ..recipe import Strict
+from ..store import make_key
+from ..tasks import build_task_model, data_spec, load_examples, task_batches, task_data, task_inputs
+from . import Planned, StepKind, register
+
+VERSION = 1
+GROUP = {OUT_IN: "gram", "in_out": "gram_in_out"}
+ROWS = "gram_rows"
+
+
+class GramConfig(Strict):
+    examples: int = Field(256, ge=1, description="seeded random subset of the task's rows")
+    split: str | None = Field(None, description="data split (default: the task's train split)")
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(64, ge=2)
+    seed: int | None = None
+    models: list[str] | None = None
+
+
+@register
+class GramStep(StepKind):
+    kind = "gram"
+    Config = GramConfig
+    uses_base = False
+
+    def model_refs(self, cfg):
+        return [("models", m) for m in cfg.models or []]
+
+    def models_used(self, cfg, recipe):
+        return cfg.models or list(recipe.models)
+
+    def plan(self, rt, name, cfg):
+        seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
+        planned = []
+        for m in self.models_used(cfg, rt.recipe):
+            data = task_data(rt, m, ("steps", name))
+            split = cfg.split or rt.recipe.spec.data[data].train_split
+            _, rows, fingerprint, _ = load_examples(rt, data, split, cfg.examples, seed)
+            params = {"examples": cfg.examples, "split": split, "max_length": cfg.max_length, "seed": seed}
+            inputs = {"model": rt.model_hash(m), "data": fingerprint, **task_inputs(rt, m)}
+            planned.append(Planned(name, m, "gram", make_key("gram", params, inputs, VERSION), inputs,
+                                   params, VERSION, {"rows": rows, "data": data}))
+        return planned
+
+    def compute(self, rt, name, cfg, todo):
+        for p in todo:
+            model = build_task_model(rt, p.label)
+            spec = dataclasses.replace(data_spec(rt, p.extra["data"], p.params["split"]), label_column=None)
+            batches = task_batches(rt, p.label, p.extra["rows"], spec, cfg.batch_size, cfg.max_length)
+            sums = gram_matrices(model, batches)
+            for n, g in sums.grams.items():
+                if not bool(torch.isfinite(g).all()):
+                    raise FmergeError(f"Gram matrix of layer '{n}' of model '{p.label}' has NaN or Inf: "
+                                      f"check the model's weights (`fmerge verify`).")
+            writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
+            try:
+                for n, g in sums.grams.items():
+                    writer.write(f"{GROUP[sums.layouts[n]]}/{n}", g.cpu())
+                for n, count in sums.rows.items():
+                    writer.write(f"{ROWS}/{n}", torch.tensor([count], dtype=torch.int64))
+                writer.commit({"step": name, "model": p.label, "examples": sums.examples,
+                               "layers": len(sums.grams), "tokens": max(sums.rows.values())})
+            except BaseException:
+                writer.abort()
+                raise
