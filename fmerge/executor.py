@@ -106,14 +106,7 @@ def compute_distributed(rt: Runtime, kind, step: str, cfg, planned: list[Planned
     """Under torchrun: rank 0 locks and decides; sharded steps run on all ranks, others on rank 0."""
     with ExitStack() as stack:
         if distributed.is_main():
-            for p in sorted(todo, key=lambda p: p.key):
-                stack.enter_context(rt.store.lock(p.key))
-            if forced:
-                for p in todo:
-                    if rt.store.has(p.key):
-                        rt.store.remove(p.key)
-            else:
-                todo = [p for p in todo if not rt.store.has(p.key)]
+            todo = claim(rt, stack, todo, forced)
         keys = distributed.broadcast([p.key for p in todo])
         todo = [p for p in planned if p.key in keys]
         if todo and (kind.distributed or distributed.is_main()):
@@ -125,14 +118,19 @@ def compute_distributed(rt: Runtime, kind, step: str, cfg, planned: list[Planned
 def compute_locked(rt: Runtime, kind, step: str, cfg, todo: list[Planned], forced: bool) -> list[Planned]:
     """Compute under per-key locks; keys another process finished meanwhile are not redone."""
     with ExitStack() as stack:
-        for p in sorted(todo, key=lambda p: p.key):  # one global order: no deadlock between runs
-            stack.enter_context(rt.store.lock(p.key))
-        if forced:
-            for p in todo:
-                if rt.store.has(p.key):
-                    rt.store.remove(p.key)
-        else:
-            todo = [p for p in todo if not rt.store.has(p.key)]
+        todo = claim(rt, stack, todo, forced)
         if todo:
             kind.compute(rt, step, cfg, todo)
+    return todo
+
+
+def claim(rt: Runtime, stack: ExitStack, todo: list[Planned], forced: bool) -> list[Planned]:
+    """Lock every key (one global order: no deadlock between runs); return those still to compute."""
+    for p in sorted(todo, key=lambda p: p.key):
+        stack.enter_context(rt.store.lock(p.key))
+    if not forced:
+        return [p for p in todo if not rt.store.has(p.key)]
+    for p in todo:
+        if rt.store.has(p.key):
+            rt.store.remove(p.key)
     return todo

@@ -232,6 +232,8 @@ def _convert(data: dict, lines, file: Path | None) -> dict:
         total = 1.0 if abs(total) < 1e-8 else total  # mergekit's guard
         return {n: w / total for n, w in weights.items()}
 
+    if "int8_mask" in spec:
+        flag("int8_mask")  # accepted for compatibility: a memory option of mergekit's, no effect on the result
     weights = model_values("weight")
     lam = _spec(global_params["lambda"], where(("parameters", "lambda"))) if "lambda" in global_params else 1.0
     if method == "linear":

@@ -226,6 +226,14 @@ class ArtifactWriter:
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def __enter__(self) -> "ArtifactWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        """Whatever fails (or interrupts) before `commit` leaves nothing behind."""
+        if exc_type is not None:
+            self.abort()
+
 
 def _alive(pid: int) -> bool:
     try:

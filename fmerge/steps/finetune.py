@@ -72,14 +72,10 @@ class FinetuneStep(StepKind):
                                       steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       warmup=cfg.warmup, seed=p.params["seed"], device=rt.device,
                                       progress=advance)
-        writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
-        try:
+        with rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version) as writer:
             for n, t in model.state_dict().items():
                 writer.write("weights/" + n, t)
             config = model.config.to_dict()
             writer.commit({"step": name, "config": config, "label_names": labels,
                            "train_accuracy": log["train_accuracy"], "seconds": log["seconds"],
                            "final_loss": log["losses"][-1]})
-        except BaseException:
-            writer.abort()
-            raise

@@ -117,16 +117,12 @@ class FisherStep(StepKind):
                 raise FmergeError(f"Fisher of model '{p.label}' has NaN or Inf in '{n}'.")
         total = sum(float(t.double().sum()) for t in means.values())
         numel = sum(t.numel() for t in means.values())
-        writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
-        try:
+        with rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version) as writer:
             for n, t in means.items():
                 writer.write("fisher/" + n, t)
             writer.commit({"step": name, "model": p.label, "count": sums.count, "count_unit": sums.count_unit,
                            "examples": sums.examples, "estimator": sums.estimator, "family": p.extra["family"],
                            "extended_from": extended_from, "fisher_mean": total / max(numel, 1)})
-        except BaseException:
-            writer.abort()
-            raise
 
     def export(self, rt, name, cfg, planned):
         if not cfg.export:

@@ -69,14 +69,10 @@ class GramStep(StepKind):
                 if not bool(torch.isfinite(g).all()):
                     raise FmergeError(f"Gram matrix of layer '{n}' of model '{p.label}' has NaN or Inf: "
                                       f"check the model's weights (`fmerge verify`).")
-            writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
-            try:
+            with rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version) as writer:
                 for n, g in sums.grams.items():
                     writer.write(f"{GROUP[sums.layouts[n]]}/{n}", g.cpu())
                 for n, count in sums.rows.items():
                     writer.write(f"{ROWS}/{n}", torch.tensor([count], dtype=torch.int64))
                 writer.commit({"step": name, "model": p.label, "examples": sums.examples,
                                "layers": len(sums.grams), "tokens": max(sums.rows.values())})
-            except BaseException:
-                writer.abort()
-                raise

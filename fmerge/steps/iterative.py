@@ -160,16 +160,12 @@ class IterativeStep(StepKind):
                                   f"or learning rate, or check the inputs (`fmerge verify`).")
         base = rt.source(BASE)
         learned = set(body)
-        writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
-        try:
+        with rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version) as writer:
             for r in plan.reference:
                 writer.write("weights/" + r, body[r].to("cpu", base.dtype(r)) if r in learned else base.get(r))
             for n, t in (extra or {}).items():
                 writer.write(n, t)
             writer.commit({"step": p.step, "plan": plan.summary(), **meta})
-        except BaseException:
-            writer.abort()
-            raise
 
     def export(self, rt, name, cfg, planned):
         if not cfg.export:

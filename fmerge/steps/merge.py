@@ -147,8 +147,7 @@ class MergeStep(StepKind):
                 stats[group] = {m: a.view(group + "/") for m, a in grams.items()}  # gram, gram_in_out, gram_rows
         tparams.validate(ctx)  # again, now with the statistics' summaries
         out_dtype = parse_dtype(cfg.out_dtype, "out_dtype") if cfg.out_dtype else None
-        writer = rt.store.writer(p.key, "merge", p.inputs, p.params, p.version)
-        try:
+        with rt.store.writer(p.key, "merge", p.inputs, p.params, p.version) as writer:
             with tensor_progress(rt.console, f"{name}: {cfg.method}", len(plan.reference)) as advance:
                 stream = merge_stream(method, params, ctx, plan, base, sources, with_base=method.base_needed(params),
                                       stats=stats, device=rt.device, out_dtype=out_dtype, on_tensor=advance,
@@ -156,9 +155,6 @@ class MergeStep(StepKind):
                 for ref_name, tensor in stream:
                     writer.write("weights/" + ref_name, tensor)
             writer.commit({"step": name, "method": cfg.method, "models": models, "plan": plan.summary()})
-        except BaseException:
-            writer.abort()
-            raise
 
     def export(self, rt, name: str, cfg: MergeConfig, planned: list[Planned]) -> str | None:
         if not cfg.export:

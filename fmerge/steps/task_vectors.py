@@ -46,8 +46,7 @@ class TaskVectorsStep(StepKind):
             model = rt.source(p.label)
             plan = plan_tensors(base, {p.label: model}, rt.recipe.spec.exclude, rt.recipe.spec.heads)
             names = plan.name_maps[p.label]
-            writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
-            try:
+            with rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version) as writer:
                 with tensor_progress(rt.console, f"{name}: {p.label}", len(plan.merge)) as advance:
                     for r in plan.merge:
                         tau = model.get(names[r]).to(torch.float32) - base.get(r).to(torch.float32)
@@ -57,6 +56,3 @@ class TaskVectorsStep(StepKind):
                         writer.write("tau/" + r, tau)
                         advance()
                 writer.commit({"step": name, "model": p.label})
-            except BaseException:
-                writer.abort()
-                raise

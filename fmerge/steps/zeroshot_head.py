@@ -183,14 +183,10 @@ def write_head(rt, p: Planned, encoder: TextEncoder) -> None:
     full = _full_base(rt)
     with torch.no_grad():
         head = zeroshot_head(encoder, p.params["classnames"], p.params["templates"]).cpu()
-    writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
-    try:
+    with rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version) as writer:
         writer.write("head", head)
         writer.write("visual_projection", full.get("visual_projection.weight").float())
         writer.write("logit_scale", full.get("logit_scale").float().reshape(()))
         prompts_id = hashlib.blake2b(json.dumps(p.params).encode(), digest_size=8).hexdigest()
         writer.commit({"step": p.step, "model": p.label, "data": p.extra["data"], "classes": head.shape[0],
                        "templates": len(p.params["templates"]), "prompts": prompts_id})
-    except BaseException:
-        writer.abort()
-        raise
