@@ -18,8 +18,11 @@ from .errors import FmergeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declarative, cached merging of fine-tuned models.")
-out = Console()
-err = Console(stderr=True)
+# Tables are meant to be read whole: when output goes to a file or a Makefile log, not a terminal,
+# draw them 140 columns wide ($COLUMNS still wins) instead of rich's 80.
+_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 140
+out = Console(width=_WIDTH)
+err = Console(stderr=True, width=_WIDTH)
 
 StoreOpt = typer.Option(None, "--store", help="artifact store (default: recipe's 'store', $FMERGE_STORE, ./artifacts)")
 SetOpt = typer.Option([], "--set", help="STEP.PARAM=VALUE overrides a parameter; STEP.PARAM=V1,V2,... sweeps it "

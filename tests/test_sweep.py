@@ -110,3 +110,11 @@ def test_lambda_sweep_reuses_the_fisher_and_chooses_on_validation_only(project):
     # a second run computes nothing
     _, states = run(project, [f"fisher.params.lambda={lambdas}"])
     assert set(states.values()) == {"cached"}
+
+    # renaming the swept step reuses every artifact, and the report uses the new names
+    text = project.read_text().replace("  fisher: {kind: merge", "  fisher_tuned: {kind: merge")
+    project.write_text(text.replace("merges: [avg, fisher]", "merges: [avg, fisher_tuned]"))
+    _, states = run(project, [f"fisher_tuned.params.lambda={lambdas}"])
+    assert set(states.values()) == {"cached"}
+    results = json.loads((project.parent / "results" / "results.json").read_text())
+    assert "fisher_tuned" + winner.removeprefix("fisher") in {r["variant"] for r in results}

@@ -138,7 +138,9 @@ class EvalStep(StepKind):
         planned = self.plan(rt, name, cfg)  # now with every sweep's winner
         results, selection = [], []
         for p in planned:
-            row = {**rt.store.open(p.key).meta, "group": p.extra["group"]}
+            # Names come from this recipe: a cached result may have been computed under other names.
+            row = {**rt.store.open(p.key).meta, "variant": p.extra["variant"], "task": p.extra["task"],
+                   "group": p.extra["group"]}
             (results if p.extra["role"] == "test" else selection).append(row)
         for row in results:
             row["selected_on"] = selection_split(planned, row["group"])
