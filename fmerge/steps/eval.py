@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 
 from ..merging import align_names
+from ..progress import tensor_progress
 from ..recipe import BASE, Strict
 from ..store import make_key
 from ..tasks import build_task_model, data_spec, load_subset, task_batches, task_data, task_inputs
@@ -103,8 +104,10 @@ class EvalStep(StepKind):
                        inputs, params, VERSION, extra)
 
     def compute(self, rt, name, cfg, todo):
-        for p in todo:
-            self._evaluate(rt, name, cfg, p)
+        with tensor_progress(rt.console, f"{name}: evaluate", len(todo)) as advance:
+            for p in todo:
+                self._evaluate(rt, name, cfg, p)
+                advance()
         # The winners of sweeps whose selection just finished: evaluate them on the test split.
         for p in self.plan(rt, name, cfg):
             if not rt.store.has(p.key):

@@ -17,6 +17,7 @@ from .. import distributed
 from ..data import EXAMPLE_ID_COLUMN, check_labels
 from ..fisher import ESTIMATORS, FisherSums, allreduce_sums, fisher_diagonal, shard_by_rank
 from ..errors import FmergeError
+from ..progress import tensor_progress
 from ..recipe import Strict
 from ..store import make_key
 from ..tasks import build_task_model, data_spec, load_subset, task_batches, task_data, task_inputs
@@ -88,8 +89,10 @@ class FisherStep(StepKind):
             previous, done = self._cached_prefix(rt, p)
             rows = shard_by_rank(rows.select(range(done, len(rows))))
             batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length, p.extra["labels"])
-            sums = allreduce_sums(fisher_diagonal(model, batches, cfg.estimator, samples=cfg.samples,
-                                                  seed=p.params["seed"], chunk_size=cfg.chunk_size))
+            with tensor_progress(rt.console, f"{name}: {p.label}", -(-len(rows) // cfg.batch_size)) as advance:
+                counted = (advance() or b for b in batches)
+                sums = allreduce_sums(fisher_diagonal(model, counted, cfg.estimator, samples=cfg.samples,
+                                                      seed=p.params["seed"], chunk_size=cfg.chunk_size))
             if previous is not None:
                 sums = previous.extend(sums)
             if distributed.is_main():

@@ -94,12 +94,7 @@ class MergeStep(StepKind):
         else:
             inputs["reference"] = rt.model_hash(BASE)  # output naming and copied tensors come from it
         if cfg.fisher:
-            fisher = {p.label: p.key for p in rt.planned[cfg.fisher]}
-            missing = [m for m in models if m not in fisher]
-            if missing:
-                raise FmergeError(f"{rt.recipe.where('steps', name, 'fisher')}: step '{cfg.fisher}' has no "
-                                  f"Fisher for model(s) {', '.join(missing)}.")
-            inputs["fisher"] = {m: fisher[m] for m in models}
+            inputs["fisher"] = statistics_keys(rt, name, "fisher", cfg.fisher, models, "Fisher")
         if cfg.base_fisher:
             prior = rt.planned[cfg.base_fisher]
             if len(prior) != 1:
@@ -107,12 +102,7 @@ class MergeStep(StepKind):
                                   f"has {len(prior)} Fishers; give it one model (models: [name]).")
             inputs["base_fisher"] = prior[0].key
         if cfg.gram:
-            gram = {p.label: p.key for p in rt.planned[cfg.gram]}
-            missing = [m for m in models if m not in gram]
-            if missing:
-                raise FmergeError(f"{rt.recipe.where('steps', name, 'gram')}: step '{cfg.gram}' has no "
-                                  f"Gram matrices for model(s) {', '.join(missing)}.")
-            inputs["gram"] = {m: gram[m] for m in models}
+            inputs["gram"] = statistics_keys(rt, name, "gram", cfg.gram, models, "Gram matrices")
         spec = rt.recipe.spec
         key_params = {
             "method": cfg.method, "params": tparams.key(),
@@ -182,6 +172,16 @@ class MergeStep(StepKind):
                             side_files_from=base_dir, readme=card,
                             metadata={"format": "pt", "fmerge_key": p.key}, finish=finish)
         return f"exported {out}"
+
+
+def statistics_keys(rt, name: str, field: str, step: str, models: list[str], what: str) -> dict[str, str]:
+    """{model: artifact key} of the statistics step `step` for every merged model."""
+    keys = {p.label: p.key for p in rt.planned[step]}
+    missing = [m for m in models if m not in keys]
+    if missing:
+        raise FmergeError(f"{rt.recipe.where('steps', name, field)}: step '{step}' has no {what} for "
+                          f"model(s) {', '.join(missing)}.")
+    return {m: keys[m] for m in models}
 
 
 class Renamed:
