@@ -88,7 +88,8 @@ class MergeStep(StepKind):
         tparams = TensorParams(method, cfg.params, rt.recipe.where("steps", name, "params"))
         params = tparams.params
         models = self.models_used(cfg, rt.recipe)
-        inputs: dict[str, Any] = {"models": {m: rt.model_hash(m) for m in models}}
+        hashes = rt.model_hashes([*models, BASE])
+        inputs: dict[str, Any] = {"models": {m: hashes[m] for m in models}}
         if method.base_needed(params):
             inputs["base"] = rt.model_hash(BASE)
         else:

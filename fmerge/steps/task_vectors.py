@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from ..errors import FmergeError
-from ..merging import plan_tensors
+from ..merging import all_finite, plan_tensors
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict
 from ..store import make_key
@@ -50,7 +50,7 @@ class TaskVectorsStep(StepKind):
                 with tensor_progress(rt.console, f"{name}: {p.label}", len(plan.merge)) as advance:
                     for r in plan.merge:
                         tau = model.get(names[r]).to(torch.float32) - base.get(r).to(torch.float32)
-                        if not bool(torch.isfinite(tau).all()):
+                        if not all_finite(tau):
                             raise FmergeError(f"Task vector of model '{p.label}' has NaN or Inf in tensor "
                                               f"'{r}': its weights or the base's hold non-finite values.")
                         writer.write("tau/" + r, tau)
