@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+from ..recipe import Strict
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -56,6 +58,29 @@ class StepKind:
     def export(self, rt: "Runtime", name: str, cfg: BaseModel, planned: list[Planned]) -> str | None:
         """Write the step's result outside the store if the recipe asks; return what was done."""
         return None
+
+
+class PerModelStep(StepKind):
+    """A statistic of each model on its own task data (Fisher, Grams): one artifact per model."""
+
+    uses_base = False
+
+    def model_refs(self, cfg):
+        return [("models", m) for m in cfg.models or []]
+
+    def models_used(self, cfg, recipe):
+        return cfg.models or list(recipe.models)
+
+
+class StatisticsConfig(Strict):
+    """The settings every per-model statistic shares: a seeded subset of each task's rows."""
+
+    examples: int = Field(256, ge=1, description="seeded random subset of the task's rows")
+    split: str | None = Field(None, description="data split (default: the task's train split)")
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(64, ge=2)
+    seed: int | None = None
+    models: list[str] | None = None
 
 
 STEP_KINDS: dict[str, StepKind] = {}

@@ -18,40 +18,26 @@ from ..data import EXAMPLE_ID_COLUMN, check_labels
 from ..fisher import ESTIMATORS, FisherSums, allreduce_sums, fisher_diagonal, shard_by_rank
 from ..errors import FmergeError
 from ..progress import tensor_progress
-from ..recipe import Strict
 from ..store import make_key
 from ..tasks import build_task_model, data_spec, load_subset, task_batches, task_data, task_inputs
-from . import Planned, StepKind, register
+from . import PerModelStep, Planned, StatisticsConfig, register
 
 VERSION = 1
 
 
-class FisherConfig(Strict):
+class FisherConfig(StatisticsConfig):
     estimator: str = Field("exact", description=f"one of {', '.join(ESTIMATORS)}")
-    examples: int = Field(256, ge=1, description="seeded random subset of the task's rows")
     samples: int = Field(1, ge=1, description="draws per example for 'sampled'")
-    split: str | None = Field(None, description="data split (default: the task's train split)")
-    batch_size: int = Field(32, ge=1)
     chunk_size: int = Field(32, ge=1)
-    max_length: int = Field(64, ge=2)
-    seed: int | None = None
-    models: list[str] | None = None
     export: str | None = Field(None, description="also write the mean diagonal as safetensors: this file "
                                "for one model, else <export>/<model>.safetensors")
 
 
 @register
-class FisherStep(StepKind):
+class FisherStep(PerModelStep):
     kind = "fisher"
     Config = FisherConfig
-    uses_base = False
     distributed = True
-
-    def model_refs(self, cfg):
-        return [("models", m) for m in cfg.models or []]
-
-    def models_used(self, cfg, recipe):
-        return cfg.models or list(recipe.models)
 
     def check(self, recipe, name, cfg):
         if cfg.estimator not in ESTIMATORS:

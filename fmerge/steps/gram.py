@@ -11,40 +11,26 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from pydantic import Field
 
 from ..errors import FmergeError
 from ..gram import OUT_IN, gram_matrices
-from ..recipe import Strict
 from ..store import make_key
 from ..tasks import build_task_model, data_spec, load_examples, task_batches, task_data, task_inputs
-from . import Planned, StepKind, register
+from . import PerModelStep, Planned, StatisticsConfig, register
 
 VERSION = 1
 GROUP = {OUT_IN: "gram", "in_out": "gram_in_out"}
 ROWS = "gram_rows"
 
 
-class GramConfig(Strict):
-    examples: int = Field(256, ge=1, description="seeded random subset of the task's rows")
-    split: str | None = Field(None, description="data split (default: the task's train split)")
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(64, ge=2)
-    seed: int | None = None
-    models: list[str] | None = None
+class GramConfig(StatisticsConfig):
+    pass
 
 
 @register
-class GramStep(StepKind):
+class GramStep(PerModelStep):
     kind = "gram"
     Config = GramConfig
-    uses_base = False
-
-    def model_refs(self, cfg):
-        return [("models", m) for m in cfg.models or []]
-
-    def models_used(self, cfg, recipe):
-        return cfg.models or list(recipe.models)
 
     def plan(self, rt, name, cfg):
         seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
