@@ -47,6 +47,9 @@ def load_subset(rt, data_name: str, split: str, n: int | None, seed: int) -> Sub
     names = rt.recipe.spec.data[data_name].label_names or label_names_for(ds, spec)
     count = len(ds) if n is None else min(n, len(ds))
     source = f"{data_name}:{split}"
+    if count < (n or 0):
+        rt.console.print(f"[yellow]warning[/]: {n} examples asked of data '{data_name}' (split '{split}'), "
+                         f"which has {len(ds)} rows: all of them are used.", highlight=False)
     subset, fingerprint = select_examples(ds, count, seed, source=source)
     return Subset(spec, subset, fingerprint, names, subset_family(ds, seed, source=source))
 

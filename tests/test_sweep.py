@@ -118,3 +118,15 @@ def test_lambda_sweep_reuses_the_fisher_and_chooses_on_validation_only(project):
     assert set(states.values()) == {"cached"}
     results = json.loads((project.parent / "results" / "results.json").read_text())
     assert "fisher_tuned" + winner.removeprefix("fisher") in {r["variant"] for r in results}
+
+
+def test_asking_for_more_rows_than_a_split_has_warns_and_uses_all(project, capsys):  # noqa: F811
+    from rich.console import Console
+
+    from fmerge.tasks import load_subset
+
+    r = load_recipe(project)
+    rt = Runtime(r, Store(r.resolve(r.spec.store)), Console(stderr=True, width=200))
+    sub = load_subset(rt, "animal", "validation", 1000, 0)
+    assert len(sub.rows) == 24
+    assert "1000 examples asked of data 'animal' (split 'validation'), which has 24 rows" in capsys.readouterr().err
