@@ -372,12 +372,14 @@ def _flat(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(n, -1, t.shape[-1]).float()
 
 
-def _linear_grads(module, args, kwargs, g, wanted, ctx):
+def _linear_grads(module, args, kwargs, g, wanted, ctx, in_by_out: bool = False):
+    """Per-example Σ_t g_t a_tᵀ over each example's tokens (out × in, or in × out)."""
     n = g.shape[0]
     a, g = _flat(args[0], n), _flat(g, n)
     grads = {}
     if "weight" in wanted:
-        grads["weight"] = torch.bmm(g.transpose(1, 2), a, out=ctx.scratch(module.weight))
+        left, right = (a.transpose(1, 2), g) if in_by_out else (g.transpose(1, 2), a)
+        grads["weight"] = torch.bmm(left, right, out=ctx.scratch(module.weight))
     if "bias" in wanted:
         grads["bias"] = g.sum(1)
     return grads
@@ -385,14 +387,7 @@ def _linear_grads(module, args, kwargs, g, wanted, ctx):
 
 def _conv1d_grads(module, args, kwargs, g, wanted, ctx):
     """transformers' Conv1D (GPT-2) is a linear layer with the weight stored as in × out."""
-    n = g.shape[0]
-    a, g = _flat(args[0], n), _flat(g, n)
-    grads = {}
-    if "weight" in wanted:
-        grads["weight"] = torch.bmm(a.transpose(1, 2), g, out=ctx.scratch(module.weight))
-    if "bias" in wanted:
-        grads["bias"] = g.sum(1)
-    return grads
+    return _linear_grads(module, args, kwargs, g, wanted, ctx, in_by_out=True)
 
 
 def _layer_norm_grads(module, args, kwargs, g, wanted, ctx):

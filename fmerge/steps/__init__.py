@@ -71,6 +71,16 @@ class PerModelStep(StepKind):
     def models_used(self, cfg, recipe):
         return cfg.models or list(recipe.models)
 
+    def subsets(self, rt, name: str, cfg):
+        """(model, data entry, split, seed, seeded subset) for each model the step covers."""
+        from ..tasks import load_subset, task_data
+
+        seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
+        for m in self.models_used(cfg, rt.recipe):
+            data = task_data(rt, m, ("steps", name))
+            split = cfg.split or rt.recipe.spec.data[data].train_split
+            yield m, data, split, seed, load_subset(rt, data, split, cfg.examples, seed)
+
 
 class StatisticsConfig(Strict):
     """The settings every per-model statistic shares: a seeded subset of each task's rows."""

@@ -19,7 +19,7 @@ from ..fisher import ESTIMATORS, FisherSums, allreduce_sums, fisher_diagonal, sh
 from ..errors import FmergeError
 from ..progress import tensor_progress
 from ..store import make_key
-from ..tasks import build_task_model, data_spec, load_subset, task_batches, task_data, task_inputs
+from ..tasks import build_task_model, data_spec, task_batches, task_inputs
 from . import PerModelStep, Planned, StatisticsConfig, register
 
 VERSION = 1
@@ -47,12 +47,8 @@ class FisherStep(PerModelStep):
                               f"'{cfg.estimator}'{hint} Estimators: {', '.join(ESTIMATORS)}.")
 
     def plan(self, rt, name, cfg):
-        seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
         planned = []
-        for m in self.models_used(cfg, rt.recipe):
-            data = task_data(rt, m, ("steps", name))
-            split = cfg.split or rt.recipe.spec.data[data].train_split
-            sub = load_subset(rt, data, split, cfg.examples, seed)
+        for m, data, split, seed, sub in self.subsets(rt, name, cfg):
             params = {"estimator": cfg.estimator, "examples": cfg.examples, "samples": cfg.samples,
                       "split": split, "max_length": cfg.max_length, "seed": seed}
             inputs = {"model": rt.model_hash(m), "data": sub.fingerprint, **task_inputs(rt, m)}

@@ -15,7 +15,7 @@ import torch
 from ..errors import FmergeError
 from ..gram import OUT_IN, gram_matrices
 from ..store import make_key
-from ..tasks import build_task_model, data_spec, load_examples, task_batches, task_data, task_inputs
+from ..tasks import build_task_model, data_spec, task_batches, task_inputs
 from . import PerModelStep, Planned, StatisticsConfig, register
 
 VERSION = 1
@@ -33,16 +33,12 @@ class GramStep(PerModelStep):
     Config = GramConfig
 
     def plan(self, rt, name, cfg):
-        seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
         planned = []
-        for m in self.models_used(cfg, rt.recipe):
-            data = task_data(rt, m, ("steps", name))
-            split = cfg.split or rt.recipe.spec.data[data].train_split
-            _, rows, fingerprint, _ = load_examples(rt, data, split, cfg.examples, seed)
+        for m, data, split, seed, sub in self.subsets(rt, name, cfg):
             params = {"examples": cfg.examples, "split": split, "max_length": cfg.max_length, "seed": seed}
-            inputs = {"model": rt.model_hash(m), "data": fingerprint, **task_inputs(rt, m)}
+            inputs = {"model": rt.model_hash(m), "data": sub.fingerprint, **task_inputs(rt, m)}
             planned.append(Planned(name, m, "gram", make_key("gram", params, inputs, VERSION), inputs,
-                                   params, VERSION, {"rows": rows, "data": data}))
+                                   params, VERSION, {"rows": sub.rows, "data": data}))
         return planned
 
     def compute(self, rt, name, cfg, todo):
