@@ -174,7 +174,7 @@ def main() -> None:
     spec = DataSpec(path=str(tweets_jsonl(args.out.parent)))
     ds = load_dataset_split(spec)
     names = label_names_for(ds, spec)
-    shuffled, _ = select_examples(ds, args.examples + 16 * args.finetune_steps, args.seed)
+    shuffled = select_examples(ds, args.examples + 16 * args.finetune_steps, args.seed)
     fisher_rows = shuffled.select(range(args.examples))
     train_rows = shuffled.select(range(args.examples, len(shuffled)))
     tokenizer = AutoTokenizer.from_pretrained(model_path)

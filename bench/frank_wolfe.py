@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from fmerge.executor import plan_step, selected_steps  # noqa: E402
 from fmerge.methods.frank_wolfe import oracle_scores, select, step_size_at  # noqa: E402
-from fmerge.recipe import BASE, parse_recipe  # noqa: E402
+from fmerge.api import parse_recipe  # noqa: E402
+from fmerge.recipe import BASE  # noqa: E402
 from fmerge.runtime import Runtime  # noqa: E402
-from fmerge.steps import STEP_KINDS  # noqa: E402
+from fmerge.steps import step_kinds  # noqa: E402
 from fmerge.store import Store  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "frank_wolfe.json"
@@ -88,7 +89,7 @@ def main() -> None:
             if not older:
                 sys.exit(f"The demo's fine-tuned model '{s}' is not in {rt.store.root}: run `make demo` first.")
             planned[0].key = older[-1].key
-    step, cfg, (p,) = STEP_KINDS["frank_wolfe"], recipe.steps["fw_bench"], rt.planned["fw_bench"]
+    step, cfg, (p,) = step_kinds()["frank_wolfe"], recipe.steps["fw_bench"], rt.planned["fw_bench"]
     plan = step.tensor_plan(rt, cfg)
     models, tasks = step.candidates(cfg, recipe), step.task_names(cfg, recipe)
 

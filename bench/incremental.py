@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from merge import machine  # noqa: E402
 
 from fmerge import executor  # noqa: E402
-from fmerge.recipe import parse_recipe  # noqa: E402
+from fmerge.api import parse_recipe  # noqa: E402
 from fmerge.runtime import Runtime  # noqa: E402
 from fmerge.store import Store  # noqa: E402
 

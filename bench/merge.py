@@ -33,7 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fmerge.io import write_model_dir  # noqa: E402
+from fmerge.io import write_weight_files  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MERGEKIT = ROOT / "bench" / ".venv-mergekit" / "bin" / "mergekit-yaml"
@@ -119,8 +119,10 @@ def make_models(folder: Path, shape: dict) -> dict[str, Path]:
             yield name, base.to(torch.bfloat16)
 
     for index, (name, path) in enumerate(paths.items()):
-        write_model_dir(path, [(n, torch.bfloat16, d) for n, d in layout], tensors(index), side_files_from=None,
-                        readme=f"random bf16 Llama-shaped model for bench/merge.py ({name})\n", metadata={"format": "pt"})
+        shutil.rmtree(path, ignore_errors=True)  # bench's own work folder
+        path.mkdir(parents=True)
+        write_weight_files(path, [(n, torch.bfloat16, d) for n, d in layout], tensors(index), {"format": "pt"})
+        (path / "README.md").write_text(f"random bf16 Llama-shaped model for bench/merge.py ({name})\n")
         (path / "config.json").write_text(json.dumps(config, indent=2))
     return paths
 

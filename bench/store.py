@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from merge import evict, layout_of, llama_shape, machine, parse_size  # noqa: E402
 
-from fmerge.io import ModelDir, write_model_dir  # noqa: E402
+from fmerge.io import ModelDir, write_weight_files  # noqa: E402
 from fmerge.store import Store  # noqa: E402
 
 
@@ -64,8 +64,8 @@ def main() -> None:
     store_write = time.perf_counter() - start
 
     start = time.perf_counter()
-    write_model_dir(args.work / "st", layout, iter(tensors.items()), side_files_from=None, readme="bench\n",
-                    metadata={"format": "pt"})
+    (args.work / "st").mkdir()
+    write_weight_files(args.work / "st", layout, iter(tensors.items()), {"format": "pt"})
     st_write = time.perf_counter() - start
 
     names = list(tensors)

@@ -29,20 +29,20 @@ SetOpt = typer.Option([], "--set", help="STEP.PARAM=VALUE overrides a parameter;
                       "(values are YAML); repeatable")
 
 
-def open_store(store: Optional[Path], recipe=None):
-    from .store import Store
+def open_store(store: Optional[Path], recipe=None, create: bool = False, missing_ok: bool = False):
+    from .api import open_store as api_open_store
 
-    if store is None and recipe is not None and recipe.spec.store:
-        store = recipe.resolve(recipe.spec.store)
-    return Store(store or os.environ.get("FMERGE_STORE") or "artifacts")
+    return api_open_store(store, recipe, create, missing_ok)
 
 
-def _runtime(recipe_file: Path, store: Optional[Path], device: Optional[str] = None, sets: list[str] | None = None):
-    from .recipe import load_recipe
+def _runtime(recipe_file: Path, store: Optional[Path], device: Optional[str] = None, sets: list[str] | None = None,
+             create: bool = True):
+    from .api import load_recipe
     from .runtime import Runtime
 
     recipe = load_recipe(recipe_file, sets)
-    return Runtime(recipe, open_store(store, recipe), err, device)
+    store = open_store(store, recipe, create=True) if create else open_store(store, recipe, missing_ok=True)
+    return Runtime(recipe, store, err, device)
 
 
 def _short(keys: list[str]) -> str:
@@ -102,7 +102,7 @@ def status(
     """Say which steps are cached and which would run, computing nothing."""
     from . import executor
 
-    reports = executor.status(_runtime(recipe, store, sets=sets))
+    reports = executor.status(_runtime(recipe, store, sets=sets, create=False))
     if as_json:
         print(json.dumps([r.as_json() for r in reports], indent=2))
     else:
@@ -110,11 +110,14 @@ def status(
 
 
 @app.command()
-def validate(recipe: Path = typer.Argument(..., help="recipe YAML file")):
-    """Check a recipe (keys, types, references, method parameters) without reading weights."""
-    from .recipe import load_recipe, step_order
+def validate(recipe: Path = typer.Argument(..., help="recipe YAML file"), store: Optional[Path] = StoreOpt):
+    """Check a recipe (keys, types, references, method parameters, export paths) without reading weights."""
+    from .api import load_recipe, store_root
+    from .export import check_exports
+    from .graph import step_order
 
     r = load_recipe(recipe)
+    check_exports(r, store_root(store, r))
     out.print(f"[green]ok[/]: {recipe}: {len(r.models)} models, steps in order: {escape(', '.join(step_order(r)))}")
 
 
@@ -132,12 +135,12 @@ def merge(
 ):
     """Merge models directly, without a recipe (same store, same cache)."""
     from . import executor
-    from .recipe import parse_recipe
+    from .api import parse_recipe
     from .runtime import Runtime
 
     recipe_text = direct_merge_recipe(method, model, base, param, out_dir, out_dtype, allow_pickle)
     recipe = parse_recipe(recipe_text, None)
-    rt = Runtime(recipe, open_store(store), err, device)
+    rt = Runtime(recipe, open_store(store, create=True), err, device)
     reports = executor.run(rt)
     _print_reports(reports, f"fmerge merge --method {method}")
 
@@ -166,7 +169,7 @@ def fisher(
 
     Under `torchrun --nproc_per_node K -m fmerge fisher ...` the examples are sharded across ranks."""
     from . import distributed, executor
-    from .recipe import parse_recipe
+    from .api import parse_recipe
     from .runtime import Runtime
 
     names = _model_names(model)
@@ -175,14 +178,15 @@ def fisher(
     if export is not None:
         step["export"] = str(export.resolve())
     local = Path(data)
-    spec = {"path": str(local.resolve()) if local.exists() else data, "text": text_column,
+    source = str(local.resolve()) if local.exists() else data  # a file is all rows of --split, unpartitioned
+    spec = {**({"splits": {split: source}} if local.is_file() else {"path": source}), "text": text_column,
             "text_pair": text_pair_column, "label": label_column or None, "train_split": split}
     recipe = {"base": next(iter(names.values())), "allow_pickle": allow_pickle,
               "models": {n: {"path": p, "data": "task"} for n, p in names.items()},
               "data": {"task": spec}, "steps": {"fisher": step}}
     import yaml
 
-    rt = Runtime(parse_recipe(yaml.safe_dump(recipe), None), open_store(store), err, device)
+    rt = Runtime(parse_recipe(yaml.safe_dump(recipe), None), open_store(store, create=True), err, device)
     reports = executor.run(rt)
     if distributed.is_main():
         _print_reports(reports, f"fmerge fisher --estimator {estimator} --examples {examples}")
@@ -267,6 +271,9 @@ def ls(store: Optional[Path] = StoreOpt, kind: Optional[str] = typer.Option(None
 @app.command()
 def show(key: str = typer.Argument(..., help="artifact key (a unique prefix is enough)"), store: Optional[Path] = StoreOpt):
     """Show an artifact: what made it, its inputs, parameters and tensors."""
+    from .store import check_key
+
+    check_key(key, store or os.environ.get("FMERGE_STORE") or "artifacts")  # a path is refused before anything
     art = open_store(store).open(key)
     a = art.attrs
     out.print(f"[bold]{art.key}[/] kind={art.kind} created={a.get('created')} fmerge={a.get('fmerge_version')} "
@@ -300,15 +307,28 @@ def verify(
     """Check every artifact against the checksums recorded when it was written; exit 1 if any is bad."""
     s = open_store(store)
     bad = s.verify()
+    quarantined = s.quarantined()
     if bad:
         table = Table(title=f"bad artifacts in {s.root}")
         for col in ("key", "kind", "step", "problem", "action"):
             table.add_column(col)
         for b in bad:
+            action = ""
             if repair:
-                s.remove_path(b.path)
-            table.add_row(b.key, b.kind, b.step, b.problem, "removed" if repair else "")
+                try:
+                    s.remove_path(b.path)
+                    action = "removed"
+                except FmergeError:  # not named as fmerge names artifacts: not fmerge's to delete
+                    action = "left alone (not an artifact name)"
+            table.add_row(b.key, b.kind, b.step, b.problem, action)
         out.print(table)
+    if quarantined:
+        verb = "removed" if repair else "kept"
+        for q in quarantined:
+            if repair:
+                s.remove_quarantined(q)
+        out.print(f"{verb} {len(quarantined)} corrupt artifact(s) that `fmerge run` had moved aside to "
+                  f"{s.root / 'quarantine'}" + ("" if repair else " (`fmerge verify --repair` removes them)"))
     if repair:
         removed_tmp = s.clean_tmp()
         if removed_tmp:
@@ -330,7 +350,7 @@ def gc(
 ):
     """Remove artifacts no listed recipe references (or older than a date), and leftovers of interrupted writes."""
     from . import executor
-    from .recipe import load_recipe
+    from .api import load_recipe
     from .runtime import Runtime
 
     if not keep and not older_than:

@@ -8,11 +8,15 @@ list). There is no silent default, because sorting the labels seen in one subset
 indices whenever a class is missing from it: compute the list once over the full split with
 `label_names_for` (sorted unique values, or the ClassLabel names) and record it with the model.
 Float labels are regression targets.
+
+Splits: a directory of split files or a hub dataset has its own splits. A single file is one
+split as it stands (`partition=None`), or is cut into named splits by a seeded partition
+(`DataSpec.partition`, see `partition_indices`): disjoint, covering every row, the same every
+run, so no split silently stands in for another.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,7 +28,7 @@ from .errors import FmergeError
 
 # Loader per file extension.
 _BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-# Optional column holding each row's id for seeding per-example draws (see fisher.shard_by_rank).
+# Optional column holding each row's id for seeding per-example draws (see shard_by_rank).
 EXAMPLE_ID_COLUMN = "fmerge_example_id"
 
 
@@ -35,6 +39,10 @@ class DataSpec:
     `path`: a local csv/json/jsonl/parquet file, a directory of such files (splits named by file,
     e.g. train.jsonl, validation.jsonl), or a Hugging Face hub dataset id (needs a network).
     `label_column=None` means unlabelled data (enough for the exact and sampled Fisher).
+    `partition`: for a single file, (split name, share) pairs cutting its rows into disjoint
+    splits with `partition_seed` (see `partition_indices`); `split` must be one of the names.
+    None: a file is read whole as the split asked for (a recipe names such files per split).
+    Both enter cache keys: they decide which rows a split holds.
     """
 
     path: str
@@ -43,6 +51,55 @@ class DataSpec:
     label_column: str | None = "label"
     split: str = "train"
     config: str | None = None
+    partition: tuple[tuple[str, float], ...] | None = None
+    partition_seed: int = 0
+
+
+def partition_sizes(n: int, shares: Sequence[tuple[str, float]]) -> dict[str, int]:
+    """Rows per split when n rows are cut by `shares` (largest-remainder rounding): each split
+    gets floor(share * n) rows, and the rows left over go one each to the splits with the largest
+    fractional parts of share * n, ties to the earlier split (names in sorted order). The sizes
+    sum to n; a small share of few rows may round to 0."""
+    shares = _check_shares(shares)
+    total = sum(r for _, r in shares)
+    quotas = [(name, round(r / total * n, 9)) for name, r in shares]
+    sizes = {name: int(np.floor(q)) for name, q in quotas}
+    left = n - sum(sizes.values())
+    by_fraction = sorted(range(len(quotas)), key=lambda i: (-(quotas[i][1] - np.floor(quotas[i][1])), i))
+    for i in by_fraction[:left]:
+        sizes[quotas[i][0]] += 1
+    return sizes
+
+
+def partition_indices(n: int, shares: Sequence[tuple[str, float]], seed: int) -> dict[str, np.ndarray]:
+    """The row indices (ascending, i.e. file order) of each split of a seeded partition of n rows:
+    a pure function of (n, shares, seed). The rows are shuffled by
+    `np.random.default_rng(seed).permutation(n)`, and the splits, in sorted name order, take
+    consecutive blocks of that order of `partition_sizes` rows: disjoint, and together all rows."""
+    shares = _check_shares(shares)
+    order = np.random.default_rng(seed).permutation(n)
+    out, start = {}, 0
+    for name, size in partition_sizes(n, shares).items():
+        out[name] = np.sort(order[start:start + size])
+        start += size
+    return out
+
+
+def _check_shares(shares: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    shares = sorted((str(name), float(r)) for name, r in shares)
+    names = [name for name, _ in shares]
+    if not shares or len(set(names)) != len(names):
+        raise FmergeError(f"A partition needs distinct split names with a share each; got {shares}.")
+    bad = [f"{name}: {r}" for name, r in shares if not r > 0]
+    if bad or abs(sum(r for _, r in shares) - 1) > 1e-6:
+        raise FmergeError(f"A partition's shares must each be > 0 and sum to 1; got "
+                          f"{', '.join(f'{n}: {r}' for n, r in shares)}.")
+    return shares
+
+
+def describe_partition(shares: Sequence[tuple[str, float]], seed: int) -> str:
+    """'train 0.8, validation 0.1, test 0.1 (seed 0)' for messages."""
+    return ", ".join(f"{name} {r:g}" for name, r in shares) + f" (seed {seed})"
 
 
 def _looks_local(path: str) -> bool:
@@ -69,7 +126,7 @@ def load_dataset_split(spec: DataSpec):
                     f"Data file '{spec.path}' has extension '{path.suffix}', which fmerge cannot read; "
                     f"use one of {', '.join(sorted(_BUILDERS))}."
                 )
-            ds = datasets.load_dataset(builder, data_files={spec.split: str(path)}, split=spec.split)
+            ds = _partitioned(spec, _read_file(datasets, path, builder))
         elif path.is_dir():
             ds = datasets.load_dataset(str(path), spec.config, split=spec.split)
         elif _looks_local(spec.path):
@@ -93,6 +150,11 @@ def load_dataset_split(spec: DataSpec):
         what = "Reading the data" if path.exists() else "No local file or directory is named so, and loading it as a hub dataset"
         raise FmergeError(f"{what} at {where} failed: {type(cause).__name__}: {cause}") from err
     if len(ds) == 0:
+        if spec.partition is not None and path.is_file():
+            raise FmergeError(
+                f"Data file '{spec.path}': its partition {describe_partition(spec.partition, spec.partition_seed)} "
+                f"gives split '{spec.split}' none of its rows; raise that split's share or add rows."
+            )
         raise FmergeError(f"Dataset {where} has no rows; a Fisher or evaluation needs examples.")
     columns = ds.column_names
     roles = [("text_column", spec.text_column), ("text_pair_column", spec.text_pair_column)]
@@ -107,6 +169,27 @@ def load_dataset_split(spec: DataSpec):
     return ds
 
 
+def _read_file(datasets, path: Path, builder: str):
+    """Every row of one data file, in file order (the cached `datasets` build of it)."""
+    return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
+
+
+def _partitioned(spec: DataSpec, ds):
+    """The rows of split `spec.split` of a file: all of them without a partition, else that
+    split's block of the seeded partition (a split the partition lacks is an error, never
+    another split's rows)."""
+    if spec.partition is None:
+        return ds
+    names = [name for name, _ in spec.partition]
+    if spec.split not in names:
+        raise FmergeError(
+            f"Data file '{spec.path}' is partitioned into {', '.join(sorted(names))} "
+            f"({describe_partition(sorted(spec.partition), spec.partition_seed)}); it has no split "
+            f"'{spec.split}'. Ask for one of those splits, or add '{spec.split}' to the partition."
+        )
+    return ds.select(partition_indices(len(ds), spec.partition, spec.partition_seed)[spec.split].tolist())
+
+
 def _root_cause(err: BaseException) -> BaseException:
     while err.__cause__ is not None or err.__context__ is not None:
         err = err.__cause__ or err.__context__
@@ -114,8 +197,9 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 def select_examples(ds, n: int, seed: int, *, source: str | None = None):
-    """A seeded random subset of n rows (not the first rows in storage order) and its
-    fingerprint: a hash of the dataset's identity and the chosen row indices, for cache keys."""
+    """A seeded random subset of n rows (not the first rows in storage order): the first n of one
+    seeded permutation, so a larger n extends a smaller one (see steps/fisher.py). Cache keys
+    name the data's content, n and the seed (tasks.data_inputs), never these rows."""
     what = f"Dataset '{source}'" if source else "The dataset"
     if n < 1:
         raise FmergeError(f"Asked for {n} examples from {what.lower()}; ask for at least one.")
@@ -124,25 +208,21 @@ def select_examples(ds, n: int, seed: int, *, source: str | None = None):
             f"{what} has only {len(ds)} rows, but {n} examples were requested; lower the number of "
             "examples or use a larger split."
         )
-    indices = np.random.default_rng(seed).permutation(len(ds))[:n]
-    digest = hashlib.sha256()
-    digest.update(f"{source or ''}:{getattr(ds, '_fingerprint', '')}:{len(ds)}:".encode())
-    digest.update(indices.astype("<i8").tobytes())
-    return ds.select(indices.tolist()), digest.hexdigest()[:32]
-
-
-def subset_family(ds, seed: int, *, source: str | None = None) -> str:
-    """A hash of what `select_examples` draws from, without the count: for a fixed seed the subset
-    of n rows is the first n rows of one permutation, so estimates over n rows can be extended."""
-    identity = f"{source or ''}:{getattr(ds, '_fingerprint', '')}:{len(ds)}:{seed}"
-    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+    return ds.select(np.random.default_rng(seed).permutation(len(ds))[:n].tolist())
 
 
 def label_names_for(ds, spec: DataSpec) -> list[str] | None:
     """The class names of a string or ClassLabel label column (sorted unique values for strings);
-    None for numeric labels, which are class indices or regression targets already."""
+    None for numeric labels, which are class indices or regression targets already. For a split
+    of a partitioned file they are read over the whole file, so every split maps alike."""
     if spec.label_column is None:
         return None
+    path = Path(spec.path).expanduser()
+    if spec.partition is not None and path.is_file() and spec.label_column in ds.column_names:
+        # Over the whole file: a small split may lack a class, which would shift every index.
+        import datasets
+
+        ds = _read_file(datasets, path, _BUILDERS[path.suffix.lower()])
     feature = ds.features[spec.label_column]
     if hasattr(feature, "names"):
         return list(feature.names)
@@ -267,6 +347,20 @@ def _pad_right(encoded, pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def shard_by_rank(ds, rank: int | None = None, world_size: int | None = None):
+    """This rank's examples (rank::world_size) of a datasets.Dataset, each keeping its position
+    in the full dataset as its example id, so sampled labels match a single-process run."""
+    import torch.distributed as dist
+
+    if rank is None or world_size is None:
+        initialised = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if initialised else 0
+        world_size = dist.get_world_size() if initialised else 1
+    if EXAMPLE_ID_COLUMN not in ds.column_names:
+        ds = ds.add_column(EXAMPLE_ID_COLUMN, list(range(len(ds))))
+    return ds.select(range(rank, len(ds), world_size))
+
+
 __all__ = [
     "DataSpec",
     "EXAMPLE_ID_COLUMN",
@@ -274,6 +368,9 @@ __all__ = [
     "encode_batches",
     "label_names_for",
     "load_dataset_split",
+    "partition_indices",
+    "partition_sizes",
     "select_examples",
+    "shard_by_rank",
     "subset_family",
 ]

@@ -1,4 +1,9 @@
-"""Runs a recipe's step graph: plan every key first, compute only what the store lacks."""
+"""Runs a recipe's step graph: plan every key first, compute only what the store lacks.
+
+The executor is the only place that connects steps: it plans them in dependency order, hands
+each step the planned artifacts of the steps it depends on (`upstream`), binds the outputs of
+model-producing steps into the runtime, and computes a planned artifact's `deps` before it.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ from dataclasses import dataclass
 
 from . import distributed
 from .errors import FmergeError
-from .recipe import Recipe, kind_of, step_dependencies, step_order
+from .export import check_exports
+from .graph import kind_of, step_dependencies, step_order
+from .recipe import Recipe
 from .runtime import Runtime
-from .steps import STEP_KINDS, Planned
+from .steps import Planned
 
 
 @dataclass
@@ -51,20 +58,41 @@ def selected_steps(recipe: Recipe, only: list[str] | None) -> list[str]:
 
 
 def plan_step(rt: Runtime, step: str) -> list[Planned]:
-    kind = STEP_KINDS[kind_of(rt.recipe, step)]
-    planned = kind.plan(rt, step, rt.recipe.steps[step])
+    """Plan one step from the plans of the steps it depends on (planned first, if need be)."""
+    if step in rt.planned:
+        return rt.planned[step]
+    upstream = {dep: plan_step(rt, dep) for dep in step_dependencies(rt.recipe, step)}
+    planned = rt.recipe.kinds[kind_of(rt.recipe, step)].plan(rt, step, rt.recipe.steps[step], upstream)
     rt.planned[step] = planned
+    if rt.recipe.kinds[kind_of(rt.recipe, step)].produces_model:
+        rt.bind_output(step, planned[0].key)
     return planned
 
 
+def cached(rt: Runtime, p: Planned, locked: bool = False) -> bool:
+    """Whether the store holds this artifact intact (the one place the executor asks).
+
+    A run (store opened for writing) reuses an artifact only once its bytes match their checksums;
+    a bad one is reported, moved to the store's quarantine/ and recomputed. `locked`: the caller
+    holds p.key's lock. status and gc (store opened read-only) only ask whether it exists."""
+    if not rt.store.writable or not distributed.is_main():
+        return rt.store.has(p.key)
+
+    def report(bad) -> None:
+        rt.console.print(f"[yellow]warning:[/] cached artifact {bad.key} ({p.kind}, step {p.step}) in "
+                         f"store {rt.store.root} is corrupt: {bad.problem}. Moved it "
+                         f"to {bad.path}; recomputing it.", highlight=False, soft_wrap=True)
+
+    return rt.store.has_intact(p.key, on_bad=report, locked=locked)
+
+
 def status(rt: Runtime, only: list[str] | None = None) -> list[StepReport]:
-    """Which steps are cached and which would run; computes nothing but model hashes."""
+    """Which steps are cached and which would run; computes nothing, reads no dataset."""
     reports = []
     for step in selected_steps(rt.recipe, only):
         planned = plan_step(rt, step)
-        cached = all(rt.store.has(p.key) for p in planned)
-        reports.append(StepReport(step, kind_of(rt.recipe, step), "cached" if cached else "stale",
-                                  [p.key for p in planned]))
+        state = "cached" if all(cached(rt, p) for p in planned) else "stale"
+        reports.append(StepReport(step, kind_of(rt.recipe, step), state, [p.key for p in planned]))
     return reports
 
 
@@ -75,14 +103,15 @@ def run(rt: Runtime, only: list[str] | None = None, force: list[str] | None = No
     if unknown:
         raise FmergeError(f"--force names unknown step(s) {', '.join(unknown)}; the recipe's steps are "
                           f"{', '.join(rt.recipe.steps)}.")
+    check_exports(rt.recipe, rt.store.root)
     reports = []
     for step in selected_steps(rt.recipe, only):
-        kind = STEP_KINDS[kind_of(rt.recipe, step)]
+        kind = rt.recipe.kinds[kind_of(rt.recipe, step)]
         cfg = rt.recipe.steps[step]
         start = time.perf_counter()
         planned = plan_step(rt, step)
         forced = step in force
-        todo = [p for p in planned if forced or not rt.store.has(p.key)]
+        todo = [p for p in planned if forced or not cached(rt, p)]
         report = StepReport(step, kind.kind, "cached", [p.key for p in planned])
         if dry_run:
             report.state = "stale" if todo else "cached"
@@ -98,6 +127,7 @@ def run(rt: Runtime, only: list[str] | None = None, force: list[str] | None = No
         reports.append(report)
         if on_report:
             on_report(report)
+    rt.data_hashes.save()
     return reports
 
 
@@ -106,22 +136,53 @@ def compute_distributed(rt: Runtime, kind, step: str, cfg, planned: list[Planned
     """Under torchrun: rank 0 locks and decides; sharded steps run on all ranks, others on rank 0."""
     with ExitStack() as stack:
         if distributed.is_main():
+            ensure_deps(rt, todo)
             todo = claim(rt, stack, todo, forced)
         keys = distributed.broadcast([p.key for p in todo])
         todo = [p for p in planned if p.key in keys]
         if todo and (kind.distributed or distributed.is_main()):
-            kind.compute(rt, step, cfg, todo)
+            compute_in_order(rt, kind, step, cfg, todo)
         distributed.barrier()
     return todo
 
 
 def compute_locked(rt: Runtime, kind, step: str, cfg, todo: list[Planned], forced: bool) -> list[Planned]:
     """Compute under per-key locks; keys another process finished meanwhile are not redone."""
+    ensure_deps(rt, todo)
     with ExitStack() as stack:
         todo = claim(rt, stack, todo, forced)
         if todo:
-            kind.compute(rt, step, cfg, todo)
+            compute_in_order(rt, kind, step, cfg, todo)
     return todo
+
+
+def compute_in_order(rt: Runtime, kind, step: str, cfg, todo: list[Planned]) -> None:
+    """Compute `todo` in waves, each artifact after those of `todo` it depends on."""
+    left = list(todo)
+    while left:
+        pending = {p.key for p in left}
+        ready = [p for p in left if not any(d.key in pending for d in p.deps)]
+        if not ready:
+            raise FmergeError(f"Step '{step}': its planned artifacts depend on each other in a cycle.")
+        kind.compute(rt, step, cfg, ready)
+        done = {p.key for p in ready}
+        left = [p for p in left if p.key not in done]
+
+
+def ensure_deps(rt: Runtime, todo: list[Planned]) -> None:
+    """Compute the deps of `todo` that belong to no step being run (e.g. CLIP heads), each under
+    its lock, with the step kind that makes them; deps inside `todo` are left to its waves."""
+    own = {p.key for p in todo}
+    seen: set[str] = set()
+    for dep in (d for p in todo for d in p.deps):
+        if dep.key in own or dep.key in seen:
+            continue
+        seen.add(dep.key)
+        ensure_deps(rt, [dep])
+        if not cached(rt, dep):
+            with rt.store.lock(dep.key):
+                if not cached(rt, dep, locked=True):
+                    rt.recipe.kinds[dep.kind].compute(rt, dep.step, None, [dep])
 
 
 def claim(rt: Runtime, stack: ExitStack, todo: list[Planned], forced: bool) -> list[Planned]:
@@ -129,7 +190,7 @@ def claim(rt: Runtime, stack: ExitStack, todo: list[Planned], forced: bool) -> l
     for p in sorted(todo, key=lambda p: p.key):
         stack.enter_context(rt.store.lock(p.key))
     if not forced:
-        return [p for p in todo if not rt.store.has(p.key)]
+        return [p for p in todo if not cached(rt, p, locked=True)]
     for p in todo:
         if rt.store.has(p.key):
             rt.store.remove(p.key)

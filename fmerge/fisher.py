@@ -608,22 +608,6 @@ def allreduce_sums(fs: FisherSums) -> FisherSums:
     return fs
 
 
-def shard_by_rank(ds, rank: int | None = None, world_size: int | None = None):
-    """This rank's examples (rank::world_size) of a datasets.Dataset, each keeping its position
-    in the full dataset as its example id, so sampled labels match a single-process run."""
-    import torch.distributed as dist
-
-    from .data import EXAMPLE_ID_COLUMN
-
-    if rank is None or world_size is None:
-        initialised = dist.is_available() and dist.is_initialized()
-        rank = dist.get_rank() if initialised else 0
-        world_size = dist.get_world_size() if initialised else 1
-    if EXAMPLE_ID_COLUMN not in ds.column_names:
-        ds = ds.add_column(EXAMPLE_ID_COLUMN, list(range(len(ds))))
-    return ds.select(range(rank, len(ds), world_size))
-
-
 __all__ = [
     "ESTIMATORS",
     "FisherSums",
@@ -631,5 +615,4 @@ __all__ = [
     "example_generator",
     "fisher_diagonal",
     "model_kind",
-    "shard_by_rank",
 ]

@@ -11,11 +11,10 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Iterable, Protocol
 
 import torch
 
@@ -23,6 +22,8 @@ from .errors import FmergeError
 
 WEIGHT_FILE_RE = re.compile(r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.safetensors$")
 PICKLE_FILE_RE = re.compile(r"^(pytorch_model|model)(-\d+-of-\d+)?\.(bin|pt|pth)$")
+INDEX_FILE_RE = re.compile(r"^(model|pytorch_model|adapter_model)\.(safetensors|bin)\.index\.json$")
+SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<n>\d+)-of-(?P<m>\d+)\.(?P<ext>[a-z]+)$")
 # Files copied from the base model into an exported model directory.
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -80,9 +81,13 @@ class ModelDir:
         self._pickled: dict[str, torch.Tensor] | None = None
         self._entries: dict[str, _Entry] = {}
         self._files: dict[Path, object] = {}
-        if self.files:
+        indexes = sorted(p for p in self.path.iterdir() if INDEX_FILE_RE.match(p.name) and p.is_file())
+        st_index = [p for p in indexes if ".safetensors." in p.name]
+        if self.files or st_index:
+            weight_map = self._check_index(st_index, self.files)
             for f in self.files:
                 self._index_safetensors(f)
+            self._check_tensors_in_index(weight_map)
         else:
             pickles = sorted(p for p in self.path.iterdir() if PICKLE_FILE_RE.match(p.name))
             if not pickles:
@@ -97,7 +102,9 @@ class ModelDir:
                     f"loaded; convert them to safetensors, or pass --allow-pickle to load them "
                     f"with torch's weights-only loader."
                 )
+            weight_map = self._check_index([p for p in indexes if ".bin." in p.name], pickles)
             self._load_pickles(pickles)
+            self._check_tensors_in_index(weight_map)
 
     def _index_safetensors(self, file: Path) -> None:
         try:
@@ -117,7 +124,7 @@ class ModelDir:
             if end - start != nbytes(dtype, shape) or end > file_size:
                 raise FmergeError(f"Model '{self.label}': tensor '{name}' in {file} has a byte range that does not "
                                   f"match its shape {list(shape)} or lies past the end of the file (truncated?).")
-            self._entries[name] = _Entry(file, shape, dtype, start, end)
+            self._add(name, _Entry(file, shape, dtype, start, end))
 
     def _load_pickles(self, files: list[Path]) -> None:
         self._pickled = {}
@@ -133,8 +140,108 @@ class ModelDir:
             if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
                 raise FmergeError(f"Model '{self.label}': {f} is not a state dict of tensors.")
             for name, t in state.items():
+                self._add(name, _Entry(f, tuple(t.shape), t.dtype))
                 self._pickled[name] = t
-                self._entries[name] = _Entry(f, tuple(t.shape), t.dtype)
+
+    def _add(self, name: str, entry: _Entry) -> None:
+        """Record a tensor; one held by two weight files is ambiguous and refused, never last-wins."""
+        other = self._entries.get(name)
+        if other is not None:
+            raise FmergeError(
+                f"Model '{self.label}': tensor '{name}' is in two weight files, {other.file.name} and "
+                f"{entry.file.name} (in {self.path}), so which one is meant is ambiguous. This usually means "
+                f"a stale file from an earlier save sits beside the current one: remove the file that does "
+                f"not belong to the checkpoint (compare with its model.safetensors.index.json, if any)."
+            )
+        self._entries[name] = entry
+
+    def _check_index(self, indexes: list[Path], files: list[Path]) -> dict[str, str] | None:
+        """Check the shard files against the index (if any) and against their N-of-M names.
+
+        With an index, every shard it names must exist and every weight file present must be one
+        of them; without one, `model-0000N-of-0000M` files must be all M shards of one save.
+        Returns the index's weight map (tensor -> shard file name), or None without an index.
+        """
+        if len(indexes) > 1:
+            raise FmergeError(
+                f"Model '{self.label}': {self.path} has {len(indexes)} index files "
+                f"({', '.join(p.name for p in indexes)}); fmerge reads one checkpoint per directory. "
+                f"Remove the index (and shards) that do not belong to this model."
+            )
+        weight_map = None
+        present = {f.name for f in files}
+        if indexes:
+            index = indexes[0]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+                raise FmergeError(f"Model '{self.label}': {index} is not a readable shard index (a JSON "
+                                  f"object with a 'weight_map'): {type(exc).__name__}: {exc}. Restore the "
+                                  f"file from the model's source, or remove it if the shards are complete.")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v for k, v in weight_map.items()):
+                raise FmergeError(f"Model '{self.label}': the 'weight_map' of {index} must map tensor names to "
+                                  f"shard file names in {self.path}. Restore the file from the model's source.")
+            by_shard: dict[str, list[str]] = {}
+            for tensor, shard in weight_map.items():
+                by_shard.setdefault(shard, []).append(tensor)
+            absent = sorted(s for s in by_shard if s not in present)
+            if absent:
+                tensors = [t for s in absent for t in by_shard[s]]
+                raise FmergeError(
+                    f"Model '{self.label}': {index.name} names shard file(s) missing from {self.path}: "
+                    f"{', '.join(absent)}, which hold {len(tensors)} tensor(s) ({few(tensors)}). "
+                    f"The checkpoint is incomplete (an interrupted download or copy?); fetch the missing "
+                    f"shard(s) again. fmerge never merges a model with tensors missing from it."
+                )
+            unlisted = sorted(present - set(by_shard))
+            if unlisted:
+                raise FmergeError(
+                    f"Model '{self.label}': weight file(s) {', '.join(unlisted)} in {self.path} are not named "
+                    f"in {index.name}, so it is unclear whether they belong to the checkpoint (a stale file "
+                    f"from an earlier save?). Remove or move them, or add their tensors to the index's weight_map."
+                )
+        shards: dict[tuple[str, str], dict[int, set[int]]] = {}
+        for name in present:
+            if m := SHARD_RE.match(name):
+                shards.setdefault((m["stem"], m["ext"]), {}).setdefault(int(m["m"]), set()).add(int(m["n"]))
+        for (stem, ext), by_total in sorted(shards.items()):
+            if len(by_total) > 1:
+                raise FmergeError(
+                    f"Model '{self.label}': {self.path} mixes shards of different saves ({stem}-*-of-"
+                    f"{', -of-'.join(f'{t:05d}' for t in sorted(by_total))}.{ext}). Remove the shards that do "
+                    f"not belong to the current checkpoint."
+                )
+            (total, have), = by_total.items()
+            lacking = [f"{stem}-{n:05d}-of-{total:05d}.{ext}" for n in range(1, total + 1) if n not in have]
+            if lacking:
+                raise FmergeError(
+                    f"Model '{self.label}': shard file(s) {', '.join(lacking)} missing from {self.path} "
+                    f"(the names say there are {total} shards, {len(have)} are present). The checkpoint is "
+                    f"incomplete (an interrupted download or copy?); fetch the missing shard(s) again."
+                )
+        return weight_map
+
+    def _check_tensors_in_index(self, weight_map: dict[str, str] | None) -> None:
+        """Every tensor the index names is in the shard it is mapped to, and no shard holds more."""
+        if weight_map is None:
+            return
+        misplaced = [f"'{t}' (index: {shard}, " + (f"found in {self._entries[t].file.name})" if t in self._entries else "found nowhere)")
+                     for t, shard in weight_map.items()
+                     if t not in self._entries or self._entries[t].file.name != shard]
+        extra = [t for t in self._entries if t not in weight_map]
+        if misplaced or extra:
+            parts = []
+            if misplaced:
+                parts.append(f"{len(misplaced)} tensor(s) of the index are not in the shard it names: "
+                             f"{'; '.join(misplaced[:3])}{f' and {len(misplaced) - 3} more' if len(misplaced) > 3 else ''}")
+            if extra:
+                parts.append(f"{len(extra)} tensor(s) in the shards are not in the index ({few(extra)})")
+            raise FmergeError(
+                f"Model '{self.label}': its shard index and shard files in {self.path} disagree: "
+                f"{'; and '.join(parts)}. The checkpoint is inconsistent (shards from different saves, or a "
+                f"hand-edited index); fetch or save the model again."
+            )
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -175,6 +282,12 @@ class ModelDir:
         return self.files or sorted({e.file for e in self._entries.values()})
 
 
+def few(names: list[str], shown: int = 3) -> str:
+    """'a', 'b', 'c' and 4 more: the first names of a list, quoted, and how many are left out."""
+    head = ", ".join(f"'{n}'" for n in names[:shown])
+    return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
@@ -190,10 +303,11 @@ def content_hash(source: TensorSource) -> str:
 
 
 class HashCache:
-    """Remembers a model's content hash by its weight files' path, size and mtime."""
+    """Remembers a model's content hash by its weight files' path, size and mtime (in `file`,
+    which is only read when `write` is false: a store opened read-only is never written)."""
 
-    def __init__(self, file: Path):
-        self.file = file
+    def __init__(self, file: Path, write: bool = True):
+        self.file, self.write = file, write
 
     def _load(self) -> dict:
         try:
@@ -208,6 +322,8 @@ class HashCache:
         if cached:
             return cached
         digest = content_hash(model)
+        if not self.write:
+            return digest
         try:
             from filelock import FileLock
 
@@ -245,13 +361,17 @@ def _header_bytes(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metada
 
 
 class StreamingSafetensorsWriter:
-    """Writes one safetensors file whose layout is declared up front; tensors arrive in order."""
+    """Writes one safetensors file whose layout is declared up front; tensors arrive in order.
+
+    The file's SHA-256 (the Hugging Face hub's LFS object id) is computed as it is written, so an
+    export's manifest costs no second read of the weights."""
 
     def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
         self.path = path
         self.layout = layout
         header, self.sizes = _header_bytes(layout, metadata or {})
-        self.fh = open(path, "wb")
+        self.sha256 = hashlib.sha256(header)
+        self.fh = open(path, "xb")  # a fresh file in a directory fmerge made: never anyone else's
         self.fh.write(header)
         self.next = 0
 
@@ -261,6 +381,7 @@ class StreamingSafetensorsWriter:
             raise RuntimeError(f"writer expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         if data.size:
+            self.sha256.update(memoryview(data))
             self.fh.write(memoryview(data))
         self.next += 1
 
@@ -268,6 +389,10 @@ class StreamingSafetensorsWriter:
         if self.next != len(self.layout):
             raise RuntimeError(f"{self.path}: {len(self.layout) - self.next} tensors never written")
         self.fh.close()
+
+    @property
+    def digest(self) -> str:
+        return self.sha256.hexdigest()
 
 
 def plan_shards(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
@@ -283,90 +408,36 @@ def plan_shards(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shar
     return shards
 
 
-def write_model_dir(
-    out: Path,
+def write_weight_files(
+    dir: Path,
     layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
     tensors: Iterable[tuple[str, torch.Tensor]],
-    *,
-    side_files_from: Path | None,
-    readme: str,
     metadata: dict[str, str],
     max_shard_bytes: int = 5 * 2**30,
-    finish: Callable[[Path], None] | None = None,
-) -> None:
-    """Write a Hugging Face model directory (sharded safetensors + index), streaming tensors.
-
-    `tensors` must yield in `layout` order; `finish(dir)` adds files of the caller's. The directory
-    is built aside and moved into place, so `out` is either the old export or the complete new one,
-    never a mix.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_leftovers(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        shards = plan_shards(layout, max_shard_bytes)
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        it = iter(tensors)
-        weight_map = {}
-        for shard, fname in zip(shards, names):
-            w = StreamingSafetensorsWriter(tmp / fname, shard, metadata)
+) -> dict[str, str]:
+    """Write `model.safetensors` (or N shards and their index) into the existing directory `dir`,
+    streaming `tensors` (which must yield in `layout` order). Returns {file name: SHA-256} of the
+    weight files. Only fmerge.export calls this for exports: it owns where `dir` is and what may
+    be replaced; benchmarks use it to make input models."""
+    shards = plan_shards(layout, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    it = iter(tensors)
+    weight_map, digests = {}, {}
+    for shard, fname in zip(shards, names):
+        w = StreamingSafetensorsWriter(Path(dir) / fname, shard, metadata)
+        try:
             for _ in shard:
                 name, t = next(it)
                 w.write(name, t)
                 weight_map[name] = fname
-            w.close()
-        if len(shards) > 1:
-            total = sum(nbytes(d, s) for _, d, s in layout)
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-            )
-        if side_files_from is not None:
-            for fname in SIDE_FILES:
-                src = Path(side_files_from) / fname
-                if src.is_file():
-                    shutil.copy2(src, tmp / fname)
-        (tmp / "README.md").write_text(readme)
-        if finish is not None:
-            finish(tmp)
-        _swap_into_place(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FmergeError(f"Exporting the model to {out} failed: {exc.strerror or exc}. The partial export was "
-                          f"removed{' and the previous one kept' if out.exists() else ''}; free space or "
-                          f"choose another export directory, then run again.") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _remove_dead_leftovers(out: Path) -> None:
-    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` beside `out` left by exports killed midway."""
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        stem, _, pid = p.name.rpartition("-")
-        if stem in (f".{out.name}.tmp", f".{out.name}.old") and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        finally:
+            w.fh.close()
+        w.close()
+        digests[fname] = w.digest
+    if len(shards) > 1:
+        total = sum(nbytes(d, s) for _, d, s in layout)
+        (Path(dir) / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    return digests

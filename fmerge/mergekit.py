@@ -4,22 +4,28 @@ mergekit ignores parameters it does not know (`densty: 0.5` merges at density 1)
 unknown key is an error with a did-you-mean. Only the methods both tools share are accepted, with
 mergekit 0.1.5's defaults:
 
-| mergekit       | fmerge                                    | normalize default |
-| -------------- | ----------------------------------------- | ----------------- |
-| linear         | weighted_average (weights)                | true              |
-| task_arithmetic| task_arithmetic (weight, lambda)          | false             |
-| ties           | ties (density, weight, lambda, mean/sum)  | true              |
-| dare_ties      | dare, combine: ties, p = 1 − density      | false             |
-| dare_linear    | dare, combine: task_arithmetic            | false             |
+| mergekit        | fmerge                                                   | normalize default |
+| --------------- | -------------------------------------------------------- | ----------------- |
+| linear          | weighted_average (weights)                               | true              |
+| task_arithmetic | task_arithmetic (weight, lambda)                         | false             |
+| ties            | ties (density, weight, lambda, mean/sum), rule: mergekit | true              |
+| dare_ties       | dare, combine: ties, p = 1 − density, rule: mergekit     | false             |
+| dare_linear     | dare, combine: task_arithmetic                           | false             |
 
 Values keep mergekit's grammar (a number, a list interpolated over layer depth, `{filter, value}`
 entries matched against tensor names), written in fmerge's explicit form (`{gradient: [...]}`)
-and resolved per tensor by the merge driver. Known differences, all documented in the methods:
-TIES keeps ⌈density·n⌉ entries (ties at the cut kept) where mergekit keeps ⌊density·n⌋, an exact
-zero sign sum keeps the base value where mergekit elects +, and DARE's rescale divides by 1 − p
-where mergekit 0.1.5 matches the L1 norm. Arithmetic is fp32 whatever `dtype` says; `out_dtype`
-(else `dtype`, else the base's dtype) is the dtype written. Paths are relative to the config file
-(then to the working directory, as mergekit reads them); the merged model is exported beside the
+and resolved per tensor by the merge driver. ties and dare_ties get `rule: mergekit`, mergekit
+0.1.5's TIES: k = ⌊density·n⌋ entries kept (at least 1), in its CPU argsort's order among equal
+magnitudes; weights applied before the sign vote and λ after; + elected where the sign sum is
+exactly 0. (fmerge's own default, `rule: exact`, keeps exactly ⌈density·n⌉, the lowest flat index
+winning ties at the cut, and keeps the base value at a zero sum.) Known differences, documented
+in the methods: DARE's drop mask comes from fmerge's seeded generator, not mergekit's, and its
+rescale divides by 1 − p where mergekit 0.1.5 matches the L1 norm; arithmetic is fp32 whatever
+`dtype` says, where mergekit computes in `dtype` (with `dtype: float32` TIES is bit-identical to
+mergekit's on the CPU; with bf16 mergekit rounds every intermediate to bf16, so outputs are close,
+not bit-identical). `out_dtype` (else `dtype`, else the
+base's dtype) is the dtype written. Paths are relative to the config file (then to the working
+directory, as mergekit reads them); the merged model is exported beside the
 config as `<config name>-merged/`.
 """
 
@@ -248,13 +254,14 @@ def _convert(data: dict, lines, file: Path | None) -> dict:
                               f"magnitude trim) is not supported for ties.")
         fmerge_method = "ties"
         params = {"density": model_values("density"), "weight": weights, "lambda": lam,
-                  "merge": "mean" if flag("normalize") else "sum"}
+                  "merge": "mean" if flag("normalize") else "sum", "rule": "mergekit"}
     else:  # dare_ties, dare_linear
         p = {n: _map(d, lambda v: 1.0 - v) for n, d in model_values("density").items()}
         fmerge_method = "dare"
         params = {"p": p, "rescale": flag("rescale"), "lambda": lam}
         if method == "dare_ties":
-            params.update(combine="ties", merge="mean" if flag("normalize") else "sum", weight=weights)
+            params.update(combine="ties", merge="mean" if flag("normalize") else "sum", weight=weights,
+                          rule="mergekit")
         else:
             if flag("normalize"):
                 weights = scalar_weights_normalized(weights, where(("parameters", "normalize")))
@@ -265,7 +272,7 @@ def _convert(data: dict, lines, file: Path | None) -> dict:
     if out_dtype:
         step["out_dtype"] = str(out_dtype)
     stem = file.stem if file else "mergekit"
-    step["export"] = str(config_dir / f"{stem}-merged")
+    step["export"] = f"{stem}-merged"  # beside the config: recipe paths resolve against its directory
     return {
         "name": f"mergekit {method}" + (f" ({file.name})" if file else ""),
         "base": base_path or next(iter(models.values())),

@@ -3,8 +3,10 @@
 Fine-tuned checkpoints often name tensors with a prefix the base lacks (`bert.encoder...` for a
 classifier fine-tuned from a `BertModel`), so each model gets a name map aligned to the reference
 (base) naming. The mergeable set is the floating-point tensors that every model has with the
-reference's shape, minus `exclude` regexes and head regexes; other reference tensors are copied
-from the base; tensors only some models have (task heads) stay per model and are never averaged.
+reference's shape, minus `exclude` regexes and head regexes; excluded, head and non-float
+reference tensors are copied from the base; tensors only some models have (task heads) stay per
+model and are never averaged. A mergeable tensor that some model lacks is an error: nothing is
+taken from the base in a model's place unless the recipe says `missing_tensors: base`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import FmergeError
-from .io import TensorSource
+from .io import TensorSource, few
 from .methods import MergeContext, MergeMethod, MethodParams, TensorGroup
 
 
@@ -28,10 +30,13 @@ class TensorPlan:
     name_maps: dict[str, dict[str, str]]       # model -> {reference name: model's name}
     per_model: dict[str, list[str]]            # model -> its own tensors (heads), model naming
     notes: list[str] = field(default_factory=list)
+    # reference name -> models lacking it, for tensors taken from the base under `missing_tensors: base`
+    from_base: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {"merged": len(self.merge), "copied": len(self.copy),
-                "per_model": {m: len(v) for m, v in self.per_model.items()}, "notes": self.notes}
+                "per_model": {m: len(v) for m, v in self.per_model.items()}, "notes": self.notes,
+                "from_base": self.from_base}
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -63,18 +68,31 @@ def align_names(reference: list[str], model_names: list[str]) -> dict[str, str]:
     return best
 
 
+MISSING_POLICIES = ("error", "base")
+
+
 def plan_tensors(
     base: TensorSource | None,
     models: dict[str, TensorSource],
     exclude: list[str],
     heads: list[str],
+    missing_tensors: str = "error",
 ) -> TensorPlan:
+    """Split the reference's tensors into merged and copied ones; see the module docstring.
+
+    A floating-point reference tensor (not excluded, not a head) that some model lacks is an
+    FmergeError unless `missing_tensors` is "base" (the recipe's `missing_tensors`): then the
+    output takes the base's value for it, unmerged, and `TensorPlan.from_base` lists it.
+    """
+    if missing_tensors not in MISSING_POLICIES:
+        raise FmergeError(f"missing_tensors: unknown policy '{missing_tensors}'; use one of {', '.join(MISSING_POLICIES)}.")
     ref_src = base if base is not None else next(iter(models.values()))
     reference = ref_src.names()
     name_maps = {m: align_names(reference, src.names()) for m, src in models.items()}
     excl = [re.compile(p) for p in exclude]
     head = [re.compile(p) for p in heads]
     merge, copy, notes, mismatched = [], [], [], []
+    lacking: dict[str, list[str]] = {}  # reference name -> models without it
     for r in reference:
         if not ref_src.dtype(r).is_floating_point:
             copy.append(r)
@@ -84,7 +102,7 @@ def plan_tensors(
             continue
         missing = [m for m, nm in name_maps.items() if r not in nm]
         if missing:
-            notes.append(f"'{r}' missing in {', '.join(missing)}: copied from base")
+            lacking[r] = missing
             copy.append(r)
             continue
         shapes = {m: tuple(models[m].shape(nm[r])) for m, nm in name_maps.items()}
@@ -113,13 +131,57 @@ def plan_tensors(
         raise FmergeError("The models share no floating-point tensor to merge: check that they are "
                           "fine-tuned from the same base and that 'exclude' is not too broad. The base has "
                           f"{', '.join(repr(r) for r in reference[:3])}" + (f"; {examples}" if examples else "") + ".")
-    per_model = {}
+    per_model, unmapped = {}, {}
     for m, src in models.items():
         mapped = set(name_maps[m].values())
-        own = [n for n in src.names() if n not in mapped]
+        own = unmapped[m] = [n for n in src.names() if n not in mapped]
         headish = [n for n in src.names() if any(p.search(n) for p in head) and n not in own]
         per_model[m] = own + headish
-    return TensorPlan(reference, merge, copy, name_maps, per_model, notes)
+    if lacking:
+        _check_lacking(ref_src, models, lacking, unmapped, missing_tensors, base is not None)
+    return TensorPlan(reference, merge, copy, name_maps, per_model, notes, from_base=lacking)
+
+
+def _check_lacking(ref_src: TensorSource, models: dict[str, TensorSource], lacking: dict[str, list[str]],
+                   unmapped: dict[str, list[str]], policy: str, has_base: bool) -> None:
+    """Refuse reference tensors some model lacks, unless the policy takes them from the base.
+
+    A model tensor that looks like a lacking one under another prefix (it would otherwise end up
+    among the model's own tensors, and its value never merged) is refused under every policy.
+    """
+    renamed = []
+    for r, ms in lacking.items():
+        for m in ms:
+            for n in unmapped[m]:
+                if ((n.endswith("." + r) or r.endswith("." + n))
+                        and tuple(models[m].shape(n)) == tuple(ref_src.shape(r))):
+                    renamed.append(f"model '{m}' has '{n}' where the base has '{r}'")
+                    break
+    if renamed:
+        raise FmergeError(
+            f"Some models name tensors of the base under a different prefix than their other tensors, "
+            f"so fmerge would not merge them: {'; '.join(renamed[:3])}"
+            f"{f' (and {len(renamed) - 3} more)' if len(renamed) > 3 else ''}. Save the model with one "
+            f"consistent naming (every tensor with the same prefix), or list those tensors in 'exclude' "
+            f"(then the base's value is used) or in 'heads' (then they stay per model)."
+        )
+    if policy == "base":
+        return
+    by_model: dict[str, list[str]] = {}
+    for r, ms in lacking.items():
+        for m in ms:
+            by_model.setdefault(m, []).append(r)
+    shown = "; ".join(f"model '{m}' lacks {len(rs)}: {few(rs)}" for m, rs in list(by_model.items())[:4])
+    if len(by_model) > 4:
+        shown += f"; and {len(by_model) - 4} more models"
+    what = "the base" if has_base else "the first model"
+    raise FmergeError(
+        f"{len(lacking)} floating-point tensor(s) of {what} are missing from some models ({shown}), and "
+        f"fmerge does not fill them in silently. If a checkpoint is incomplete, fetch or save it again. "
+        f"Otherwise add regexes matching them to the recipe's 'exclude' (they are then copied from the "
+        f"base), or set 'missing_tensors: base' in the recipe to take the base's value, unmerged, for every "
+        f"tensor a model lacks (they are listed in the artifact and the exported model card)."
+    )
 
 
 def merge_stream(

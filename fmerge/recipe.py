@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import FmergeError
 
@@ -40,10 +40,22 @@ class ModelSpec(Strict):
             raise ValueError("give exactly one of 'path' or 'from_step'")
 
 
-class DataSpec(Strict):
-    """A task's labelled data: local csv/json/jsonl/parquet files or a hub dataset id."""
+DEFAULT_PARTITION = (0.8, 0.1, 0.1)  # shares of train_split, validation_split, test_split of a single file
 
-    path: str = Field(description="file, directory or hub dataset id")
+
+class DataSpec(Strict):
+    """A task's labelled data: local csv/json/jsonl/parquet files or a hub dataset id.
+
+    Where each split's rows come from, so that no split ever stands in for another:
+    - `path` naming one file: the file is cut into disjoint splits by a seeded partition
+      (`partition`, default train_split 0.8, validation_split 0.1, test_split 0.1; `partition_seed`),
+      see fmerge.data.partition_indices for the rule;
+    - `path` naming a directory (train.jsonl, validation.jsonl, ...) or a hub id: its own splits;
+    - `splits`: one file per split, e.g. {train: a.jsonl, validation: b.jsonl, test: c.jsonl}.
+    """
+
+    path: str | None = Field(None, description="a data file (cut into splits by `partition`), a directory of "
+                             "split files (train.jsonl, validation.jsonl, ...) or a hub dataset id")
     text: str = "text"
     text_pair: str | None = None
     label: str | None = "label"
@@ -52,6 +64,13 @@ class DataSpec(Strict):
     train_split: str = "train"
     validation_split: str = "validation"
     test_split: str = "test"
+    splits: dict[str, str] | None = Field(
+        None, description="one file per split instead of `path`, e.g. {train: a.jsonl, validation: b.jsonl, "
+        "test: c.jsonl} (relative to the recipe); keys are this entry's split names")
+    partition: dict[str, float] | None = Field(
+        None, description="for `path` naming one file: each split's share of its rows, e.g. {train: 0.8, "
+        "validation: 0.1, test: 0.1} (the default, with this entry's split names); shares > 0 summing to 1")
+    partition_seed: int = Field(0, description="seed of the partition's row shuffle (not the recipe seed)")
     image: str | None = Field(None, description="image column: a CLIP zero-shot task (see fmerge/clip.py)")
     classnames: str | list[str] | None = Field(
         None, description="CLIP class names in label order, or a built-in task name (default: the data "
@@ -60,9 +79,35 @@ class DataSpec(Strict):
         None, description="CLIP prompt templates with '{}', or a built-in task name (default: the data "
         "entry's name if built in, else 'a photo of a {}.')")
 
+    @field_validator("splits", "partition")
+    @classmethod
+    def _split_names(cls, value: dict | None, info: ValidationInfo) -> dict | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("name at least one split")
+        names = list(dict.fromkeys(info.data.get(k) for k in ("train_split", "validation_split", "test_split")))
+        for split in value:
+            if split not in names:
+                raise ValueError(f"split '{split}' is none of this entry's split names ({', '.join(map(str, names))}); "
+                                 f"rename it, or set train_split, validation_split or test_split to it")
+        if info.field_name == "partition":
+            for split, share in value.items():
+                if not share > 0:
+                    raise ValueError(f"the share of split '{split}' must be > 0 (got {share})")
+            if abs(sum(value.values()) - 1) > 1e-6:
+                raise ValueError(f"the shares must sum to 1 (they sum to {sum(value.values()):g})")
+        return value
+
     def model_post_init(self, _: Any) -> None:
         from .clip import builtin_task
 
+        if (self.path is None) == (self.splits is None):
+            raise ValueError("give exactly one of 'path' (a data file, a directory of split files or a hub dataset "
+                             "id) or 'splits' (one file per split)")
+        if self.splits is not None and (self.partition is not None or "partition_seed" in self.model_fields_set):
+            raise ValueError("'partition' and 'partition_seed' cut the single file given as 'path'; with 'splits' "
+                             "each split has its own file: remove them")
         if self.image is None and (self.classnames is not None or self.templates is not None):
             raise ValueError("'classnames' and 'templates' are for image (CLIP) tasks: set 'image' too")
         for key in ("classnames", "templates"):
@@ -76,6 +121,94 @@ class DataSpec(Strict):
         if isinstance(self.templates, list) and not all("{}" in t for t in self.templates):
             raise ValueError("each template must contain '{}', where the class name goes")
 
+    def single_file(self, recipe: "Recipe") -> Path | None:
+        """The one data file `path` names (resolved), which is partitioned; None otherwise."""
+        if self.path is None:
+            return None
+        local = recipe.resolve(self.path)
+        return local if local.is_file() else None
+
+    def partition_for(self, recipe: "Recipe") -> dict[str, float] | None:
+        """The partition of a single-file entry (the default shares if none is given); else None."""
+        if self.single_file(recipe) is None:
+            return None
+        if self.partition is not None:
+            return dict(self.partition)
+        return dict(zip((self.train_split, self.validation_split, self.test_split), DEFAULT_PARTITION))
+
+    def check_paths(self, recipe: "Recipe", name: str) -> None:
+        """At recipe load: the files exist, and the entry's splits are well defined."""
+        from .data import _BUILDERS
+
+        if self.splits is not None:
+            seen: dict[Path, str] = {}
+            for split, file in self.splits.items():
+                where, local = recipe.where("data", name, "splits", split), recipe.resolve(file)
+                if not local.is_file():
+                    what = "is a directory; name one csv/json/jsonl/parquet file" if local.is_dir() else "does not exist"
+                    raise FmergeError(f"{where}: data file {local} {what}.")
+                if local.suffix.lower() not in _BUILDERS:
+                    raise FmergeError(f"{where}: data file {local} has extension '{local.suffix}', which fmerge "
+                                      f"cannot read; use one of {', '.join(sorted(_BUILDERS))}.")
+                if local.resolve() in seen:
+                    raise FmergeError(f"{where}: names the same file as splits.{seen[local.resolve()]} ({local}), so "
+                                      f"both splits would hold the same rows; give each split its own file, or give "
+                                      f"the one file as 'path' to have it partitioned.")
+                seen[local.resolve()] = split
+            return
+        local = recipe.resolve(self.path)
+        if not local.exists() and not recipe.is_hub_id(self.path):
+            raise FmergeError(f"{recipe.where('data', name, 'path')}: data file {local} does not exist.")
+        if not local.is_file():
+            if self.partition is not None or "partition_seed" in self.model_fields_set:
+                key = "partition" if self.partition is not None else "partition_seed"
+                what = "a directory" if local.is_dir() else "a hub dataset"
+                raise FmergeError(f"{recipe.where('data', name, key)}: a partition cuts a single data file, but "
+                                  f"path '{self.path}' is {what}, whose splits come with it; remove '{key}'.")
+            return
+        if self.partition is None:
+            keys = ("train_split", "validation_split", "test_split")
+            for i, key in enumerate(keys):
+                for other in keys[:i]:
+                    if getattr(self, key) == getattr(self, other):
+                        raise FmergeError(
+                            f"{recipe.where('data', name, key)}: '{getattr(self, key)}' is also the {other}, but "
+                            f"{self.path} is one file, partitioned into disjoint train, validation and test splits "
+                            f"(shares {', '.join(map(str, DEFAULT_PARTITION))}); give the three splits distinct "
+                            f"names, or set 'partition' to the splits wanted, e.g. {{{self.train_split}: 0.8, "
+                            f"{getattr(self, key)}: 0.2}}.")
+
+    def rows_of(self, recipe: "Recipe", name: str, split: str) -> tuple:
+        """What identifies the rows of `split` (for leak checks; see `rows_overlap`). A split the
+        entry does not have is an error naming the recipe key."""
+        if self.splits is not None:
+            if split not in self.splits:
+                raise FmergeError(f"{recipe.where('data', name, 'splits')}: data '{name}' names no file for split "
+                                  f"'{split}' (it names {', '.join(self.splits)}); add '{split}: FILE' to its "
+                                  f"splits, or use one of those.")
+            return ("file", str(recipe.resolve(self.splits[split]).resolve()))
+        file = self.single_file(recipe)
+        if file is not None:
+            partition = self.partition_for(recipe)
+            if split not in partition:
+                raise FmergeError(f"{recipe.where('data', name, 'partition')}: data '{name}' is one file "
+                                  f"partitioned into {', '.join(sorted(partition))}; it has no split '{split}'. "
+                                  f"Use one of those, or add '{split}' to its partition (shares summing to 1).")
+            return ("partition", str(file.resolve()), tuple(sorted(partition.items())), self.partition_seed, split)
+        local = recipe.resolve(self.path)
+        return ("split", str(local.resolve()) if local.exists() else self.path, self.config, split)
+
+    @staticmethod
+    def rows_overlap(a: tuple, b: tuple) -> bool:
+        """Whether two `rows_of` identities may share rows: the same split of the same data, or
+        one file read two ways (whole, or under different partitions). Blocks of one partition
+        are disjoint, as are differently named splits of a directory or hub dataset."""
+        if a == b:
+            return True
+        if a[0] in ("file", "partition") and b[0] in ("file", "partition") and a[1] == b[1]:
+            return not (a[0] == b[0] == "partition" and a[2:4] == b[2:4])
+        return False
+
 
 class RecipeSpec(Strict):
     version: Literal[1] = 1
@@ -88,6 +221,10 @@ class RecipeSpec(Strict):
     data: dict[str, DataSpec] = {}
     exclude: list[str] = Field([], description="regexes of tensor names never merged (taken from base)")
     heads: list[str] = Field(DEFAULT_HEADS, description="regexes of per-task head tensors, never averaged")
+    missing_tensors: Literal["error", "base"] = Field(
+        "error", description="a floating-point tensor of the base that some model lacks: 'error' (default) "
+        "refuses to merge; 'base' takes the base's value for it, unmerged, and lists it in the artifact "
+        "and the exported model card")
     allow_pickle: bool = False
     trust_remote_code: bool = False
     steps: dict[str, dict[str, Any]] = Field(min_length=1)
@@ -115,8 +252,10 @@ class RecipeSpec(Strict):
 class Recipe:
     """A validated recipe: the spec, its resolved paths, and each step's typed config."""
 
-    def __init__(self, spec: RecipeSpec, file: Path | None, steps: dict[str, BaseModel], lines: "LineIndex"):
+    def __init__(self, spec: RecipeSpec, file: Path | None, steps: dict[str, BaseModel], lines: "LineIndex",
+                 kinds: typing.Mapping[str, Any]):
         self.spec, self.file, self.steps, self.lines = spec, file, steps, lines
+        self.kinds = kinds  # the step-kind registry this recipe was validated against (fmerge.graph)
         self.dir = file.parent if file else Path.cwd()
         self.base = spec.base if isinstance(spec.base, ModelSpec) else ModelSpec(path=spec.base)
         self.models = {n: m if isinstance(m, ModelSpec) else ModelSpec(path=m) for n, m in spec.models.items()}
@@ -247,137 +386,3 @@ def parse_yaml(text: str, file: Path | None) -> tuple[Any, LineIndex]:
     if not isinstance(data, dict):
         raise FmergeError(f"{name}: a recipe must be a YAML mapping with at least 'base', 'models' and 'steps'.")
     return data, LineIndex(file, root)
-
-
-def load_recipe(file: Path | str, sets: list[str] | None = None) -> Recipe:
-    """Load and validate a recipe; `sets` are `--set STEP.PARAM=VALUE[,VALUE...]` items."""
-    file = Path(file)
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise FmergeError(f"Cannot read recipe {file}: {exc.strerror or exc}.")
-    return parse_recipe(text, file, sets)
-
-
-def parse_recipe(text: str, file: Path | None = None, sets: list[str] | None = None) -> Recipe:
-    data, lines = parse_yaml(text, file)
-    if sets:
-        from .sweep import apply_overrides, parse_set
-
-        apply_overrides(data, *parse_set(sets))
-    if "merge_method" in data:  # a mergekit config: read as the equivalent one-step recipe
-        from .mergekit import recipe_from_mergekit
-
-        data = recipe_from_mergekit(data, lines, file)
-    try:
-        spec = RecipeSpec.model_validate(data)
-    except ValidationError as exc:
-        raise FmergeError(format_validation_error(exc, RecipeSpec, lines))
-    from .steps import STEP_KINDS  # steps register their typed configs
-
-    steps: dict[str, BaseModel] = {}
-    for name, raw in spec.steps.items():
-        if not isinstance(raw, dict) or "kind" not in raw:
-            raise FmergeError(f"{lines.where(('steps', name))}: each step needs a 'kind' "
-                              f"(one of {', '.join(sorted(STEP_KINDS))}).")
-        kind = raw["kind"]
-        if kind not in STEP_KINDS:
-            close = get_close_matches(str(kind), STEP_KINDS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise FmergeError(f"{lines.where(('steps', name, 'kind'))}: unknown step kind '{kind}'{hint} "
-                              f"Known kinds: {', '.join(sorted(STEP_KINDS))}.")
-        config_cls = STEP_KINDS[kind].Config
-        try:
-            steps[name] = config_cls.model_validate({k: v for k, v in raw.items() if k != "kind"})
-        except ValidationError as exc:
-            raise FmergeError(format_validation_error(exc, config_cls, lines, ("steps", name)))
-    recipe = Recipe(spec, file, steps, lines)
-    _check_references(recipe)
-    if spec.sweep:
-        from .sweep import expand
-
-        expand(recipe, spec.sweep)
-        for group in recipe.sweeps.values():
-            for v in group:
-                STEP_KINDS[kind_of(recipe, v.name)].check(recipe, v.name, recipe.steps[v.name])
-    return recipe
-
-
-def _check_references(recipe: Recipe) -> None:
-    from .steps import STEP_KINDS
-
-    models, data, steps = recipe.models, recipe.spec.data, recipe.steps
-    for name, m in [("base", recipe.base)] + [(n, m) for n, m in models.items()]:
-        key = ("base",) if name == "base" else ("models", name)
-        if m.from_step is not None and m.from_step not in steps:
-            raise FmergeError(f"{recipe.where(*key, 'from_step')}: no step named '{m.from_step}'.")
-        if m.path is not None:
-            local = recipe.resolve(m.path)
-            if not local.exists() and not recipe.is_hub_id(m.path):
-                raise FmergeError(f"{recipe.where(*key)}: model directory {local} does not exist "
-                                  f"(nor is '{m.path}' a hub id of the form org/name).")
-        if m.data is not None and m.data not in data:
-            close = get_close_matches(m.data, data, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise FmergeError(f"{recipe.where(*key, 'data')}: no data entry named '{m.data}'{hint}")
-    for name, d in data.items():
-        local = recipe.resolve(d.path)
-        if not local.exists() and not recipe.is_hub_id(d.path):
-            raise FmergeError(f"{recipe.where('data', name, 'path')}: data file {local} does not exist.")
-    for name, cfg in steps.items():
-        kind = STEP_KINDS[recipe.spec.steps[name]["kind"]]
-        for field, ref in kind.step_refs(cfg):
-            if ref not in steps:
-                close = get_close_matches(ref, steps, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise FmergeError(f"{recipe.where('steps', name, field)}: no step named '{ref}'{hint}")
-        for field, ref in kind.model_refs(cfg):
-            if ref not in models:
-                close = get_close_matches(ref, models, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise FmergeError(f"{recipe.where('steps', name, field)}: no model named '{ref}'{hint} "
-                                  f"Models: {', '.join(models)}.")
-        kind.check(recipe, name, cfg)
-    step_order(recipe)  # raises on cycles
-
-
-def step_dependencies(recipe: Recipe, name: str) -> list[str]:
-    """Steps that must run before `name`: steps it names, and steps producing the models it uses."""
-    from .steps import STEP_KINDS
-
-    cfg = recipe.steps[name]
-    kind = STEP_KINDS[recipe.spec.steps[name]["kind"]]
-    deps = [step for _, ref in kind.step_refs(cfg) for step in recipe.step_names(ref)]
-    for model in kind.models_used(cfg, recipe):
-        producer = recipe.models[model].from_step
-        if producer:
-            deps.append(producer)
-    if recipe.base.from_step and kind.uses_base:
-        deps.append(recipe.base.from_step)
-    return list(dict.fromkeys(deps))
-
-
-def step_order(recipe: Recipe) -> list[str]:
-    """Steps in dependency order (recipe order among independent steps); cycles are errors."""
-    order: list[str] = []
-    state: dict[str, int] = {}
-
-    def visit(name: str, chain: list[str]) -> None:
-        if state.get(name) == 2:
-            return
-        if state.get(name) == 1:
-            cycle = chain[chain.index(name):] + [name]
-            raise FmergeError(f"{recipe.where('steps', name)}: steps form a cycle: {' -> '.join(cycle)}.")
-        state[name] = 1
-        for dep in step_dependencies(recipe, name):
-            visit(dep, chain + [name])
-        state[name] = 2
-        order.append(name)
-
-    for name in recipe.steps:
-        visit(name, [])
-    return order
-
-
-def kind_of(recipe: Recipe, step: str) -> str:
-    return recipe.spec.steps[step]["kind"]

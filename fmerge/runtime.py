@@ -1,21 +1,22 @@
-"""What a running recipe shares between steps: the store, resolved models and their hashes."""
+"""The context a recipe runs in: its store, device, and models resolved to sources and hashes.
+
+Steps never read each other's plans through it: the executor hands each step the planned
+artifacts of the steps it depends on, and binds the outputs of model-producing steps here
+(`bind_output`) so that `source` and `model_hash` can serve those models.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from rich.console import Console
 
 from . import distributed
 from .errors import FmergeError
+from .fingerprint import FileHashes
 from .io import HashCache, ModelDir, TensorSource
 from .recipe import BASE, ModelSpec, Recipe
 from .store import Store
-
-if TYPE_CHECKING:
-    from .steps import Planned
 
 
 class Runtime:
@@ -26,13 +27,25 @@ class Runtime:
                                        "spec": recipe.spec.model_dump(mode="json")}}
         self.console = console or Console(stderr=True)
         self.device = distributed.init(device or recipe.spec.device)
-        self.hashes = HashCache(store.hash_cache_file)
-        self.planned: dict[str, list["Planned"]] = {}
+        # Hash caches live in the store; a store opened read-only (status, gc) is never written.
+        self.hashes = HashCache(store.hash_cache_file, write=store.writable)
+        self.data_hashes = FileHashes(store.root / "cache" / "data_hashes.json", write=store.writable)
+        self.planned: dict[str, list] = {}  # the executor's record of this run's plan, for callers
+        self.outputs: dict[str, str] = {}  # model-producing step -> its artifact key (set by the executor)
         self.results: dict[str, list[dict]] = {}  # eval step -> result rows, for the report
         self.sweep_results: dict[str, list[dict]] = {}  # eval step -> per swept merge, selection curves
         self._sources: dict[str, TensorSource] = {}
         self._dirs: dict[str, Path | None] = {}
         self._hashes: dict[str, str] = {}
+
+    def bind_output(self, step: str, key: str) -> None:
+        self.outputs[step] = key
+
+    def output_of(self, step: str) -> str:
+        if step not in self.outputs:
+            raise FmergeError(f"Step '{step}' has not been planned yet; models made by a step can be used only by "
+                              f"steps that run after it.")
+        return self.outputs[step]
 
     def spec(self, name: str) -> ModelSpec:
         return self.recipe.base if name == BASE else self.recipe.models[name]
@@ -61,7 +74,7 @@ class Runtime:
         if name not in self._sources:
             spec = self.spec(name)
             if spec.from_step is not None:
-                key = self.planned[spec.from_step][0].key
+                key = self.output_of(spec.from_step)
                 self._sources[name] = self.store.open(key).view("weights/")
             else:
                 self._sources[name] = ModelDir(self.model_dir(name), allow_pickle=self.recipe.spec.allow_pickle,
@@ -77,7 +90,7 @@ class Runtime:
         if name not in self._hashes:
             spec = self.spec(name)
             if spec.from_step is not None:
-                self._hashes[name] = "artifact:" + self.planned[spec.from_step][0].key
+                self._hashes[name] = "artifact:" + self.output_of(spec.from_step)
             else:
                 src = self.source(name)
                 src = getattr(src, "inner", src)  # a CLIP vision tower: hash the whole checkpoint

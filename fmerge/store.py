@@ -4,10 +4,22 @@ An artifact's key is a hash of what produced it (kind, canonical parameters, inp
 algorithm version), so the same request always finds the same artifact. Artifacts are written in
 `tmp/` and renamed into `objects/` only when complete, so an interrupted run leaves nothing that
 a later run trusts. The store knows nothing of merge methods or recipes.
+
+A store is a directory marked by `fmerge-store.json`. Only a writing command creates one, and
+only in a new or empty directory (or adopts the unmarked layout an earlier fmerge left); every
+other command refuses a directory without the marker, so no command of fmerge ever writes into or
+deletes from a directory it did not create. Deletions touch only what fmerge names itself
+(`objects/xx/KEY`, `tmp/KEY.PID.RANDOM`, `quarantine/KEY.PID.RANDOM`).
+
+Nothing is served unchecked: every tensor read through `Artifact.get` is hashed and compared with
+the checksum recorded when it was written, an artifact's attributes carry a checksum of their own,
+and `Store.has_intact` (asked by the executor before it reuses an artifact) verifies a whole
+artifact and moves a bad one to `quarantine/` so that it is recomputed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -15,18 +27,21 @@ import os
 import platform
 import re
 import shutil
+import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import xxhash
 import zarr
 from filelock import FileLock
 
 from . import __version__
-from .errors import FmergeError
+from .errors import FmergeError, StoreError
 
 # zarr has no bfloat16: such tensors are stored as their uint16 bits, the torch dtype in attrs.
 _BITCAST = {torch.bfloat16: torch.uint16}
@@ -35,6 +50,25 @@ _TORCH_DTYPES = {str(d): d for d in (
     torch.int16, torch.int8, torch.uint8, torch.bool)}
 # Keys are hex digests; anything with '/', '..' or a leading dot could name a path outside the store.
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# What fmerge names in tmp/ and quarantine/: KEY.PID.RANDOM (a write in progress, an artifact moved
+# aside) and KEY.PID.deleted-RANDOM (an artifact being removed). Nothing else there is fmerge's.
+TEMP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.(\d+)\.(?:deleted-)?[0-9a-f]{8}$")
+
+STORE_MARKER = "fmerge-store.json"
+STORE_FORMAT = 1
+_LAYOUT = ("objects", "tmp", "locks", "cache")
+_QUARANTINE = "quarantine"
+_WHAT_A_STORE_IS = ("An artifact store is the directory where `fmerge run`, `merge` and `fisher` keep what they "
+                    f"compute, marked by a {STORE_MARKER} file; choose one with --store DIR, the FMERGE_STORE "
+                    "variable or the recipe's `store:` (default ./artifacts).")
+
+# Checksums of tensor bytes: xxh3_128 hashes at ~15 GB/s on one core (blake2b: ~0.9 GB/s; see
+# bench/verify_on_read.py), so checking every read costs a fraction of the read. It detects
+# corruption, not tampering: the store trusts whoever can write to it. Artifacts record the
+# algorithm in attrs["checksum_algorithm"]; those without it (written before it was recorded) were
+# checksummed with blake2b-128, and are still read and checked.
+CHECKSUM_ALGORITHM = "xxh3_128"
+LEGACY_CHECKSUM_ALGORITHM = "blake2b_128"
 
 
 def library_versions() -> dict[str, str]:
@@ -68,9 +102,69 @@ def make_key(kind: str, params: Any, inputs: dict[str, Any], algorithm_version: 
     return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
 
-def _checksum(array: np.ndarray) -> str:
-    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # hashed in place, no bytes copy
-    return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
+def _checksum(array: np.ndarray, algorithm: str = CHECKSUM_ALGORITHM) -> str:
+    data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # hashed in place, no copy
+    if algorithm == CHECKSUM_ALGORITHM:
+        return xxhash.xxh3_128(data).hexdigest()
+    if algorithm == LEGACY_CHECKSUM_ALGORITHM:
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
+    raise ValueError(f"unknown checksum algorithm '{algorithm}'")
+
+
+def _attrs_checksum(attrs: dict) -> str:
+    """Checksum of an artifact's attributes (canonical JSON, without this checksum itself)."""
+    body = {k: v for k, v in attrs.items() if k != "attrs_checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return xxhash.xxh3_128(text.encode()).hexdigest()
+
+
+def _read_single_chunk(array_dir: Path) -> np.ndarray | None:
+    """An array written as fmerge writes them (one chunk of its whole shape, raw little-endian bytes,
+    no compression), read with one `readinto` from its chunk file: 2-3x faster than zarr's reader,
+    which is most of what checking an artifact costs. None for anything else (zarr reads it then):
+    another layout, a missing chunk file or one of the wrong size."""
+    try:
+        meta = json.loads((array_dir / "zarr.json").read_text())
+        shape = tuple(int(n) for n in meta["shape"])
+        (codec,) = meta["codecs"]
+        if (meta.get("node_type") != "array" or meta.get("storage_transformers") or codec["name"] != "bytes"
+                or codec.get("configuration", {}).get("endian", "little") != "little" or sys.byteorder != "little"
+                or meta["chunk_grid"]["name"] != "regular" or meta["chunk_key_encoding"]["name"] != "default"
+                or meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") != "/"):
+            return None
+        dtype = np.dtype(meta["data_type"])
+        if dtype.kind not in "biuf" or str(dtype) != meta["data_type"]:
+            return None
+        if 0 in shape:
+            return np.zeros(shape, dtype)
+        if tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]) != shape:
+            return None
+        arr = np.empty(shape, dtype)
+        chunk = array_dir.joinpath("c", *("0" for _ in shape))
+        with open(chunk, "rb", buffering=0) as f:
+            if os.fstat(f.fileno()).st_size != arr.nbytes or f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != arr.nbytes:
+                return None
+        return arr
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class CorruptArtifactError(StoreError):
+    """An artifact's bytes or attributes no longer match the checksums recorded when it was written."""
+
+    problem: str = ""  # what is wrong, in a few words (the message says it in full)
+
+
+def _corrupt(path: Path, what: str, kind: str = "", step: str = "") -> CorruptArtifactError:
+    store = path.parent.parent.parent
+    made = f" ({kind}" + (f", step {step}" if step else "") + ")" if kind else ""
+    error = CorruptArtifactError(
+        f"Artifact {path.name}{made} in store {store} is corrupt: {what}. It was not used. Its files changed "
+        f"after fmerge wrote them (disk, copy or hand edit); `fmerge verify --store {store}` lists every bad "
+        f"artifact, `fmerge verify --repair --store {store}` removes them, and the next `fmerge run` "
+        f"recomputes them (it also moves a bad artifact it meets aside to {store / _QUARANTINE} itself).")
+    error.problem = what
+    return error
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -105,12 +199,26 @@ class ArtifactInfo:
 class Artifact:
     """A finished artifact, read-only: tensors by name (optionally in subgroups) and attributes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, verified: bool = False):
+        """Opens `path` and checks its attributes against their checksum (CorruptArtifactError).
+        `verified`: its tensors were all checked in this process already (Store.check), so `get`
+        need not hash them again."""
         self.path = path
-        self.group = zarr.open_group(str(path), mode="r")
-        self.attrs: dict = dict(self.group.attrs)["fmerge"]
-        self.key: str = self.attrs["key"]
-        self.kind: str = self.attrs["kind"]
+        try:
+            self.group = zarr.open_group(str(path), mode="r")
+            self.attrs: dict = dict(self.group.attrs)["fmerge"]
+            self.key: str = self.attrs["key"]
+            self.kind: str = self.attrs["kind"]
+        except Exception as exc:  # missing or unreadable zarr.json, no fmerge attributes
+            raise _corrupt(path, f"its metadata is unreadable ({type(exc).__name__}: {exc})") from exc
+        recorded = self.attrs.get("attrs_checksum")
+        if recorded is not None and recorded != _attrs_checksum(self.attrs):
+            raise _corrupt(path, "its attributes differ from their checksum", self.kind, self.meta.get("step", ""))
+        self.checksum_algorithm: str = self.attrs.get("checksum_algorithm", LEGACY_CHECKSUM_ALGORITHM)
+        if self.checksum_algorithm not in (CHECKSUM_ALGORITHM, LEGACY_CHECKSUM_ALGORITHM):
+            raise _corrupt(path, f"its checksums use algorithm '{self.checksum_algorithm}', which this fmerge "
+                                 f"does not know (a newer fmerge wrote it?)", self.kind, self.meta.get("step", ""))
+        self.verified = verified
 
     def names(self, prefix: str = "") -> list[str]:
         """Tensor names under `prefix` (e.g. 'fisher/'), in the order they were written."""
@@ -122,9 +230,23 @@ class Artifact:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.group[name].shape)
 
+    def read(self, name: str) -> np.ndarray:
+        """The stored array, unchecked (`get` checks it): straight from its one chunk file when it
+        has the layout fmerge writes, else through zarr."""
+        arr = _read_single_chunk(self.path / name)
+        return arr if arr is not None else np.asarray(self.group[name][...])
+
     def get(self, name: str) -> torch.Tensor:
-        arr = self.group[name][...]
-        t = torch.from_numpy(np.asarray(arr).copy())
+        """A tensor, its bytes checked against the checksum recorded at write time."""
+        arr = self.read(name)
+        if not self.verified:
+            expected = self.attrs.get("checksums", {}).get(name)
+            if expected is None:
+                raise _corrupt(self.path, f"tensor '{name}' has no recorded checksum", self.kind, self.meta.get("step", ""))
+            if _checksum(arr, self.checksum_algorithm) != expected:
+                raise _corrupt(self.path, f"tensor '{name}' differs from the checksum recorded when it was written",
+                               self.kind, self.meta.get("step", ""))
+        t = torch.from_numpy(arr.copy() if not arr.flags.writeable else arr)
         want = self.dtype(name)
         return t.view(want) if want in _BITCAST else t
 
@@ -141,7 +263,7 @@ class Artifact:
         bad = [n for n in self.attrs.get("tensors", []) if n not in checksums]  # no checksum: untrusted
         for name, expected in checksums.items():
             try:
-                if _checksum(np.asarray(self.group[name][...])) != expected:
+                if _checksum(self.read(name), self.checksum_algorithm) != expected:
                     bad.append(name)
             except Exception:  # missing or unreadable chunk: as bad as a wrong byte
                 bad.append(name)
@@ -172,6 +294,7 @@ class ArtifactWriter:
 
     def __init__(self, store: "Store", key: str, kind: str, inputs: dict, params: Any, algorithm_version: int):
         self.store, self.key = store, key
+        store._require_created(f"write artifact {key[:12]} ({kind})")
         self.tmp = store.root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
             self.tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +306,7 @@ class ArtifactWriter:
             "kind": kind, "key": key, "inputs": inputs, "params": params,
             "algorithm_version": algorithm_version, "fmerge_version": __version__,
             "versions": library_versions(), **store.provenance,
-            "tensors": [], "dtypes": {}, "checksums": {}, "meta": {},
+            "tensors": [], "dtypes": {}, "checksums": {}, "checksum_algorithm": CHECKSUM_ALGORITHM, "meta": {},
         }
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -209,7 +332,9 @@ class ArtifactWriter:
         self.attrs["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         final = self.store.path(self.key)
         try:
-            self.group.attrs["fmerge"] = json.loads(json.dumps(self.attrs, default=str))
+            attrs = json.loads(json.dumps(self.attrs, default=str))
+            attrs["attrs_checksum"] = _attrs_checksum(attrs)
+            self.group.attrs["fmerge"] = attrs
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             self.abort()
@@ -235,7 +360,15 @@ class ArtifactWriter:
             self.abort()
 
 
-def _alive(pid: int) -> bool:
+def check_key(key: str, root: Path | str) -> None:
+    """Keys are hex digests; anything else (a path, '..') is refused before it names a file."""
+    if not KEY_RE.match(key):
+        raise FmergeError(f"'{key}' is not an artifact key (keys are letters and digits, as `fmerge ls` "
+                          f"shows them); store {root}.")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (a leftover named after a live pid is not a leftover)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -246,38 +379,153 @@ def _alive(pid: int) -> bool:
 
 
 class Store:
-    """The artifact store rooted at a directory (default ./artifacts)."""
+    """The artifact store rooted at a directory (default ./artifacts), marked by fmerge-store.json.
 
-    def __init__(self, root: Path | str):
+    `Store(root)` or `Store.create_or_open(root)`: for commands that write artifacts (run, merge,
+    fisher). Opens the store at `root`, creating it when `root` does not exist or is empty, and
+    adopting the unmarked layout of an earlier fmerge (only objects/ tmp/ locks/ cache/); any other
+    directory is refused. `Store.open_existing(root)`: for every other command (ls, show, verify,
+    gc, status). Refuses a directory that is not a store and creates nothing.
+    """
+
+    def __init__(self, root: Path | str, create: bool = True, missing_ok: bool = False):
         self.root = Path(root)
+        # Recorded in every artifact written through this store (e.g. the recipe that asked for it).
+        self.provenance: dict[str, Any] = {}
+        self.writable = create   # artifacts may be written (a store opened by a writing command)
+        self.exists = True       # False only for open_existing(missing_ok=True) of a missing directory
+        self._verified: dict[str, tuple] = {}  # key -> file stamp of artifacts checked whole this process
+        if create:
+            self._create_or_adopt()
+        else:
+            self._open_existing(missing_ok)
+
+    @classmethod
+    def create_or_open(cls, root: Path | str) -> "Store":
+        """The store at `root` for writing: created in a new or empty directory, never elsewhere."""
+        return cls(root, create=True)
+
+    @classmethod
+    def open_existing(cls, root: Path | str, missing_ok: bool = False) -> "Store":
+        """The store at `root`, which must exist (unless `missing_ok`: then an empty store that
+        lists nothing and has no directory). Creates, adopts and writes nothing."""
+        return cls(root, create=False, missing_ok=missing_ok)
+
+    # -- the marker and the layout ------------------------------------------------------------
+
+    @property
+    def marker(self) -> Path:
+        return self.root / STORE_MARKER
+
+    def _layout_only(self, entries: list[str], need_objects: bool) -> bool:
+        """Whether `entries` of the root are only fmerge's own directories (an earlier fmerge's store)."""
+        allowed = set(_LAYOUT) | {_QUARANTINE}
+        return (bool(entries) and all(e in allowed and (self.root / e).is_dir() and not (self.root / e).is_symlink()
+                                      for e in entries)
+                and (not need_objects or "objects" in entries))
+
+    def _not_a_store(self, entries: list[str]) -> FmergeError:
+        shown = ", ".join(sorted(entries)[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        return FmergeError(f"{self.root} is not an fmerge artifact store: it has no {STORE_MARKER} and is not empty "
+                           f"(it holds {shown}). fmerge creates a store only in a new or empty directory and never "
+                           f"writes into or deletes from a directory it did not create. {_WHAT_A_STORE_IS}")
+
+    def _read_marker(self) -> None:
+        for attempt in range(50):  # a concurrent creator may be between creating and filling it
+            try:
+                info = json.loads(self.marker.read_text())
+                version = int(info["version"])
+                break
+            except (OSError, ValueError, KeyError, TypeError):
+                if attempt == 49:
+                    raise FmergeError(f"The store marker {self.marker} is unreadable; it should hold "
+                                      f'{{"format": "fmerge-store", "version": {STORE_FORMAT}}}. Restore it, or '
+                                      f"choose another store with --store or FMERGE_STORE.") from None
+                time.sleep(0.02)
+        if version > STORE_FORMAT:
+            raise FmergeError(f"Artifact store {self.root} has format version {version} ({self.marker}); this "
+                              f"fmerge ({__version__}) reads version {STORE_FORMAT} and older. Upgrade fmerge, or "
+                              f"choose another store with --store or FMERGE_STORE.")
+
+    def _write_marker(self) -> None:
+        """Creates the marker unless a concurrent creator did; never replaces one."""
+        body = json.dumps({"format": "fmerge-store", "version": STORE_FORMAT, "fmerge": __version__,
+                           "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}, indent=1)
         try:
-            for sub in ("objects", "tmp", "locks", "cache"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(body + "\n")
+
+    def _create_or_adopt(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not self.marker.is_file():
+                entries = os.listdir(self.root)
+                if STORE_MARKER not in entries:  # (there: a concurrent creator was first)
+                    if entries and not self._layout_only(entries, need_objects=False):
+                        raise self._not_a_store(entries)
+                    self._write_marker()  # an empty directory, or an earlier fmerge's store: adopted
+            self._read_marker()
+            for sub in _LAYOUT:
+                (self.root / sub).mkdir(exist_ok=True)
         except OSError as exc:
-            raise FmergeError(f"Artifact store {self.root} cannot be created or written ({exc.strerror}); "
+            raise FmergeError(f"Artifact store {self.root} cannot be created or written ({exc.strerror or exc}); "
                               f"choose another with --store or FMERGE_STORE.")
         if not os.access(self.root / "objects", os.W_OK):
             raise FmergeError(f"Artifact store {self.root} is not writable; choose another with --store or FMERGE_STORE.")
-        # Recorded in every artifact written through this store (e.g. the recipe that asked for it).
-        self.provenance: dict[str, Any] = {}
+
+    def _open_existing(self, missing_ok: bool) -> None:
+        if not self.root.exists():
+            if missing_ok:
+                self.exists = False
+                return
+            raise FmergeError(f"No artifact store at {self.root}: the directory does not exist (nothing was "
+                              f"created). {_WHAT_A_STORE_IS}")
+        if not self.root.is_dir():
+            raise FmergeError(f"{self.root} is not an fmerge artifact store: it is a file, not a directory. "
+                              f"{_WHAT_A_STORE_IS}")
+        if self.marker.is_file():
+            self._read_marker()
+            return
+        entries = os.listdir(self.root)
+        if self._layout_only(entries, need_objects=True):
+            return  # an earlier fmerge's store: read as it is; the next writing command marks it
+        if not entries:
+            raise FmergeError(f"{self.root} is not an fmerge artifact store: it is an empty directory without "
+                              f"{STORE_MARKER}. {_WHAT_A_STORE_IS}")
+        raise self._not_a_store(entries)
+
+    def _require_created(self, what: str) -> None:
+        if not self.writable:
+            raise FmergeError(f"Artifact store {self.root} was opened read-only, so fmerge cannot {what}; only "
+                              f"`fmerge run`, `merge` and `fisher` write artifacts.")
+
+    # -- artifacts ----------------------------------------------------------------------------
 
     def path(self, key: str) -> Path:
-        if not KEY_RE.match(key):
-            raise FmergeError(f"'{key}' is not an artifact key (keys are letters and digits, as `fmerge ls` "
-                              f"shows them); store {self.root}.")
+        check_key(key, self.root)
         return self.root / "objects" / key[:2] / key
 
     def has(self, key: str) -> bool:
-        return (self.path(key) / "zarr.json").is_file()
+        """Whether `key` is committed (says nothing of its bytes: see `has_intact`)."""
+        return self.exists and (self.path(key) / "zarr.json").is_file()
 
     def open(self, key: str) -> Artifact:
+        """A committed artifact by key or unique prefix, its attributes checked (its tensors are
+        checked as they are read)."""
         if not self.has(key):
             matches = [i for i in self.list() if i.key.startswith(key)] if len(key) >= 4 else []
             if len(matches) == 1:
-                return Artifact(matches[0].path)
+                return self.open(matches[0].key)
             hint = f" ({len(matches)} artifacts start with it)" if matches else ""
             raise FmergeError(f"No artifact '{key}' in store {self.root}{hint}; `fmerge ls` lists them.")
-        return Artifact(self.path(key))
+        path = self.path(key)
+        art = Artifact(path, verified=self._is_verified(key))
+        if art.key != key:
+            raise _corrupt(path, f"its attributes name another key, {art.key}", art.kind, art.meta.get("step", ""))
+        return art
 
     def writer(self, key: str, kind: str, inputs: dict, params: Any, algorithm_version: int) -> ArtifactWriter:
         return ArtifactWriter(self, key, kind, inputs, params, algorithm_version)
@@ -304,45 +552,154 @@ class Store:
                 found.append(info)
         return found
 
+    # -- verification -------------------------------------------------------------------------
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple | None:
+        try:
+            d, meta = path.stat(), (path / "zarr.json").stat()
+        except OSError:
+            return None
+        return d.st_ino, meta.st_ino, meta.st_mtime_ns, meta.st_size
+
+    def _is_verified(self, key: str) -> bool:
+        stamp = self._verified.get(key)
+        return stamp is not None and stamp == self._stamp(self.path(key))
+
+    def _examine(self, path: Path) -> BadArtifact | None:
+        """What is wrong with the entry `path` of objects/, or None when it is a complete artifact
+        whose attributes and tensors all match their write-time checksums."""
+        kind = step = ""
+        try:
+            art = Artifact(path)
+            kind, step = art.kind, art.meta.get("step", "")
+            if art.key != path.name:
+                problem = f"its attributes name another key, {art.key}"
+            elif path.parent.name != path.name[:2]:
+                problem = f"it lies in objects/{path.parent.name}/, not objects/{path.name[:2]}/"
+            else:
+                wrong = art.verify()
+                problem = (f"{len(wrong)} tensor(s) differ from their checksums: " + ", ".join(wrong[:3])
+                           + (" ..." if len(wrong) > 3 else "")) if wrong else ""
+        except CorruptArtifactError as exc:
+            problem = exc.problem
+        except Exception as exc:  # unreadable metadata: nothing in it can be trusted
+            problem = f"unreadable ({type(exc).__name__}: {exc})"
+        return BadArtifact(path.name, kind, step, path, problem) if problem else None
+
+    def check(self, key: str) -> str:
+        """'' when artifact `key` is committed and intact (attributes readable and matching their
+        checksum, naming this key; every tensor listed has a checksum its bytes match), else what is
+        wrong. An intact artifact is remembered for the rest of this process (while its files stay
+        the same ones), so that reading its tensors afterwards does not hash them again."""
+        if not self.has(key):
+            return "it is not in the store"
+        if self._is_verified(key):
+            return ""
+        path = self.path(key)
+        stamp = self._stamp(path)
+        bad = self._examine(path)
+        if bad is None:
+            self._verified[key] = stamp
+            return ""
+        return bad.problem
+
+    def has_intact(self, key: str, on_bad: Callable[[BadArtifact], None] | None = None,
+                   locked: bool = False) -> bool:
+        """Whether `key` is committed and intact (`check`). A bad one is moved to quarantine/ (under
+        the key's lock, so never a good one a concurrent run just wrote; `locked`: the caller holds
+        it already), reported to `on_bad` with its new path, and False is returned: the caller
+        recomputes it."""
+        if not self.has(key):
+            return False
+        if not self.check(key):
+            return True
+        with (contextlib.nullcontext() if locked else self.lock(key)):
+            if not self.has(key):
+                return False  # another run moved it aside meanwhile
+            bad = self.quarantine(key)  # examines it again: None if replaced by a good one meanwhile
+            if bad is None:
+                self.check(key)
+                return True
+        if on_bad is not None:
+            on_bad(bad)
+        return False
+
+    def quarantine(self, key: str) -> BadArtifact | None:
+        """Move a bad artifact out of objects/ to quarantine/KEY.PID.RANDOM (never deleted silently:
+        `fmerge verify --repair` removes quarantined entries, saying so). None if it is intact."""
+        path = self.path(key)
+        bad = self._examine(path)
+        if bad is None:
+            return None
+        dest = self.root / _QUARANTINE / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        dest.parent.mkdir(exist_ok=True)
+        os.rename(path, dest)
+        self._verified.pop(key, None)
+        try:
+            (dest / "fmerge-quarantine.json").write_text(json.dumps(
+                {"key": key, "kind": bad.kind, "step": bad.step, "problem": bad.problem,
+                 "moved": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}, indent=1))
+        except OSError:
+            pass
+        bad.path = dest
+        return bad
+
+    def quarantined(self) -> list[Path]:
+        """Artifacts moved aside by `quarantine` (only entries named as fmerge names them)."""
+        q = self.root / _QUARANTINE
+        return sorted(p for p in q.iterdir() if TEMP_RE.match(p.name) and not p.is_symlink()) if q.is_dir() else []
+
     def verify(self) -> list["BadArtifact"]:
         """Every entry of objects/ that is not a complete artifact matching its write-time checksums."""
         bad = []
         for path in sorted((self.root / "objects").glob("*/*")):
-            kind = step = ""
-            try:
-                art = Artifact(path)
-                kind, step = art.kind, art.meta.get("step", "")
-                if art.key != path.name:
-                    problem = f"its attributes name key {art.key}"
-                else:
-                    wrong = art.verify()
-                    problem = (f"{len(wrong)} tensor(s) differ from their checksums: " + ", ".join(wrong[:3])
-                               + (" ..." if len(wrong) > 3 else "")) if wrong else ""
-            except Exception as exc:  # unreadable metadata: nothing in it can be trusted
-                problem = f"unreadable ({type(exc).__name__}: {exc})"
-            if problem:
-                bad.append(BadArtifact(path.name, kind, step, path, problem))
+            found = self._examine(path)
+            if found is not None:
+                bad.append(found)
         return bad
 
+    # -- removal: only what fmerge itself named -----------------------------------------------
+
     def remove_path(self, path: Path) -> None:
-        """Remove an entry of objects/, whatever state it is in: it vanishes whole (an atomic
-        rename into tmp/), then its bytes go."""
+        """Remove an entry of objects/ (objects/xx/KEY), whatever state it is in: it vanishes whole
+        (an atomic rename into tmp/), then its bytes go. Refuses any other path."""
+        path = Path(path)
+        objects = Path(os.path.abspath(self.root / "objects"))
+        if (Path(os.path.abspath(path)).parent.parent != objects or not KEY_RE.match(path.name)
+                or path.parent.is_symlink() or objects.is_symlink()):  # a link could lead out of the store
+            raise FmergeError(f"Refusing to remove {path}: fmerge removes only artifacts, entries objects/xx/KEY "
+                              f"of the store {self.root}.")
+        self._verified.pop(path.name, None)
         trash = self.root / "tmp" / f"{path.name}.{os.getpid()}.deleted-{uuid.uuid4().hex[:8]}"
+        trash.parent.mkdir(exist_ok=True)
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
     def remove(self, key: str) -> None:
         self.remove_path(self.path(key))
 
+    def remove_quarantined(self, path: Path) -> None:
+        """Remove an entry of quarantine/ that `quarantined` lists; refuses any other path."""
+        if Path(path) not in self.quarantined():
+            raise FmergeError(f"Refusing to remove {path}: it is not an artifact fmerge moved to "
+                              f"{self.root / _QUARANTINE}.")
+        shutil.rmtree(path, ignore_errors=True)
+
     def clean_tmp(self) -> int:
         """Remove leftovers of interrupted writes (never trusted, never listed).
 
-        A temporary entry is named KEY.PID.RANDOM; those of a live process are left alone.
+        Only entries named as fmerge names them are touched: KEY.PID.RANDOM (a write) and
+        KEY.PID.deleted-RANDOM (a removal); those of a live process are left alone, and so is
+        anything else in tmp/.
         """
+        tmp = self.root / "tmp"
+        if not tmp.is_dir() or tmp.is_symlink():
+            return 0
         n = 0
-        for p in (self.root / "tmp").iterdir():
-            parts = p.name.split(".")
-            if len(parts) >= 3 and parts[1].isdigit() and _alive(int(parts[1])):
+        for p in tmp.iterdir():
+            m = TEMP_RE.match(p.name)
+            if not m or p.is_symlink() or pid_alive(int(m.group(1))):
                 continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             n += 1

@@ -97,65 +97,6 @@ def _assign(raw: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def expand(recipe, grid: dict[str, list]) -> None:
-    """Replace swept steps (and the steps reading them, except evals) by their variants, in place."""
-    from .recipe import format_validation_error, step_order
-    from .steps import STEP_KINDS
-
-    spec_steps = recipe.spec.steps
-    by_step: dict[str, dict[str, list]] = {}
-    for key, values in grid.items():
-        where = recipe.where("sweep", key)
-        step, path = _split(key, spec_steps, where)
-        if not isinstance(values, list) or not values:
-            raise FmergeError(f"{where}: a sweep needs a non-empty list of values.")
-        if spec_steps[step]["kind"] == "eval":
-            raise FmergeError(f"{where}: eval steps are not swept; sweep the merges they evaluate.")
-        by_step.setdefault(step, {})[".".join(path)] = values
-    for name, m in recipe.models.items():
-        if m.from_step in by_step:
-            raise FmergeError(f"{recipe.where('sweep')}: step '{m.from_step}' produces model '{name}'; "
-                              f"sweeping a step that makes a model is not supported.")
-
-    groups: dict[str, list[Variant]] = {}
-    order = step_order(recipe)
-    for step in order:
-        kind = STEP_KINDS[spec_steps[step]["kind"]]
-        raw = spec_steps[step]
-        own = by_step.get(step, {})
-        upstream = [(f, ref) for f, ref in kind.step_refs(recipe.steps[step]) if ref in groups]
-        if not own and (not upstream or kind.kind == "eval"):
-            continue
-        axes: list[list[tuple[dict, dict]]] = []  # per axis: (values, {ref: variant name})
-        for path, values in own.items():
-            axes.append([({f"{step}.{path}": v}, {}) for v in values])
-        for ref in dict.fromkeys(ref for _, ref in upstream):
-            axes.append([(v.values, {ref: v.name}) for v in groups[ref]])
-        variants = []
-        for combo in itertools.product(*axes):
-            values = {k: v for vals, _ in combo for k, v in vals.items()}
-            renames = {k: v for _, r in combo for k, v in r.items()}
-            new = copy.deepcopy(raw)
-            for key, value in values.items():
-                if key.startswith(step + "."):
-                    _assign(new, key[len(step) + 1:].split("."), value)
-            for f, ref in upstream:
-                current = new.get(f)
-                new[f] = [renames.get(x, x) for x in current] if isinstance(current, list) else renames[ref]
-            name = variant_name(step, values)
-            try:
-                cfg = kind.Config.model_validate({k: v for k, v in new.items() if k != "kind"})
-            except ValidationError as exc:
-                detail = format_validation_error(exc, kind.Config, recipe.lines, ("steps", step))
-                raise FmergeError(f"{recipe.where('sweep')}: variant {name}: {detail}")
-            variants.append((name, new, cfg, values))
-        groups[step] = [Variant(n, step, vals) for n, _, _, vals in variants]
-        del recipe.steps[step], spec_steps[step]
-        for n, new, cfg, _ in variants:
-            recipe.steps[n], spec_steps[n] = cfg, new
-    recipe.sweeps = groups
-
-
 def swept_values(variants: list[Variant]) -> dict[str, list]:
     """The parameters that change across a group's variants, with their values in variant order."""
     keys = list(dict.fromkeys(k for v in variants for k in v.values))

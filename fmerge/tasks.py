@@ -7,18 +7,27 @@ from pathlib import Path
 
 import torch
 
-from .data import DataSpec, encode_batches, label_names_for, load_dataset_split, select_examples, subset_family
+from .data import DataSpec, encode_batches, label_names_for, load_dataset_split, select_examples
 from .errors import FmergeError
 from .io import ModelDir
 from .recipe import BASE
 
 
 def data_spec(rt, data_name: str, split: str) -> DataSpec:
-    d = rt.recipe.spec.data[data_name]
-    local = rt.recipe.resolve(d.path)
-    path = str(local) if local.exists() else d.path
+    """The loader's spec of one split of a data entry: its own file (`splits`), a block of a
+    partitioned file, or a split of a directory or hub dataset. A split the entry lacks is an error."""
+    recipe = rt.recipe
+    d = recipe.spec.data[data_name]
+    d.rows_of(recipe, data_name, split)  # raises, naming the recipe key, if the entry has no such split
+    partition = d.partition_for(recipe)
+    if d.splits is not None:
+        path = str(recipe.resolve(d.splits[split]))
+    else:
+        local = recipe.resolve(d.path)
+        path = str(local) if local.exists() else d.path
     return DataSpec(path=path, text_column=d.image or d.text, text_pair_column=d.text_pair, label_column=d.label,
-                    split=split, config=d.config)
+                    split=split, config=d.config, partition=tuple(sorted(partition.items())) if partition else None,
+                    partition_seed=d.partition_seed)
 
 
 def task_data(rt, model: str, where: tuple) -> str:
@@ -31,13 +40,11 @@ def task_data(rt, model: str, where: tuple) -> str:
 
 @dataclass
 class Subset:
-    """A seeded subset of a task's rows; `family` names every subset of the same draw order."""
+    """A seeded subset of a task's rows, with the label names that map string labels to classes."""
 
     spec: DataSpec
     rows: object  # datasets.Dataset
-    fingerprint: str
     labels: list[str] | None
-    family: str
 
 
 def load_subset(rt, data_name: str, split: str, n: int | None, seed: int) -> Subset:
@@ -46,18 +53,32 @@ def load_subset(rt, data_name: str, split: str, n: int | None, seed: int) -> Sub
     ds = load_dataset_split(spec)
     names = rt.recipe.spec.data[data_name].label_names or label_names_for(ds, spec)
     count = len(ds) if n is None else min(n, len(ds))
-    source = f"{data_name}:{split}"
     if count < (n or 0):
         rt.console.print(f"[yellow]warning[/]: {n} examples asked of data '{data_name}' (split '{split}'), "
                          f"which has {len(ds)} rows: all of them are used.", highlight=False)
-    subset, fingerprint = select_examples(ds, count, seed, source=source)
-    return Subset(spec, subset, fingerprint, names, subset_family(ds, seed, source=source))
+    return Subset(spec, select_examples(ds, count, seed, source=f"{data_name}:{split}"), names)
 
 
-def load_examples(rt, data_name: str, split: str, n: int | None, seed: int):
-    """(spec, rows, fingerprint, label names) of a seeded subset (all rows if n is None or larger)."""
-    s = load_subset(rt, data_name, split, n, seed)
-    return s.spec, s.rows, s.fingerprint, s.labels
+def data_inputs(rt, data_name: str, split: str) -> dict:
+    """What a data split contributes to a cache key: the content hash of its files and every
+    setting that changes which rows or labels are read — never the entry's name or its path.
+    Nothing is loaded: local files are hashed (once per stat stamp), a hub dataset is named."""
+    d = rt.recipe.spec.data[data_name]
+    settings = d.model_dump(mode="json", exclude={"path", "splits", "partition", "partition_seed"}, exclude_none=True)
+    partition = d.partition_for(rt.recipe)
+    if partition is not None:  # the shares actually used (defaults included) and their seed
+        settings["partition"] = {"shares": partition, "seed": d.partition_seed}
+    local = rt.recipe.resolve(d.path) if d.path else None
+    if local is not None and local.exists():
+        content = rt.data_hashes.tree(local)
+    elif d.path:
+        content = f"hub:{d.path}:{d.config or ''}"
+    else:
+        content = None
+    files = getattr(d, "splits", None)
+    if files:
+        content = {s: rt.data_hashes.tree(rt.recipe.resolve(f)) for s, f in sorted(files.items())}
+    return {"content": content, "split": split, "settings": settings}
 
 
 def tokenizer_dir(rt, model: str) -> Path:
@@ -81,7 +102,7 @@ def model_config(rt, model: str):
 
     spec = rt.spec(model)
     if spec.from_step is not None:
-        meta = rt.store.open(rt.planned[spec.from_step][0].key).meta
+        meta = rt.store.open(rt.output_of(spec.from_step)).meta
         cfg = dict(meta["config"])
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     try:
@@ -120,21 +141,16 @@ def is_image_task(rt, model: str) -> bool:
     return data is not None and rt.recipe.spec.data[data].image is not None
 
 
-def build_task_model(rt, model: str, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+def build_task_model(rt, model: str, weights: dict[str, torch.Tensor] | None = None,
+                     head: str | None = None) -> torch.nn.Module:
     """The runnable classifier of a model's task: a sequence classifier, or for a CLIP task the
-    model's vision tower with the task's zero-shot head. `weights` (model naming) override its own."""
+    model's vision tower with the task's zero-shot head (artifact key `head`, a dependency the
+    executor computed). `weights` (model naming) override its own."""
     if is_image_task(rt, model):
-        return build_clip_classifier(rt, model, weights)
+        if head is None:
+            raise FmergeError(f"Task '{model}' is a CLIP task but no zero-shot head was planned for it.")
+        return build_clip_classifier(rt, model, rt.store.open(head), weights)
     return build_classifier(rt, model, weights)
-
-
-def task_inputs(rt, model: str) -> dict[str, str]:
-    """What a task model depends on besides its weights, for cache keys: a CLIP task's head."""
-    if not is_image_task(rt, model):
-        return {}
-    from .steps.zeroshot_head import head_planned
-
-    return {"head": head_planned(rt, model).key}
 
 
 def task_batches(rt, model: str, rows, spec: DataSpec, batch_size: int, max_length: int, labels=None):
@@ -161,13 +177,11 @@ def load_image_processor(rt, model: str):
     raise FmergeError(f"No image processor (preprocessor_config.json) found for model '{model}' nor the base model.")
 
 
-def build_clip_classifier(rt, model: str, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+def build_clip_classifier(rt, model: str, head, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """The model's vision tower (a CLIPVisionModel, or the vision part of a CLIPModel) with its
     task's zero-shot head; parameters are named `vision_model.*` like the tower's tensors."""
     from .clip import VISION_PREFIX, ClipClassifier, vision_tower_module
-    from .steps.zeroshot_head import ensure_head
 
-    head = ensure_head(rt, model)
     config = model_config(rt, model)
     vision_config = getattr(config, "vision_config", config)
     vision_config._attn_implementation = "eager"

@@ -59,7 +59,8 @@ def shard_fisher(estimator: str, rank: int, world_size: int):
     from datasets import Dataset
 
     from fmerge.data import DataSpec, encode_batches
-    from fmerge.fisher import fisher_diagonal, shard_by_rank
+    from fmerge.data import shard_by_rank
+    from fmerge.fisher import fisher_diagonal
 
     spec = DataSpec(path="memory")
     shard = shard_by_rank(Dataset.from_dict(tiny_rows()), rank, world_size)

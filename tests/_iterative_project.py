@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 
 from fmerge import executor
-from fmerge.recipe import load_recipe
+from fmerge.api import load_recipe
 from fmerge.runtime import Runtime
 from fmerge.store import Store
 from test_pipeline import WORDS, tiny_base, write_task

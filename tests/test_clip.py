@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fmerge import executor
 from fmerge.fisher import fisher_diagonal
 from fmerge.io import ModelDir
-from fmerge.recipe import load_recipe
+from fmerge.api import load_recipe
 from fmerge.runtime import Runtime
 from fmerge.store import Store
 
@@ -174,13 +174,15 @@ def test_zeroshot_head_equals_hand_computation_and_is_cached_by_content(project)
 
 
 def test_fisher_through_the_head_equals_per_example_loop(project):
-    from fmerge.tasks import build_task_model, data_spec, load_examples, task_batches
+    from fmerge.tasks import build_task_model, data_spec, load_subset, task_batches
 
     rt = runtime(project)
-    model = build_task_model(rt, "colors")
+    executor.run(rt, only=["heads"])
+    head = next(p.key for p in rt.planned["heads"] if p.label == "colors")
+    model = build_task_model(rt, "colors", head=head)
     assert [n for n, _ in model.named_parameters()][0].startswith("vision_model.")
-    spec, rows, _, labels = load_examples(rt, "colors", "train", 6, 0)
-    batches = list(task_batches(rt, "colors", rows, spec, 4, 64, labels))
+    sub = load_subset(rt, "colors", "train", 6, 0)
+    batches = list(task_batches(rt, "colors", sub.rows, sub.spec, 4, 64, sub.labels))
     fast = fisher_diagonal(model, batches, "exact", chunk_size=3).mean()
 
     params = dict(model.named_parameters())

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ZOO_RECIPE, fmerge_cli, tiny_bert_config, write_recipe
 from fmerge import executor
 from fmerge.errors import FmergeError
-from fmerge.recipe import load_recipe
+from fmerge.api import load_recipe
 from fmerge.runtime import Runtime
 from fmerge.store import Store
 

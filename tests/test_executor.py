@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fmerge import executor
-from fmerge.recipe import load_recipe
+from fmerge.api import load_recipe
 from fmerge.runtime import Runtime
 from fmerge.store import Store
 from conftest import ZOO_RECIPE, write_recipe

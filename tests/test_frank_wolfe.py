@@ -302,7 +302,7 @@ def test_soft_warns_when_every_candidate_is_picked(project):
 
 
 def test_user_errors_name_the_key(project):
-    from fmerge.recipe import load_recipe
+    from fmerge.api import load_recipe
 
     bad = project / "bad.yaml"
     bad.write_text(HEADER + "  fw: {kind: frank_wolfe, init: no/such/dir}\n")
@@ -318,7 +318,7 @@ def test_user_errors_name_the_key(project):
 
 def test_merge_params_enter_the_key_with_defaults_filled_in(project):
     from fmerge.executor import plan_step
-    from fmerge.recipe import load_recipe
+    from fmerge.api import load_recipe
     from fmerge.runtime import Runtime
     from fmerge.store import Store
 

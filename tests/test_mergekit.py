@@ -5,8 +5,10 @@ tensors are computed densely here, one tensor at a time, from mergekit's definit
 interpolated over layer depth t = layer / (layers − 1) (t = 0 outside the layers), a `{filter,
 value}` list takes the first entry whose filter is a substring of the tensor name, and
 linear = Σ wθ / Σ w; TIES = θ0 + λ·Σ_agree w·trim(τ) / Σ_agree w; DARE-TIES the same with random
-drop (fmerge's documented mask) and 1/density rescale, summed (normalize: false). Two documented
-choices of fmerge's that bf16 inputs make visible are followed here (see magnitude_trim, consensus).
+drop (fmerge's documented mask) and 1/density rescale, summed (normalize: false). Converted
+configs use `rule: mergekit`, so mergekit's own trim and sign election are written out here (see
+magnitude_trim, consensus), ties at the cut and exactly zero sign sums included (bf16 makes both
+frequent).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from safetensors.torch import load_file
 
 from fmerge.errors import FmergeError
 from fmerge.methods.base import tensor_seed
-from fmerge.recipe import load_recipe
+from fmerge.api import load_recipe
 
 from conftest import fmerge_cli, write_recipe
 
@@ -79,18 +81,17 @@ def setting(value, name: str):
 
 
 def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """The top density·n magnitudes (n·density is a whole number in these tests). bf16 task vectors
-    tie often; mergekit keeps exactly k of the tied entries in argsort's order, fmerge all of them
-    (deterministic on every device): the one documented difference, so the cut is a threshold."""
-    k = int(density * tau.numel())
-    threshold = sorted(tau.abs().flatten().tolist(), reverse=True)[k - 1]
-    return torch.where(tau.abs() >= threshold, tau, 0.0)
+    """mergekit 0.1.5's magnitude trim: k = max(1, ⌊density·n⌋), the first k of a descending
+    argsort of the fp32 magnitudes on the CPU (its order among tied magnitudes included)."""
+    k = max(1, int(density * tau.numel()))
+    kept = torch.zeros(tau.numel(), dtype=torch.bool)
+    kept[torch.argsort(tau.abs().flatten().float(), descending=True)[:k]] = True
+    return torch.where(kept.reshape(tau.shape), tau, 0.0)
 
 
 def consensus(deltas: list[torch.Tensor], ws: list[float], normalize: bool) -> torch.Tensor:
-    # mergekit elects + where the weighted deltas sum to exactly 0, fmerge elects no sign (the
-    # coordinate keeps the base value): a documented difference, frequent with bf16 inputs.
-    sign = torch.sign(sum(deltas))
+    # mergekit elects + where the weighted deltas sum to exactly 0 (frequent with bf16 inputs)
+    sign = torch.where(sum(deltas) >= 0, 1.0, -1.0)
     mixed = sum(torch.where(torch.sign(d) == sign, d, 0.0) for d in deltas)
     if not normalize:
         return mixed
@@ -194,6 +195,7 @@ def test_ties_with_layer_gradient_and_filters(tmp_path, llama_zoo):
         deltas = [wi * magnitude_trim(m[name].float() - b, di) for wi, di, m in zip(w, d, models)]
         expected = b + 0.9 * consensus(deltas, w, normalize=True)
         assert_bf16_of(got[name], expected, name)
+        assert torch.equal(got[name], expected.to(torch.bfloat16)), f"{name}: not mergekit's rule bit for bit"
     assert checked_gradient
 
 
@@ -224,10 +226,9 @@ def test_dare_ties(tmp_path, llama_zoo):
             density = setting(dv, name)
             generator = torch.Generator().manual_seed(tensor_seed(0, name, i))  # fmerge's documented mask
             keep = torch.rand(b.shape, generator=generator) >= 1 - density
-            # λ·w scales each delta before the vote (mergekit: after; the same up to rounding), in
-            # fmerge's order so that bf16's frequent exact cancellations cancel here too
-            deltas.append((1.5 * w) * torch.where(keep, (m[name].float() - b) / density, 0.0))
-        expected = b + consensus(deltas, ws, normalize=False)  # dare_ties: normalize false by default
+            # rule: mergekit: w scales each delta before the vote, λ the merged delta after
+            deltas.append(w * torch.where(keep, (m[name].float() - b) / density, 0.0))
+        expected = b + 1.5 * consensus(deltas, ws, normalize=False)  # dare_ties: normalize false by default
         assert_bf16_of(got[name], expected, name)
 
 

@@ -73,10 +73,10 @@ def ref_sign(x: float) -> int:
 
 
 def ref_trim(values: list[float], density: float) -> list[float]:
-    """Keep entries whose magnitude is at least the k-th largest, k = ⌈density·n⌉."""
+    """Keep exactly k = ⌈density·n⌉ entries: largest magnitude first, equal magnitudes by lowest index."""
     k = math.ceil(round(density * len(values), 9))
-    threshold = sorted((abs(v) for v in values), reverse=True)[k - 1]
-    return [v if abs(v) >= threshold else 0.0 for v in values]
+    kept = set(sorted(range(len(values)), key=lambda j: (-abs(values[j]), j))[:k])
+    return [v if j in kept else 0.0 for j, v in enumerate(values)]
 
 
 def ref_ties_coordinate(entries: list[float], merge: str) -> float:
@@ -107,7 +107,7 @@ def test_every_method_is_registered_with_documented_params():
     assert set(ALL_METHODS) <= set(REGISTRY)
     for name in ALL_METHODS:
         method = REGISTRY[name]
-        assert method.name == name and method.version == 1
+        assert method.name == name and method.version >= 1
         assert method.description and "\n" not in method.description
         for field_name, field in method.Params.model_fields.items():
             assert field.description, f"{name}.{field_name} has no description"
@@ -287,8 +287,8 @@ def test_ties_data_really_exercises_ties_and_zero_sign_sums():
     group = make_group(seed=11, zero_frac=0.2)
     taus = task_vectors(group)
     k = math.ceil(0.5 * len(taus[0]))
-    kept = [sum(1 for v in t if v != 0) for t in (ref_trim(tau, 0.5) for tau in taus)]
-    assert any(count > k for count in kept), "no magnitude tie at the cut"
+    at_least_kth = [sum(1 for v in tau if abs(v) >= sorted(map(abs, tau), reverse=True)[k - 1]) for tau in taus]
+    assert any(count > k for count in at_least_kth), "no magnitude tie at the cut"
     trimmed = [ref_trim(t, 1.0) for t in taus]
     sums = [sum(t[j] for t in trimmed) for j in range(len(taus[0]))]
     assert any(s == 0 and any(t[j] != 0 for t in trimmed) for j, s in enumerate(sums))
@@ -309,13 +309,15 @@ def test_ties_small_worked_example():
     assert run("ties", group, names, density=1.0, merge="sum").tolist() == [10.0, 24.0, 26.0]
 
 
-def test_ties_keeps_all_entries_tied_at_the_cut():
+def test_ties_keeps_exactly_k_lowest_index_first_among_ties_at_the_cut():
     base = torch.zeros(6)
     tau = torch.tensor([3.0, -2.0, 2.0, 2.0, 1.0, 0.5])
     group = TensorGroup("w", base, [base + tau])
-    # k = ⌈0.4·6⌉ = 3: the 3rd largest magnitude is 2, and all three 2s are kept.
+    # k = ⌈0.4·6⌉ = 3: the 3rd largest magnitude is 2; of the three 2s the first two are kept.
     got = run("ties", group, ["a"], density=0.4)
-    assert got.tolist() == [3.0, -2.0, 2.0, 2.0, 0.0, 0.0]
+    assert got.tolist() == [3.0, -2.0, 2.0, 0.0, 0.0, 0.0]
+    # rule: mergekit: k = max(1, ⌊0.4·6⌋) = 2, no tie at that cut; + elected at a zero sum (none here)
+    assert run("ties", group, ["a"], density=0.4, rule="mergekit").tolist() == [3.0, -2.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_ties_density_is_not_rounded_up_by_float_error():
@@ -356,10 +358,9 @@ def test_ties_global_trim_matches_concatenated_reference(density, merge):
     for g, taus in zip(groups, per_tensor):
         trimmed = []
         for i in range(3):
-            whole = [v for tv in per_tensor for v in tv[i]]
-            k = math.ceil(round(density * len(whole), 9))
-            threshold = sorted((abs(v) for v in whole), reverse=True)[k - 1]
-            trimmed.append([v if abs(v) >= threshold else 0.0 for v in taus[i]])
+            whole = ref_trim([v for tv in per_tensor for v in tv[i]], density)  # lowest index in model order
+            start = sum(len(tv[i]) for tv in per_tensor[:groups.index(g)])
+            trimmed.append(whole[start:start + len(taus[i])])
         expected_all.append(ref_ties(flat(g.base), trimmed, [1.0, 0.5, 2.0], merge))
 
     for g, expected in zip(groups, expected_all):

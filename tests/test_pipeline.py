@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fmerge import executor
-from fmerge.recipe import load_recipe
+from fmerge.api import load_recipe
 from fmerge.runtime import Runtime
 from fmerge.store import Store
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fmerge.errors import FmergeError
-from fmerge.recipe import load_recipe, step_order
+from fmerge.api import load_recipe
+from fmerge.graph import step_order
 from conftest import ZOO_RECIPE, write_recipe
 
 

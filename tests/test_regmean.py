@@ -14,7 +14,7 @@ from fmerge.errors import FmergeError
 from fmerge.gram import IN_OUT, OUT_IN, gram_matrices, linear_layers
 from fmerge.methods import MergeContext, TensorGroup, get_method
 from fmerge.methods.regmean import RegMeanJitterWarning
-from fmerge.recipe import load_recipe
+from fmerge.api import load_recipe
 from fmerge.runtime import Runtime
 from fmerge.store import Store
 
@@ -311,7 +311,7 @@ def run(recipe):
 
 def test_recipe_gram_step_and_regmean_merge(project):
     from fmerge.data import encode_batches
-    from fmerge.tasks import build_classifier, data_spec, load_tokenizer
+    from fmerge.tasks import build_classifier, data_spec, load_subset, load_tokenizer
 
     rt, states = run(project)
     assert states == {"grams": "computed", "regmean": "computed"}
@@ -323,7 +323,8 @@ def test_recipe_gram_step_and_regmean_merge(project):
     art = grams["sentiment"]
     assert set(art.names("gram/")) == {n for n in linear_layers(model)}
     assert art.names("gram_in_out/") == []
-    rows = rt.planned["grams"][0].extra["rows"]
+    g = rt.planned["grams"][0]
+    rows = load_subset(rt, g.extra["data"], g.params["split"], g.params["examples"], g.params["seed"]).rows
     spec = data_spec(rt, "sentiment", "train")
     one_by_one = gram_matrices(model, encode_batches(load_tokenizer(rt, "sentiment"), rows, spec, 1, 16))
     for name in ("bert.encoder.layer.1.output.dense.weight", "bert.pooler.dense.weight"):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import ZOO_RECIPE, fmerge_cli, write_recipe
 from fmerge.errors import FmergeError
 from fmerge.io import ModelDir
-from fmerge.recipe import load_recipe
+from fmerge.api import load_recipe
 from fmerge.store import Store
 from test_errors import classifier_project, run_recipe
 

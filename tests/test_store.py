@@ -106,3 +106,25 @@ def test_unwritable_store_is_a_clear_error(tmp_path):
     blocker.write_text("not a directory")  # fails for root too, unlike chmod
     with pytest.raises(FmergeError, match="cannot be created or written"):
         Store(blocker / "s")
+
+
+def test_fast_single_chunk_reader_agrees_with_zarr(tmp_path):
+    import numpy as np
+
+    from fmerge.store import _read_single_chunk
+
+    store = Store(tmp_path / "s")
+    tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).to(torch.bfloat16), "f16": torch.randn(2, 2).half(),
+               "i64": torch.arange(6), "i8": torch.tensor([-1, 2], dtype=torch.int8), "u8": torch.tensor([7], dtype=torch.uint8),
+               "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+               "f64": torch.randn(2, 3, 4, dtype=torch.float64)}
+    w = store.writer("k6", "merge", {}, {}, 1)
+    for name, t in tensors.items():
+        w.write("weights/" + name, t)
+    art = w.commit()
+    for name, t in tensors.items():
+        fast = _read_single_chunk(art.path / "weights" / name)
+        assert fast is not None, name  # every layout fmerge writes takes the fast path
+        via_zarr = np.asarray(art.group["weights/" + name][...])
+        assert fast.dtype == via_zarr.dtype and fast.shape == via_zarr.shape and np.array_equal(fast, via_zarr), name
+        assert torch.equal(art.get("weights/" + name), t), name

@@ -9,7 +9,8 @@ import pytest
 from conftest import ZOO_RECIPE, write_recipe
 from fmerge import executor
 from fmerge.errors import FmergeError
-from fmerge.recipe import load_recipe, parse_recipe, step_dependencies
+from fmerge.api import load_recipe, parse_recipe
+from fmerge.graph import step_dependencies
 from fmerge.runtime import Runtime
 from fmerge.store import Store
 from test_pipeline import RECIPE, project  # noqa: F401  (fixture)

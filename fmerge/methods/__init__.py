@@ -1,13 +1,17 @@
-"""Merge methods, one module each, registered by name."""
+"""Merge methods, one module each, found by discovery: adding a module here is its registration."""
 
+import importlib
+import pkgutil
 from difflib import get_close_matches
 
 from ..errors import FmergeError
 from .base import REGISTRY, MergeContext, MergeMethod, MethodParams, TensorGroup, per_model
 
-# Importing a module registers its method.
-from . import simple_average, weighted_average, task_arithmetic, ties, dare, fisher  # noqa: E402,F401
-from . import regmean  # noqa: E402,F401
+# Importing a method module registers its method (`@register`); iterative algorithms that are not
+# per-tensor merge methods (adamerging, frank_wolfe) live here too and register nothing.
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def get_method(name: str) -> MergeMethod:

@@ -3,7 +3,8 @@
 The drop mask of model i on tensor `name` comes from a CPU torch.Generator seeded with
 tensor_seed(seed, name, i): keep where torch.rand(shape) ≥ p. It is drawn on the CPU even for
 CUDA tensors (then moved), because CPU and CUDA generators give different streams: this way the
-same recipe yields the same weights on any device and in any tensor order.
+same recipe yields the same weights on any device and in any tensor order. With combine: ties the
+magnitude trim and the sign vote follow `rule` (exact or mergekit), as in ties.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .base import (
     tensor_seed,
 )
 from .task_arithmetic import scaling_factors
-from .ties import disjoint_merge, trim_to_top_k
+from .ties import RULE_DESCRIPTION, Rule, disjoint_merge, one_lambda, trim_to_top_k
 
 
 def drop_and_rescale(delta: torch.Tensor, p: float, seed: int, rescale: bool = True) -> torch.Tensor:
@@ -72,6 +73,7 @@ class DareParams(MethodParams):
         "mean", description="combine: ties only: disjoint mean or sum of agreeing entries."
     )
     seed: int = Field(0, description="Seed of the drop masks (one stream per tensor and model).")
+    rule: Rule = Field("exact", description="combine: ties only: the TIES rule (see ties). " + RULE_DESCRIPTION)
 
 
 @register
@@ -81,18 +83,20 @@ class Dare(MergeMethod):
     name = "dare"
     description = "DARE: drop task-vector entries at random, rescale, then task arithmetic or TIES."
     Params = DareParams
-    version = 1
+    version = 2  # 2: the TIES trim keeps exactly k (ties' version 2); rule: mergekit
 
     def validate(self, params: DareParams, ctx: MergeContext) -> None:
         scaling_factors(params.lambda_, ctx)
         per_model(params.weight, ctx, "weight")
         per_model(params.p, ctx, "p")
-        ties_only = sorted({"density", "merge"} & params.model_fields_set)
+        ties_only = sorted({"density", "merge", "rule"} & params.model_fields_set)
         if params.combine == "task_arithmetic" and ties_only:
             raise FmergeError(
                 f"DARE parameter(s) {', '.join(ties_only)} only apply with combine: ties, "
                 "but combine is task_arithmetic."
             )
+        if params.combine == "ties" and params.rule == "mergekit":
+            one_lambda(scaling_factors(params.lambda_, ctx))
 
     def merge(
         self, group: TensorGroup, params: DareParams, ctx: MergeContext, state=None
@@ -109,5 +113,10 @@ class Dare(MergeMethod):
             for lam, delta in zip(lambdas, sparse):
                 merged.add_(delta, alpha=lam)
             return merged
+        if params.rule == "mergekit":  # mergekit's order: weights before the vote, λ after the merge
+            deltas = [trim_to_top_k(d, params.density, "mergekit").mul_(w) for w, d in zip(weights, sparse)]
+            merged = disjoint_merge(deltas, params.merge, weights, "mergekit")
+            lam = one_lambda(per_model(params.lambda_, ctx, "lambda"))
+            return (merged.mul_(lam) if lam != 1 else merged).add_(group.base)
         deltas = [trim_to_top_k(d, params.density).mul_(lam) for lam, d in zip(lambdas, sparse)]
         return group.base + disjoint_merge(deltas, params.merge, weights)

@@ -15,7 +15,7 @@ from pydantic import Field
 from ..methods.adamerging import adamerging
 from ..progress import tensor_progress
 from ..recipe import BASE
-from . import register
+from .base import register
 from .iterative import IterativeConfig, IterativeStep, Loss
 
 

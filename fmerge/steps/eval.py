@@ -15,12 +15,15 @@ import re
 import torch
 from pydantic import Field
 
+from ..errors import FmergeError
 from ..merging import align_names
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict
 from ..store import make_key
-from ..tasks import build_task_model, data_spec, load_subset, task_batches, task_data, task_inputs
-from . import Planned, StepKind, register
+from ..sweep import swept_values
+from ..tasks import build_task_model, data_inputs, data_spec, load_subset, task_batches, task_data
+from .base import Planned, StepKind, register
+from .zeroshot_head import head_dependency
 
 VERSION = 1
 
@@ -39,6 +42,9 @@ class EvalConfig(Strict):
     seed: int | None = None
     models: list[str] | None = Field(None, description="tasks (models) to evaluate on (default: all)")
     output: str | None = Field(None, description="write results.json and results.csv in this directory")
+    allow_split_overlap: bool = Field(False, description="report even where a split reported shares rows with one "
+                                      "that something evaluated was fit to (adapted, estimated or trained on) or "
+                                      "that swept variants are chosen on; by default that is an error")
 
 
 def macro_f1(pred: torch.Tensor, gold: torch.Tensor, classes: int) -> float:
@@ -66,60 +72,80 @@ class EvalStep(StepKind):
     def models_used(self, cfg, recipe):
         return cfg.models or list(recipe.models)
 
-    def plan(self, rt, name, cfg):
+    def check(self, recipe, name, cfg):
+        check_split_leaks(recipe, name, cfg)
+
+    def plan(self, rt, name, cfg, upstream):
         """Test-split items for the base, individual models and plain merges; for a swept merge,
-        every variant on the selection split, and the winner on the test split once it is known."""
+        every variant on the selection split, the choice among them (an artifact of its own), and
+        the test-split items of whichever variant that choice names."""
         seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
         sweeps = rt.recipe.sweeps
-        plain = [("base", "base:" + rt.model_hash(BASE))] if cfg.base else []
-        plain += [(m, rt.planned[m][0].key) for m in cfg.merges if m not in sweeps]
-        planned = []
         tasks = self.models_used(cfg, rt.recipe)
+        plain = [("base", "base:" + rt.model_hash(BASE))] if cfg.base else []
+        plain += [(m, upstream[m][0].key) for m in cfg.merges if m not in sweeps]
+        planned = []
         for task in tasks:
             rows = [*plain, *([("individual", "model:" + rt.model_hash(task))] if cfg.individual else [])]
             for variant, weights in rows:
-                planned.append(self._item(rt, name, cfg, seed, variant, weights, task, "test"))
+                planned.append(self._item(rt, name, cfg, seed, task, "test", {"weights": weights}, variant=variant))
         for group in (m for m in cfg.merges if m in sweeps):
-            select = [self._item(rt, name, cfg, seed, v.name, rt.planned[v.name][0].key, task, "select", group)
-                      for v in sweeps[group] for task in tasks]
-            planned += select
-            winner = choose(rt, select)
-            if winner is not None:
-                planned += [self._item(rt, name, cfg, seed, winner, rt.planned[winner][0].key, task, "test", group)
-                            for task in tasks]
+            variants = {v.name: upstream[v.name][0].key for v in sweeps[group]}
+            select = [self._item(rt, name, cfg, seed, task, "select", {"weights": key}, variant=v, group=group)
+                      for v, key in variants.items() for task in tasks]
+            params = {"rule": "highest mean selection accuracy over tasks; the first variant on ties"}
+            inputs = {"results": [p.key for p in select]}
+            choice = Planned(name, f"{group}|choice", "sweep_choice", make_key("sweep_choice", params, inputs, VERSION),
+                             inputs, params, VERSION, {"role": "choice", "group": group, "variants": list(variants)},
+                             deps=select)
+            planned += [*select, choice]
+            planned += [self._item(rt, name, cfg, seed, task, "test", {"choice": choice.key}, group=group,
+                                   deps=[choice], variants=variants) for task in tasks]
         return planned
 
-    def _item(self, rt, name, cfg, seed, variant, weights, task, role, group=None) -> Planned:
+    def _item(self, rt, name, cfg, seed, task, role, weights: dict, variant=None, group=None, deps=(),
+              variants=None) -> Planned:
         data = task_data(rt, task, ("steps", name))
         entry = rt.recipe.spec.data[data]
         split = (cfg.split or entry.test_split) if role == "test" else (cfg.select_split or entry.validation_split)
         limit = cfg.limit if role == "test" else (cfg.select_limit or cfg.limit)
-        sub = load_subset(rt, data, split, limit, seed)
         params = {"split": split, "limit": limit, "max_length": cfg.max_length, "seed": seed}
-        inputs = {"weights": weights, "task_model": rt.model_hash(task), "data": sub.fingerprint,
-                  **task_inputs(rt, task)}
-        extra = {"rows": sub.rows, "labels": sub.labels, "data": data, "variant": variant, "task": task,
-                 "role": role, "group": group}
-        return Planned(name, f"{variant}|{task}|{split}", "eval", make_key("eval", params, inputs, VERSION),
-                       inputs, params, VERSION, extra)
+        head, head_deps = head_dependency(rt, task)
+        inputs = {**weights, "task_model": rt.model_hash(task), "data": data_inputs(rt, data, split), **head}
+        extra = {"data": data, "variant": variant, "task": task, "role": role, "group": group, "variants": variants}
+        return Planned(name, f"{variant or group}|{task}|{split}", "eval", make_key("eval", params, inputs, VERSION),
+                       inputs, params, VERSION, extra, [*head_deps, *deps])
 
     def compute(self, rt, name, cfg, todo):
         with tensor_progress(rt.console, f"{name}: evaluate", len(todo)) as advance:
             for p in todo:
-                self._evaluate(rt, name, cfg, p)
+                if p.kind == "sweep_choice":
+                    self._choose(rt, name, p)
+                else:
+                    self._evaluate(rt, name, cfg, p)
                 advance()
-        # The winners of sweeps whose selection just finished: evaluate them on the test split.
-        for p in self.plan(rt, name, cfg):
-            if not rt.store.has(p.key):
-                self._evaluate(rt, name, cfg, p)
+
+    def _choose(self, rt, name, p) -> None:
+        """Write which variant has the best mean accuracy on the selection split (first on ties);
+        only selection-split results are read, so the test split never influences the choice."""
+        scores: dict[str, list[float]] = {v: [] for v in p.extra["variants"]}
+        for dep in p.deps:
+            scores[dep.extra["variant"]].append(rt.store.open(dep.key).meta["accuracy"])
+        means = [sum(s) / len(s) for s in scores.values()]
+        index = max(range(len(means)), key=lambda i: (means[i], -i))
+        rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version).commit(
+            {"step": name, "group": p.extra["group"], "winner_index": index, "winner": p.extra["variants"][index],
+             "mean_accuracy": means})
 
     def _evaluate(self, rt, name, cfg, p) -> None:
-        variant, task = p.extra["variant"], p.extra["task"]
-        model = build_task_model(rt, task, self._body(rt, variant, task))
+        task = p.extra["task"]
+        variant, weights = winner(rt, p) if "choice" in p.inputs else (p.extra["variant"], p.inputs["weights"])
+        model = build_task_model(rt, task, self._body(rt, variant, weights, task), head=p.inputs.get("head"))
         spec = data_spec(rt, p.extra["data"], p.params["split"])
+        sub = load_subset(rt, p.extra["data"], p.params["split"], p.params["limit"], p.params["seed"])
         preds, golds = [], []
         with torch.no_grad():
-            for batch in task_batches(rt, task, p.extra["rows"], spec, cfg.batch_size, cfg.max_length, p.extra["labels"]):
+            for batch in task_batches(rt, task, sub.rows, spec, cfg.batch_size, cfg.max_length, sub.labels):
                 inputs = {k: v.to(rt.device) for k, v in batch.items() if k not in ("labels", "example_ids")}
                 preds.append(model(**inputs).logits.argmax(-1).cpu())
                 golds.append(batch["labels"])
@@ -129,21 +155,23 @@ class EvalStep(StepKind):
         writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
         writer.commit({"step": name, **result})
 
-    def _body(self, rt, variant: str, task: str) -> dict[str, torch.Tensor] | None:
+    def _body(self, rt, variant: str, weights: str, task: str) -> dict[str, torch.Tensor] | None:
         """Weights replacing the task model's own body: the base's, or a merge's (model naming)."""
         if variant == "individual":
             return None
-        src = rt.source(BASE) if variant == "base" else rt.store.open(rt.planned[variant][0].key).view("weights/")
+        src = rt.source(BASE) if variant == "base" else rt.store.open(weights).view("weights/")
         names = align_names(src.names(), rt.source(task).names())
         return {names[r]: src.get(r) for r in src.names() if r in names and not _is_head(rt, names[r])}
 
     def export(self, rt, name, cfg, planned):
-        planned = self.plan(rt, name, cfg)  # now with every sweep's winner
+        """Gather the results the plan named (all computed by now) into tables and files."""
         results, selection = [], []
         for p in planned:
+            if p.kind == "sweep_choice":
+                continue
             # Names come from this recipe: a cached result may have been computed under other names.
-            row = {**rt.store.open(p.key).meta, "variant": p.extra["variant"], "task": p.extra["task"],
-                   "group": p.extra["group"]}
+            variant = winner(rt, p)[0] if "choice" in p.inputs else p.extra["variant"]
+            row = {**rt.store.open(p.key).meta, "variant": variant, "task": p.extra["task"], "group": p.extra["group"]}
             (results if p.extra["role"] == "test" else selection).append(row)
         for row in results:
             row["selected_on"] = selection_split(planned, row["group"])
@@ -169,15 +197,11 @@ class EvalStep(StepKind):
         return f"results in {out}"
 
 
-def choose(rt, select: list[Planned]) -> str | None:
-    """The variant with the best average accuracy on the selection split (first on ties), or None
-    while some selection result is missing. Only selection-split artifacts are read."""
-    if not select or not all(rt.store.has(p.key) for p in select):
-        return None
-    scores: dict[str, list[float]] = {}
-    for p in select:
-        scores.setdefault(p.extra["variant"], []).append(rt.store.open(p.key).meta["accuracy"])
-    return max(scores, key=lambda v: sum(scores[v]) / len(scores[v]))
+def winner(rt, p: Planned) -> tuple[str, str]:
+    """(variant name in this recipe, its merge's key) of the sweep choice a test item depends on."""
+    index = rt.store.open(p.inputs["choice"]).meta["winner_index"]
+    variant = list(p.extra["variants"])[index]
+    return variant, p.extra["variants"][variant]
 
 
 def selection_split(planned: list[Planned], group: str | None) -> str | None:
@@ -187,18 +211,17 @@ def selection_split(planned: list[Planned], group: str | None) -> str | None:
 
 def summarize_sweeps(rt, planned: list[Planned], selection: list[dict]) -> list[dict]:
     """Per swept merge: each variant's swept values and selection-split accuracies, and the winner."""
-    from ..sweep import swept_values
-
     summaries = []
     for group, variants in rt.recipe.sweeps.items():
         rows = [r for r in selection if r["group"] == group]
         if not rows:
             continue
-        winner = next((p.extra["variant"] for p in planned if p.extra["group"] == group and p.extra["role"] == "test"), None)
+        chosen = next((p.extra["variants"][rt.store.open(p.key).meta["winner_index"]] for p in planned
+                       if p.extra["group"] == group and p.kind == "sweep_choice"), None)
         acc = {(r["variant"], r["task"]): r["accuracy"] for r in rows}
         tasks = list(dict.fromkeys(r["task"] for r in rows))
         summaries.append({
-            "group": group, "split": rows[0]["split"], "chosen": winner, "swept": swept_values(variants),
+            "group": group, "split": rows[0]["split"], "chosen": chosen, "swept": swept_values(variants),
             "variants": [v.name for v in variants], "tasks": tasks,
             "accuracy": {t: [acc[(v.name, t)] for v in variants] for t in tasks},
         })
@@ -208,3 +231,100 @@ def summarize_sweeps(rt, planned: list[Planned], selection: list[dict]) -> list[
 def _is_head(rt, name: str) -> bool:
     return any(re.search(p, name) for p in rt.recipe.spec.heads)
 
+
+# -- splits that must not leak -------------------------------------------------------------------
+
+
+def check_split_leaks(recipe, name: str, cfg: EvalConfig) -> None:
+    """Refuse (unless `allow_split_overlap`) an eval whose reported rows are rows that what it
+    evaluates was fit to: a merge's adaptation split (frank_wolfe, adamerging), a statistics
+    step's split (fisher, gram) behind a merge, a finetune step's training split behind a model,
+    or the split swept variants are chosen on. Rows are compared by `DataSpec.rows_of`: the same
+    split of the same data (or one file read twice) overlaps, differently named blocks of one
+    partitioned file or splits of a directory or hub dataset do not. Works on the recipe as
+    written and on its sweep-expanded steps (variants `ta[lambda=0.3]`)."""
+    from ..recipe import DataSpec
+
+    data = recipe.spec.data
+    tasks = [t for t in (cfg.models or list(recipe.models)) if t in recipe.models and recipe.models[t].data in data]
+    reported = []  # (rows, data entry, split)
+    for t in tasks:
+        d = recipe.models[t].data
+        split = cfg.split or data[d].test_split
+        reported.append((data[d].rows_of(recipe, d, split), d, split))
+    if cfg.allow_split_overlap:
+        return
+
+    def clash(d: str, split: str):
+        rows = data[d].rows_of(recipe, d, split)
+        return next((r for r in reported if DataSpec.rows_overlap(rows, r[0])), None)
+
+    def shared(hit, d, split) -> str:
+        same = hit[1] == d and hit[2] == split
+        return (f"split '{split}' of data '{d}', the split eval step '{name}' reports" if same else
+                f"split '{split}' of data '{d}', whose rows overlap split '{hit[2]}' of data '{hit[1]}' that eval "
+                f"step '{name}' reports")
+
+    allow = (f"or set allow_split_overlap: true on steps.{name} to report it knowingly. A single data file is cut "
+             f"into disjoint train, validation and test splits (see the data entry's partition).")
+    if any(_selects(recipe, m) for m in cfg.merges):
+        for t in tasks:
+            d = recipe.models[t].data
+            split = cfg.select_split or data[d].validation_split
+            hit = clash(d, split)
+            if hit:
+                raise FmergeError(
+                    f"{recipe.where('steps', name, 'select_split')}: eval step '{name}' chooses among swept variants "
+                    f"on {shared(hit, d, split)}, so the winner would be picked on the rows it is scored on. Set "
+                    f"select_split (default: each task's validation split) or split to another split, {allow}")
+    roots = list(cfg.merges) + [recipe.models[t].from_step for t in tasks] + [recipe.base.from_step]
+    for step, field, verb, fix, d, split in _data_uses(recipe, [r for r in roots if r]):
+        hit = clash(d, split)
+        if hit:
+            group = _written_name(recipe, step)
+            raise FmergeError(
+                f"{recipe.where('steps', group, field)}: step '{step}' {verb} {shared(hit, d, split)}, so its scores "
+                f"would be measured on rows it was fit to. {fix.format(step=group, data=d)}, {allow}")
+
+
+def _data_uses(recipe, roots: list[str]) -> list[tuple[str, str, str, str, str, str]]:
+    """(step, config field, what it does, how to change it, data entry, split) for every step fit
+    to data behind `roots` (steps it reads, steps producing the models it uses)."""
+    models = recipe.models
+    uses, seen, todo = [], set(), list(roots)
+    while todo:
+        for n in recipe.step_names(todo.pop(0)):
+            if n in seen or n not in recipe.steps or n not in recipe.spec.steps:
+                continue
+            seen.add(n)
+            kind, cfg = recipe.kinds[recipe.spec.steps[n]["kind"]], recipe.steps[n]
+            used = [m for m in kind.models_used(cfg, recipe) if m in models]
+            uses += [(n, *use) for use in kind.fitted_on(recipe, cfg)]
+            todo += [ref for _, ref in kind.step_refs(cfg)]
+            todo += [models[m].from_step for m in used if models[m].from_step]
+            if kind.uses_base and recipe.base.from_step:
+                todo.append(recipe.base.from_step)
+    return uses
+
+
+def _selects(recipe, merge: str) -> bool:
+    """Whether an eval chooses among variants of `merge`: a sweep group (after expansion), or
+    (before) a step the sweep grid names or one reading such a step."""
+    if merge in recipe.sweeps:
+        return True
+    swept = {key.split(".")[0] for key in recipe.spec.sweep}
+    seen, todo = set(), [merge]
+    while todo:
+        n = todo.pop()
+        if n in seen or n not in recipe.steps or n not in recipe.spec.steps:
+            continue
+        if n in swept:
+            return True
+        seen.add(n)
+        todo += [ref for _, ref in recipe.kinds[recipe.spec.steps[n]["kind"]].step_refs(recipe.steps[n])]
+    return False
+
+
+def _written_name(recipe, step: str) -> str:
+    """The step's name in the recipe file: a sweep variant's group."""
+    return next((g for g, vs in recipe.sweeps.items() if any(v.name == step for v in vs)), step)

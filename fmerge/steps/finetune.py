@@ -14,8 +14,8 @@ from ..finetune import finetune_classifier, fresh_classifier, tensor_batches
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict
 from ..store import make_key
-from ..tasks import data_spec, load_examples, load_tokenizer
-from . import Planned, StepKind, register
+from ..tasks import data_inputs, data_spec, load_subset, load_tokenizer
+from .base import Planned, StepKind, register
 
 VERSION = 1
 
@@ -37,33 +37,40 @@ class FinetuneConfig(Strict):
 class FinetuneStep(StepKind):
     kind = "finetune"
     Config = FinetuneConfig
+    produces_model = True
 
     def models_used(self, cfg, recipe) -> list[str]:
         return []
+
+    def fitted_on(self, recipe, cfg):
+        if cfg.data not in recipe.spec.data:
+            return []
+        return [("data", "trains on", "Train on another split (data.{data}.train_split)", cfg.data,
+                 recipe.spec.data[cfg.data].train_split)]
 
     def check(self, recipe, name: str, cfg: FinetuneConfig) -> None:
         if cfg.data not in recipe.spec.data:
             raise FmergeError(f"{recipe.where('steps', name, 'data')}: no data entry named '{cfg.data}'; "
                               f"entries: {', '.join(recipe.spec.data) or 'none'}.")
 
-    def plan(self, rt, name: str, cfg: FinetuneConfig) -> list[Planned]:
+    def plan(self, rt, name: str, cfg: FinetuneConfig, upstream) -> list[Planned]:
         seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
         split = rt.recipe.spec.data[cfg.data].train_split
-        _, rows, fingerprint, labels = load_examples(rt, cfg.data, split, cfg.examples, seed)
-        params = cfg.model_dump(mode="json") | {"seed": seed, "label_names": labels}
-        inputs = {"base": rt.model_hash(BASE), "data": fingerprint}
+        params = cfg.model_dump(mode="json", exclude={"data"}) | {"seed": seed, "split": split}
+        inputs = {"base": rt.model_hash(BASE), "data": data_inputs(rt, cfg.data, split)}
         key = make_key("finetune", params, inputs, VERSION)
-        return [Planned(name, "", "finetune", key, inputs, params, VERSION, {"rows": rows})]
+        return [Planned(name, "", "finetune", key, inputs, params, VERSION)]
 
     def compute(self, rt, name: str, cfg: FinetuneConfig, todo: list[Planned]) -> None:
         (p,) = todo
-        labels = p.params["label_names"]
+        sub = load_subset(rt, cfg.data, p.params["split"], cfg.examples, p.params["seed"])
+        labels = sub.labels
         if not labels:
             raise FmergeError(f"{rt.recipe.where('steps', name, 'data')}: finetune needs class labels; "
                               f"set 'label_names' in data.{cfg.data}.")
         dspec = data_spec(rt, cfg.data, rt.recipe.spec.data[cfg.data].train_split)
         tok = load_tokenizer(rt, BASE)
-        batches = list(encode_batches(tok, p.extra["rows"], dspec, len(p.extra["rows"]), cfg.max_length, labels))
+        batches = list(encode_batches(tok, sub.rows, dspec, len(sub.rows), cfg.max_length, labels))
         (features,) = batches
         features.pop("example_ids")
         model = fresh_classifier(rt.model_dir(BASE), len(labels), p.params["seed"], **cfg.config_overrides)

@@ -14,13 +14,14 @@ import torch
 from pydantic import Field
 
 from .. import distributed
-from ..data import EXAMPLE_ID_COLUMN, check_labels
-from ..fisher import ESTIMATORS, FisherSums, allreduce_sums, fisher_diagonal, shard_by_rank
+from ..data import EXAMPLE_ID_COLUMN, check_labels, shard_by_rank
+from ..fisher import ESTIMATORS, FisherSums, allreduce_sums, fisher_diagonal
 from ..errors import FmergeError
 from ..progress import tensor_progress
 from ..store import make_key
-from ..tasks import build_task_model, data_spec, task_batches, task_inputs
-from . import PerModelStep, Planned, StatisticsConfig, register
+from ..tasks import build_task_model, data_spec, load_subset, task_batches
+from .base import PerModelStep, Planned, StatisticsConfig, register
+from .zeroshot_head import head_dependency
 
 VERSION = 1
 
@@ -46,31 +47,32 @@ class FisherStep(PerModelStep):
             raise FmergeError(f"{recipe.where('steps', name, 'estimator')}: unknown estimator "
                               f"'{cfg.estimator}'{hint} Estimators: {', '.join(ESTIMATORS)}.")
 
-    def plan(self, rt, name, cfg):
+    def plan(self, rt, name, cfg, upstream):
         planned = []
-        for m, data, split, seed, sub in self.subsets(rt, name, cfg):
+        for m, data, split, seed, data_in in self.subsets(rt, name, cfg):
             params = {"estimator": cfg.estimator, "examples": cfg.examples, "samples": cfg.samples,
                       "split": split, "max_length": cfg.max_length, "seed": seed}
-            inputs = {"model": rt.model_hash(m), "data": sub.fingerprint, **task_inputs(rt, m)}
+            head, deps = head_dependency(rt, m)
+            inputs = {"model": rt.model_hash(m), "data": data_in, **head}
             family_params = {k: v for k, v in params.items() if k != "examples"}
-            family = make_key("fisher-family", family_params, {"model": inputs["model"], "data": sub.family}, VERSION)
+            family = make_key("fisher-family", family_params, {k: v for k, v in inputs.items()}, VERSION)
             planned.append(Planned(name, m, "fisher", make_key("fisher", params, inputs, VERSION), inputs,
-                                   params, VERSION, {"rows": sub.rows, "labels": sub.labels, "data": data,
-                                                     "family": family}))
+                                   params, VERSION, {"data": data, "family": family}, deps))
         return planned
 
     def compute(self, rt, name, cfg, todo):
         for p in todo:
-            model = build_task_model(rt, p.label)
+            model = build_task_model(rt, p.label, head=p.inputs.get("head"))
             spec = data_spec(rt, p.extra["data"], p.params["split"])
-            rows = p.extra["rows"]
+            sub = load_subset(rt, p.extra["data"], p.params["split"], p.params["examples"], p.params["seed"])
+            rows = sub.rows
             if spec.label_column:
-                check_labels(rows, spec, model.config.num_labels, p.extra["labels"])
+                check_labels(rows, spec, model.config.num_labels, sub.labels)
             # Each row's position in the full subset seeds its draws, whatever shard or extension runs it.
             rows = rows.add_column(EXAMPLE_ID_COLUMN, list(range(len(rows))))
             previous, done = self._cached_prefix(rt, p)
             rows = shard_by_rank(rows.select(range(done, len(rows))))
-            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length, p.extra["labels"])
+            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length, sub.labels)
             with tensor_progress(rt.console, f"{name}: {p.label}", -(-len(rows) // cfg.batch_size)) as advance:
                 counted = (advance() or b for b in batches)
                 sums = allreduce_sums(fisher_diagonal(model, counted, cfg.estimator, samples=cfg.samples,
@@ -112,18 +114,17 @@ class FisherStep(PerModelStep):
     def export(self, rt, name, cfg, planned):
         if not cfg.export:
             return None
-        from safetensors.torch import save_file
+        from ..export import export_tensor_file
 
         out = rt.recipe.resolve(cfg.export)
         single = len(planned) == 1 and out.suffix == ".safetensors"
+        notes = []
         for p in planned:
             art = rt.store.open(p.key)
-            fisher = art.view("fisher/")
             target = out if single else out / f"{p.label}.safetensors"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
             meta = {k: str(v) for k, v in art.meta.items() if k in ("estimator", "count", "count_unit", "examples")}
-            save_file({n: fisher.get(n).contiguous() for n in fisher.names()}, str(tmp),
-                      metadata={"fmerge_key": p.key, **meta})
-            tmp.replace(target)
+            notes.append(export_tensor_file(rt.store, target, p.key, art.view("fisher/"),
+                                            where=rt.recipe.where("steps", name, "export"), metadata=meta))
+        if all(n.endswith("up to date") for n in notes):
+            return f"Fisher export {out} up to date"
         return f"Fisher written to {out}"

@@ -16,7 +16,7 @@ from ..methods.ties import trim_to_top_k
 from ..objective import Objective
 from ..progress import tensor_progress
 from ..recipe import BASE, format_validation_error
-from . import register
+from .base import register
 from .iterative import IterativeConfig, IterativeStep, Loss
 
 
@@ -53,7 +53,7 @@ class FrankWolfeSoftConfig(FrankWolfeCommon):
 class FrankWolfeStep(IterativeStep):
     kind = "frank_wolfe"
     Config = FrankWolfeConfig
-    VERSION = 1
+    VERSION = 2  # 2: TIES merge_fn keeps exactly k entries per tensor
 
     def candidates(self, cfg, recipe):
         return (cfg.models or list(recipe.models))[: cfg.max_num_models]
@@ -146,7 +146,7 @@ class FrankWolfeStep(IterativeStep):
 class FrankWolfeSoftStep(FrankWolfeStep):
     kind = "frank_wolfe_soft"
     Config = FrankWolfeSoftConfig
-    VERSION = 1
+    VERSION = 2  # 2: TIES merge_fn keeps exactly k entries per tensor
 
     def losses(self, cfg) -> tuple[str, ...]:
         return (cfg.loss, cfg.ada_loss)

@@ -15,8 +15,9 @@ import torch
 from ..errors import FmergeError
 from ..gram import OUT_IN, gram_matrices
 from ..store import make_key
-from ..tasks import build_task_model, data_spec, task_batches, task_inputs
-from . import PerModelStep, Planned, StatisticsConfig, register
+from ..tasks import build_task_model, data_spec, load_subset, task_batches
+from .base import PerModelStep, Planned, StatisticsConfig, register
+from .zeroshot_head import head_dependency
 
 VERSION = 1
 GROUP = {OUT_IN: "gram", "in_out": "gram_in_out"}
@@ -32,20 +33,22 @@ class GramStep(PerModelStep):
     kind = "gram"
     Config = GramConfig
 
-    def plan(self, rt, name, cfg):
+    def plan(self, rt, name, cfg, upstream):
         planned = []
-        for m, data, split, seed, sub in self.subsets(rt, name, cfg):
+        for m, data, split, seed, data_in in self.subsets(rt, name, cfg):
             params = {"examples": cfg.examples, "split": split, "max_length": cfg.max_length, "seed": seed}
-            inputs = {"model": rt.model_hash(m), "data": sub.fingerprint, **task_inputs(rt, m)}
+            head, deps = head_dependency(rt, m)
+            inputs = {"model": rt.model_hash(m), "data": data_in, **head}
             planned.append(Planned(name, m, "gram", make_key("gram", params, inputs, VERSION), inputs,
-                                   params, VERSION, {"rows": sub.rows, "data": data}))
+                                   params, VERSION, {"data": data}, deps))
         return planned
 
     def compute(self, rt, name, cfg, todo):
         for p in todo:
-            model = build_task_model(rt, p.label)
+            model = build_task_model(rt, p.label, head=p.inputs.get("head"))
             spec = dataclasses.replace(data_spec(rt, p.extra["data"], p.params["split"]), label_column=None)
-            batches = task_batches(rt, p.label, p.extra["rows"], spec, cfg.batch_size, cfg.max_length)
+            rows = load_subset(rt, p.extra["data"], p.params["split"], p.params["examples"], p.params["seed"]).rows
+            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length)
             sums = gram_matrices(model, batches)
             for n, g in sums.grams.items():
                 if not bool(torch.isfinite(g).all()):

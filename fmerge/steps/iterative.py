@@ -21,15 +21,16 @@ from pydantic import Field
 from .. import __version__
 from ..data import check_labels, encode_batches
 from ..errors import FmergeError
-from ..io import write_model_dir
+from ..export import export_model_dir
 from ..merging import TensorPlan, plan_tensors
 from ..objective import Objective, TaskModel
 from ..recipe import BASE, Strict
 from ..store import make_key
-from ..tasks import (build_task_model, data_spec, is_image_task, load_examples, load_tokenizer, task_batches, task_data,
-                     task_inputs)
-from . import Planned, StepKind
-from .merge import EXPORT_MARKER, write_heads
+from ..tasks import (build_task_model, data_inputs, data_spec, is_image_task, load_subset, load_tokenizer, task_batches,
+                     task_data)
+from .base import Planned, StepKind
+from .zeroshot_head import head_dependency
+from .merge import from_base_section, write_heads
 
 
 class IterativeConfig(Strict):
@@ -69,6 +70,17 @@ class IterativeStep(StepKind):
             if recipe.models[t].data is None:
                 raise FmergeError(f"{recipe.where('steps', name)}: task '{t}' has no data; give model '{t}' "
                                   f"'data: <name of an entry in data>', or list other models under 'tasks'.")
+        data = recipe.spec.data
+        for t in self.task_names(cfg, recipe):
+            d = recipe.models[t].data
+            if d in data:  # a split the entry lacks is an error now, not at planning
+                data[d].rows_of(recipe, d, cfg.split or data[d].validation_split)
+
+    def fitted_on(self, recipe, cfg):
+        data, models = recipe.spec.data, recipe.models
+        return [("split", "adapts on", "Adapt on another split (steps.{step}.split; default: each task's validation "
+                 "split)", models[t].data, cfg.split or data[models[t].data].validation_split)
+                for t in self.task_names(cfg, recipe) if t in models and models[t].data in data]
 
     def extra_inputs(self, rt, name: str, cfg) -> dict[str, Any]:
         return {}
@@ -77,30 +89,33 @@ class IterativeStep(StepKind):
         """The config as it enters the cache key (subclasses canonicalise free-form fields)."""
         return cfg.model_dump(mode="json", exclude={"export"})
 
-    def plan(self, rt, name, cfg):
+    def plan(self, rt, name, cfg, upstream):
         seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
-        tasks, splits, data_fp = {}, {}, {}
+        tasks, splits, task_in, deps = {}, {}, {}, []
         for t in self.task_names(cfg, rt.recipe):
             data = task_data(rt, t, ("steps", name, "tasks"))
             split = cfg.split or rt.recipe.spec.data[data].validation_split
-            _, rows, fingerprint, labels = load_examples(rt, data, split, self.pool_size(cfg), seed)
-            tasks[t] = {"rows": rows, "labels": labels, "data": data, "split": split}
-            splits[t], data_fp[t] = split, fingerprint
+            head, head_deps = head_dependency(rt, t)
+            tasks[t] = {"data": data, "split": split}
+            splits[t] = split
+            task_in[t] = {"model": rt.model_hash(t), "data": data_inputs(rt, data, split), **head}
+            deps += head_deps
         spec = rt.recipe.spec
         inputs = {"base": rt.model_hash(BASE),
                   "models": {m: rt.model_hash(m) for m in self.candidates(cfg, rt.recipe)},
-                  "tasks": {t: {"model": rt.model_hash(t), "data": data_fp[t], **task_inputs(rt, t)} for t in tasks},
-                  **self.extra_inputs(rt, name, cfg)}
+                  "tasks": task_in, **self.extra_inputs(rt, name, cfg)}
         params = self.key_params(rt, name, cfg) | {
-            "seed": seed, "splits": splits, "exclude": spec.exclude, "heads": spec.heads}
+            "seed": seed, "splits": splits, "exclude": spec.exclude, "heads": spec.heads,
+            **({"missing_tensors": "base"} if spec.missing_tensors == "base" else {})}
         key = make_key(self.kind, params, inputs, self.VERSION)
-        return [Planned(name, "", self.kind, key, inputs, params, self.VERSION, {"tasks": tasks})]
+        return [Planned(name, "", self.kind, key, inputs, params, self.VERSION, {"tasks": tasks}, deps)]
 
     # -- computing ---------------------------------------------------------------------------
 
     def tensor_plan(self, rt, cfg) -> TensorPlan:
         sources = {m: rt.source(m) for m in self.models_used(cfg, rt.recipe)}
-        return plan_tensors(rt.source(BASE), sources, rt.recipe.spec.exclude, rt.recipe.spec.heads)
+        return plan_tensors(rt.source(BASE), sources, rt.recipe.spec.exclude, rt.recipe.spec.heads,
+                            rt.recipe.spec.missing_tensors)
 
     def weights(self, rt, model: str, plan: TensorPlan) -> dict[str, torch.Tensor]:
         """A model's mergeable tensors in base naming, fp32 on the runtime's device."""
@@ -116,9 +131,11 @@ class IterativeStep(StepKind):
         head = [re.compile(h) for h in rt.recipe.spec.heads]
         tasks = {}
         for t, info in p.extra["tasks"].items():
+            sub = load_subset(rt, info["data"], info["split"], self.pool_size(cfg), p.params["seed"])
+            info = {**info, "rows": sub.rows, "labels": sub.labels}
             names = plan.name_maps[t]
             copied = {names[r]: base.get(r) for r in plan.copy if r in names and not any(h.search(names[r]) for h in head)}
-            net = build_task_model(rt, t, copied).float().requires_grad_(False)
+            net = build_task_model(rt, t, copied, head=p.inputs["tasks"][t].get("head")).float().requires_grad_(False)
             if net.config.num_labels < 2:
                 raise FmergeError(f"Task '{t}': its head has {net.config.num_labels} output; {self.kind} needs a "
                                   f"classification head (regression is not supported).")
@@ -170,22 +187,15 @@ class IterativeStep(StepKind):
     def export(self, rt, name, cfg, planned):
         if not cfg.export:
             return None
-        out = rt.recipe.resolve(cfg.export)
         (p,) = planned
-        marker = out / EXPORT_MARKER
-        if marker.is_file() and json.loads(marker.read_text()).get("key") == p.key:
-            return f"export {out} up to date"
-        weights = rt.store.open(p.key).view("weights/")
-        layout = [(n, weights.dtype(n), weights.shape(n)) for n in weights.names()]
         card = (f"---\ntags: [fmerge, merge, {self.kind}]\n---\n# Merged with fmerge {__version__}\n\n"
                 f"Step `{name}` ({self.kind}) of recipe `{rt.recipe.file or '(command line)'}`; artifact key "
                 f"`{p.key}`. Parameters:\n\n```json\n{json.dumps(p.params, indent=2)}\n```\n\nTask heads, never "
-                f"averaged, are in `heads/<model>.safetensors`; the weights here use the base model's names.\n")
-        write_model_dir(out, layout, ((n, weights.get(n)) for n in weights.names()),
-                        side_files_from=rt.model_dir(BASE), readme=card, metadata={"format": "pt", "fmerge_key": p.key})
-        write_heads(rt, cfg, out)
-        marker.write_text(json.dumps({"key": p.key, "step": name, "fmerge_version": __version__}))
-        return f"exported {out}"
+                f"averaged, are in `heads/<model>.safetensors`; the weights here use the base model's names.\n"
+                + from_base_section(rt.store.open(p.key).meta))
+        return export_model_dir(rt.store, rt.recipe.resolve(cfg.export), p.key, rt.store.open(p.key).view("weights/"),
+                                step=name, where=rt.recipe.where("steps", name, "export"), readme=card,
+                                side_files_from=rt.model_dir(BASE), finish=lambda tmp: write_heads(rt, cfg, tmp))
 
 
 Loss = Literal["cross_entropy", "entropy"]

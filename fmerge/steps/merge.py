@@ -12,17 +12,17 @@ from pydantic import Field, ValidationError
 
 from .. import __version__
 from ..errors import FmergeError
-from ..io import ModelDir, parse_dtype, write_model_dir
+from ..export import export_model_dir
+from ..io import ModelDir, parse_dtype
 from ..merging import TensorParams, align_names, merge_stream, plan_tensors
 from ..methods import MergeContext, get_method
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict, format_validation_error
 from ..store import library_versions, make_key
-from . import Planned, StepKind, register
+from .base import Planned, StepKind, register
 
 # Bumped when the streaming driver (not a method) changes what a merge writes.
 DRIVER_VERSION = 1
-EXPORT_MARKER = ".fmerge-export.json"
 
 
 class MergeConfig(Strict):
@@ -83,7 +83,7 @@ class MergeStep(StepKind):
         except FmergeError as exc:
             raise FmergeError(f"{recipe.where('steps', name, 'params')}: {exc}")
 
-    def plan(self, rt, name: str, cfg: MergeConfig) -> list[Planned]:
+    def plan(self, rt, name: str, cfg: MergeConfig, upstream) -> list[Planned]:
         method = get_method(cfg.method)
         tparams = TensorParams(method, cfg.params, rt.recipe.where("steps", name, "params"))
         params = tparams.params
@@ -95,19 +95,20 @@ class MergeStep(StepKind):
         else:
             inputs["reference"] = rt.model_hash(BASE)  # output naming and copied tensors come from it
         if cfg.fisher:
-            inputs["fisher"] = statistics_keys(rt, name, "fisher", cfg.fisher, models, "Fisher")
+            inputs["fisher"] = statistics_keys(rt, name, "fisher", upstream[cfg.fisher], models, "Fisher")
         if cfg.base_fisher:
-            prior = rt.planned[cfg.base_fisher]
+            prior = upstream[cfg.base_fisher]
             if len(prior) != 1:
                 raise FmergeError(f"{rt.recipe.where('steps', name, 'base_fisher')}: step '{cfg.base_fisher}' "
                                   f"has {len(prior)} Fishers; give it one model (models: [name]).")
             inputs["base_fisher"] = prior[0].key
         if cfg.gram:
-            inputs["gram"] = statistics_keys(rt, name, "gram", cfg.gram, models, "Gram matrices")
+            inputs["gram"] = statistics_keys(rt, name, "gram", upstream[cfg.gram], models, "Gram matrices")
         spec = rt.recipe.spec
         key_params = {
             "method": cfg.method, "params": tparams.key(),
             "exclude": spec.exclude, "heads": spec.heads, "out_dtype": cfg.out_dtype,
+            **({"missing_tensors": "base"} if spec.missing_tensors == "base" else {}),  # keys unchanged by default
             "seed": cfg.seed if cfg.seed is not None else spec.seed,
         }
         version = DRIVER_VERSION * 1000 + method.version
@@ -122,7 +123,8 @@ class MergeStep(StepKind):
         models = self.models_used(cfg, rt.recipe)
         sources = {m: rt.source(m) for m in models}
         base = rt.source(BASE)
-        plan = plan_tensors(base, sources, rt.recipe.spec.exclude, rt.recipe.spec.heads)
+        plan = plan_tensors(base, sources, rt.recipe.spec.exclude, rt.recipe.spec.heads,
+                            rt.recipe.spec.missing_tensors)
         ctx = MergeContext(models, seed=p.params["seed"])
         stats = {}
         if cfg.fisher:
@@ -150,36 +152,19 @@ class MergeStep(StepKind):
     def export(self, rt, name: str, cfg: MergeConfig, planned: list[Planned]) -> str | None:
         if not cfg.export:
             return None
-        out = rt.recipe.resolve(cfg.export)
         (p,) = planned
-        marker = out / EXPORT_MARKER
-        with rt.store.lock(make_key("export", str(out.resolve()), {}, 1)):  # one exporter at a time
-            if marker.is_file() and json.loads(marker.read_text()).get("key") == p.key:
-                return f"export {out} up to date"
-            if out.exists() and not marker.is_file() and any(out.iterdir()):
-                raise FmergeError(f"{rt.recipe.where('steps', name, 'export')}: {out} exists and was not "
-                                  f"written by fmerge; refusing to replace it. Remove it or export elsewhere.")
-            art = rt.store.open(p.key)
-            weights = art.view("weights/")
-            layout = [(n, weights.dtype(n), weights.shape(n)) for n in weights.names()]
-            base_dir = rt.model_dir(BASE)
-            card = model_card(rt, name, cfg, p)
-
-            def finish(tmp: Path) -> None:  # heads and marker inside the directory swapped into place
-                write_heads(rt, cfg, tmp)
-                (tmp / EXPORT_MARKER).write_text(json.dumps({"key": p.key, "step": name, "fmerge_version": __version__}))
-
-            write_model_dir(out, layout, ((n, weights.get(n)) for n in weights.names()),
-                            side_files_from=base_dir, readme=card,
-                            metadata={"format": "pt", "fmerge_key": p.key}, finish=finish)
-        return f"exported {out}"
+        return export_model_dir(rt.store, rt.recipe.resolve(cfg.export), p.key, rt.store.open(p.key).view("weights/"),
+                                step=name, where=rt.recipe.where("steps", name, "export"),
+                                readme=model_card(rt, name, cfg, p), side_files_from=rt.model_dir(BASE),
+                                finish=lambda tmp: write_heads(rt, cfg, tmp))
 
 
-def statistics_keys(rt, name: str, field: str, step: str, models: list[str], what: str) -> dict[str, str]:
-    """{model: artifact key} of the statistics step `step` for every merged model."""
-    keys = {p.label: p.key for p in rt.planned[step]}
+def statistics_keys(rt, name: str, field: str, planned: list[Planned], models: list[str], what: str) -> dict[str, str]:
+    """{model: artifact key} of a statistics step's planned artifacts for every merged model."""
+    keys = {p.label: p.key for p in planned}
     missing = [m for m in models if m not in keys]
     if missing:
+        step = getattr(rt.recipe.steps[name], field)
         raise FmergeError(f"{rt.recipe.where('steps', name, field)}: step '{step}' has no {what} for "
                           f"model(s) {', '.join(missing)}.")
     return {m: keys[m] for m in models}
@@ -211,7 +196,8 @@ def write_heads(rt, cfg: MergeConfig, out: Path) -> None:
 
     models = cfg.models or list(rt.recipe.models)
     sources = {m: rt.source(m) for m in models}
-    plan = plan_tensors(rt.source(BASE), sources, rt.recipe.spec.exclude, rt.recipe.spec.heads)
+    plan = plan_tensors(rt.source(BASE), sources, rt.recipe.spec.exclude, rt.recipe.spec.heads,
+                        rt.recipe.spec.missing_tensors)
     heads = {m: names for m, names in plan.per_model.items() if names}
     if not heads:
         return
@@ -235,4 +221,19 @@ def model_card(rt, name: str, cfg: MergeConfig, p: Planned) -> str:
         f"Library versions:\n\n```json\n{json.dumps(library_versions(), indent=2)}\n```\n\n"
         f"Task-specific heads, never averaged, are in `heads/<model>.safetensors` (the model's own "
         f"tensor names); the weights here use the base model's names.\n"
+        + from_base_section(rt.store.open(p.key).meta)
     )
+
+
+# -- tensors taken from the base (recipe `missing_tensors: base`) ------------------------------
+
+def from_base_section(meta: dict) -> str:
+    """Model-card section listing the tensors some model lacked, taken from the base unmerged."""
+    from_base = (meta.get("plan") or {}).get("from_base") or {}
+    if not from_base:
+        return ""
+    lines = "".join(f"- `{r}` (missing in {', '.join(ms)})\n" for r, ms in from_base.items())
+    return (f"\n## Tensors taken from the base\n\nWith `missing_tensors: base`, these {len(from_base)} "
+            f"tensor(s), missing from some models, hold the base model's value, not a merge:\n\n{lines}")
+
+# -- end of tensors taken from the base ---------------------------------------------------------

@@ -10,7 +10,7 @@ from ..merging import all_finite, plan_tensors
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict
 from ..store import make_key
-from . import Planned, StepKind, register
+from .base import Planned, StepKind, register
 
 VERSION = 1
 
@@ -30,9 +30,10 @@ class TaskVectorsStep(StepKind):
     def models_used(self, cfg: TaskVectorsConfig, recipe) -> list[str]:
         return cfg.models or list(recipe.models)
 
-    def plan(self, rt, name: str, cfg: TaskVectorsConfig) -> list[Planned]:
+    def plan(self, rt, name: str, cfg: TaskVectorsConfig, upstream) -> list[Planned]:
         spec = rt.recipe.spec
-        params = {"exclude": spec.exclude, "heads": spec.heads}
+        params = {"exclude": spec.exclude, "heads": spec.heads,
+                  **({"missing_tensors": "base"} if spec.missing_tensors == "base" else {})}
         planned = []
         for m in self.models_used(cfg, rt.recipe):
             inputs = {"base": rt.model_hash(BASE), "model": rt.model_hash(m)}
@@ -44,7 +45,8 @@ class TaskVectorsStep(StepKind):
         base = rt.source(BASE)
         for p in todo:
             model = rt.source(p.label)
-            plan = plan_tensors(base, {p.label: model}, rt.recipe.spec.exclude, rt.recipe.spec.heads)
+            plan = plan_tensors(base, {p.label: model}, rt.recipe.spec.exclude, rt.recipe.spec.heads,
+                                rt.recipe.spec.missing_tensors)
             names = plan.name_maps[p.label]
             with rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version) as writer:
                 with tensor_progress(rt.console, f"{name}: {p.label}", len(plan.merge)) as advance:

@@ -2,9 +2,10 @@
 
 A head's key is the content of what determines it: the base's tensors outside the vision tower
 (text tower, projections, logit scale) and tokenizer files, the class names and the templates;
-never a model name, so a reused hub id with new weights cannot serve a stale head. The Fisher,
-eval and iterative steps fetch heads through `ensure_head`, which computes a missing one, so a
-recipe needs this step only to precompute heads (or to see them in `fmerge status`).
+never a model name, so a reused hub id with new weights cannot serve a stale head. A
+recipe needs this step only to precompute heads (or to see them in `fmerge status`): the Fisher,
+eval, gram and iterative steps declare a CLIP task's head as a dependency (`head_dependency`) and
+the executor computes it, under its lock, before them.
 
 The artifact holds `head` (classes × projection dim, unit rows), and the base's
 `visual_projection` and `logit_scale`: with a vision tower, everything the classifier needs.
@@ -25,7 +26,7 @@ from ..errors import FmergeError
 from ..io import ModelDir
 from ..recipe import BASE, Strict
 from ..store import make_key
-from . import Planned, StepKind, register
+from .base import Planned, StepKind, register
 
 VERSION = 1
 
@@ -52,7 +53,7 @@ class ZeroshotHeadStep(StepKind):
                 raise FmergeError(f"{recipe.where('steps', name)}: model '{m}' has no image task; a zero-shot "
                                   f"head needs 'data: <entry with an image column>' in models.{m}.")
 
-    def plan(self, rt, name, cfg):
+    def plan(self, rt, name, cfg, upstream):
         return [head_planned(rt, m, name) for m in self.models_used(cfg, rt.recipe)]
 
     def compute(self, rt, name, cfg, todo):
@@ -61,48 +62,59 @@ class ZeroshotHeadStep(StepKind):
             write_head(rt, p, encoder)
 
 
-def prompts(rt, data: str) -> tuple[list[str], list[str]]:
-    """(class names in label order, templates) of a CLIP task: the recipe's, else the built-in
-    table's under the data entry's name, else the dataset's label names and a generic template."""
+def prompts(rt, data: str) -> tuple[list[str] | None, list[str]]:
+    """(class names in label order, templates) of a CLIP task as the recipe and the built-in table
+    give them, reading no data: class names are None when they must come from the dataset."""
     d = rt.recipe.spec.data[data]
-    where = rt.recipe.where("data", data)
     builtin = builtin_task(d.classnames if isinstance(d.classnames, str) else data) or {}
     classnames = d.classnames if isinstance(d.classnames, list) else builtin.get("classnames")
-    if classnames is None:
-        labels = d.label_names
-        if labels is None and d.label is not None:
-            from ..tasks import data_spec
-
-            spec = data_spec(rt, data, d.test_split)
-            labels = label_names_for(load_dataset_split(spec), spec)
-        if not labels:
-            raise FmergeError(f"{where}: CLIP task '{data}' has no class names: give 'classnames' (a list in label "
-                              f"order) or 'label_names', or use a dataset whose label column is a ClassLabel.")
-        classnames = names_from_labels(labels)
+    if classnames is None and d.label_names:
+        classnames = names_from_labels(d.label_names)
     builtin = builtin_task(d.templates if isinstance(d.templates, str) else data) or {}
     templates = d.templates if isinstance(d.templates, list) else builtin.get("templates") or GENERIC_TEMPLATES
-    return list(classnames), list(templates)
+    return (list(classnames) if classnames is not None else None), list(templates)
+
+
+def classnames_from_data(rt, data: str) -> list[str]:
+    """Class names from the dataset's label names (a ClassLabel column, or sorted string labels)."""
+    from ..tasks import data_spec
+
+    d = rt.recipe.spec.data[data]
+    where = rt.recipe.where("data", data)
+    labels = None
+    if d.label is not None:
+        spec = data_spec(rt, data, d.test_split)
+        labels = label_names_for(load_dataset_split(spec), spec)
+    if not labels:
+        raise FmergeError(f"{where}: CLIP task '{data}' has no class names: give 'classnames' (a list in label "
+                          f"order) or 'label_names', or use a dataset whose label column is a ClassLabel.")
+    return names_from_labels(labels)
 
 
 def head_planned(rt, model: str, step: str = "") -> Planned:
-    from ..tasks import task_data
+    """A task's head: keyed by the base's text side, the prompts, and, where class names come from
+    the dataset, the data's content (read when the head is computed, not now)."""
+    from ..tasks import data_inputs, task_data
 
     data = task_data(rt, model, ("models", model))
     classnames, templates = prompts(rt, data)
     params = {"classnames": classnames, "templates": templates}
     inputs = {"text_side": text_hash(rt)}
+    if classnames is None:
+        inputs["labels_from"] = data_inputs(rt, data, rt.recipe.spec.data[data].test_split)
     return Planned(step, model, "zeroshot_head", make_key("zeroshot_head", params, inputs, VERSION), inputs,
                    params, VERSION, {"data": data})
 
 
-def ensure_head(rt, model: str):
-    """The head artifact of a model's task, computed now if the store lacks it."""
-    p = head_planned(rt, model)
-    if not rt.store.has(p.key):
-        with rt.store.lock(p.key):
-            if not rt.store.has(p.key):
-                write_head(rt, p, TextEncoder(rt))
-    return rt.store.open(p.key)
+def head_dependency(rt, model: str) -> tuple[dict[str, str], list[Planned]]:
+    """({"head": key}, [the head's planned artifact]) for a CLIP task, ({}, []) for any other:
+    what a step using the task's classifier adds to its inputs and its dependencies."""
+    from ..tasks import is_image_task
+
+    if not is_image_task(rt, model):
+        return {}, []
+    head = head_planned(rt, model)
+    return {"head": head.key}, [head]
 
 
 def text_hash(rt) -> str:
@@ -121,6 +133,8 @@ def text_hash(rt) -> str:
         return known[base_hash]
     directory = rt.model_dir(BASE)
     digest = text_side_hash(_full_base(rt), directory)
+    if not rt.store.writable:
+        return digest
     try:
         from filelock import FileLock
 
@@ -181,8 +195,9 @@ class TextEncoder:
 
 def write_head(rt, p: Planned, encoder: TextEncoder) -> None:
     full = _full_base(rt)
+    classnames = p.params["classnames"] or classnames_from_data(rt, p.extra["data"])
     with torch.no_grad():
-        head = zeroshot_head(encoder, p.params["classnames"], p.params["templates"]).cpu()
+        head = zeroshot_head(encoder, classnames, p.params["templates"]).cpu()
     with rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version) as writer:
         writer.write("head", head)
         writer.write("visual_projection", full.get("visual_projection.weight").float())

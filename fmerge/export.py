@@ -1,0 +1,655 @@
+"""The one export path: every file fmerge writes outside its store is written here.
+
+Merges, the iterative merges (Frank-Wolfe, AdaMerging) and Fisher exports all come through this
+module, under one lock per export target (`export_lock`).
+
+A model directory is built beside its target under a temporary name (`.NAME.tmp-PID.RAND`): the
+weights, the base's config and tokenizer files, the model card, the caller's files (task heads),
+then the manifest `.fmerge-export.json`, which records the artifact key and every file fmerge
+wrote with its size and SHA-256. The whole directory is then swapped into place in one atomic
+rename (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames, repaired by the next export if
+a crash falls between them), so the target is always the previous export or the complete new
+one, never a mix.
+
+fmerge never deletes or overwrites a file it did not write:
+
+* A non-empty directory without a manifest is refused.
+* In a directory fmerge exported, entries the manifest does not list are the user's (an eval
+  script, a results folder). They are carried into the new export untouched: hard-linked (the
+  same file, so nothing is copied, mtimes and permissions stay, and the original never moves
+  until the new directory holding it is in place), recreated if a symbolic link, copied only
+  where the file system refuses hard links. The previous export is then removed entry by entry:
+  only files its manifest lists and that still match their record, and entries that are now the
+  very same file in the new export; anything else (a file made while the export ran) is moved
+  into the new export, or left where it is. A crash at any point loses none of them.
+* A user file whose name the new export needs, and a file fmerge wrote that was changed since,
+  are refused, naming them: fmerge cannot keep both.
+* A single-file export (a Fisher diagonal) is recorded in a hidden sidecar beside it,
+  `.NAME.fmerge-export.json`; an existing file without one is replaced only if its safetensors
+  header carries an `fmerge_key` (an export of an fmerge older than sidecars).
+
+Side files are copied only if they are regular files inside the base model's directory (for a
+hub download, inside its cache entry, whose snapshot files link to its blobs): a link that leads
+elsewhere is refused, since an export is made to be shared and could otherwise publish a private
+file; fifos and devices are refused too.
+
+`check_exports` refuses, at validation, two steps exporting to the same place (or one inside the
+other) and exports inside (or holding) the artifact store.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import errno
+import filecmp
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+import uuid
+from contextlib import nullcontext
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from . import __version__
+from .errors import FmergeError
+from .io import SIDE_FILES, StreamingSafetensorsWriter, TensorSource, write_weight_files
+from .store import pid_alive
+
+MARKER = ".fmerge-export.json"
+SIDECAR_SUFFIX = ".fmerge-export.json"  # beside a file export NAME: .NAME.fmerge-export.json
+BUILDING = ".fmerge-building"  # inside a temporary export directory until it is complete
+FORMAT = 2  # 1: the marker held only the key (fmerge's files are then known by name)
+_OWN_WEIGHTS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)(\.[0-9a-f]+)?$")
+
+
+def export_lock(store, path: Path):
+    """The lock of one export target (a directory or a file), held while it is checked and written."""
+    from .store import make_key
+
+    if store is None:
+        return nullcontext()
+    return store.lock(make_key("export", str(Path(path).resolve()), {}, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def check_exports(recipe, store_root: Path | str) -> None:
+    """Refuse exports that would collide: two steps exporting to the same path or one inside the
+    other (each export replaces its whole target), and exports inside or around the store."""
+    store = _real(Path(store_root))
+    group_of = {v.name: group for group, variants in (getattr(recipe, "sweeps", None) or {}).items() for v in variants}
+    seen: list[tuple[str, str, Path, str]] = []  # (step, its recipe-level name, path, where)
+    for name, cfg in recipe.steps.items():
+        export = getattr(cfg, "export", None)
+        if not export:
+            continue
+        group = group_of.get(name, name)
+        where = recipe.where("steps", group, "export")
+        path = _real(recipe.resolve(str(export)))
+        if _within(path, store):
+            raise FmergeError(
+                f"{where}: export {path} is inside the artifact store {store}. The store is fmerge's cache "
+                f"(`fmerge gc` prunes it), not a place for models to share; export to a path outside it "
+                f"(e.g. out/{group}), then run again.")
+        if _within(store, path):
+            raise FmergeError(
+                f"{where}: export {path} holds the artifact store {store}; an export directory is replaced "
+                f"as a whole, so the store must not live inside it. Export to a directory of its own "
+                f"(e.g. out/{group}), or move the store elsewhere with --store or the recipe's 'store', "
+                f"then run again.")
+        for other, other_group, other_path, other_where in seen:
+            if not (_within(path, other_path) or _within(other_path, path)):
+                continue
+            if other_group == group:
+                n = sum(1 for s in group_of.values() if s == group)
+                raise FmergeError(
+                    f"{where}: step '{group}' is swept into {n} variants that would all export to {path}, "
+                    f"each replacing the last. Remove 'export' from the swept step (pick the best variant "
+                    f"with an eval step), and export the chosen parameters from a step of their own.")
+            how = "both export to" if path == other_path else "export to nested paths:"
+            paths = f"{path}" if path == other_path else f"{other_path} and {path}"
+            raise FmergeError(
+                f"{other_where} and {where}: steps '{other_group}' and '{group}' {how} {paths}. Each export "
+                f"replaces its whole target, so one would overwrite or swallow the other; give each step "
+                f"its own export path, then run again.")
+        seen.append((name, group, path, where))
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+# ---------------------------------------------------------------------------------------------
+# Records of what fmerge wrote
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record(path: Path, sha256: str | None = None) -> dict:
+    st = path.lstat()
+    return {"size": st.st_size, "sha256": sha256 or _sha256(path), "mtime_ns": st.st_mtime_ns}
+
+
+def _matches(path: Path, rec: dict | None) -> bool:
+    """Whether `path` is still the regular file fmerge recorded (`rec` None: known by name only).
+    Size and mtime decide when they agree; otherwise the SHA-256 does (a copy keeps it, an edit not)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if rec is None:
+        return True
+    if st.st_size != rec.get("size"):
+        return False
+    return st.st_mtime_ns == rec.get("mtime_ns") or _sha256(path) == rec.get("sha256")
+
+
+def _legacy_owned(rel: str) -> bool:
+    """A file an export of fmerge < manifests wrote, known by its name."""
+    parts = PurePosixPath(rel).parts
+    if len(parts) == 1:
+        return bool(_OWN_WEIGHTS.match(rel)) or rel in ("README.md", "model.safetensors.index.json", *SIDE_FILES)
+    return len(parts) == 2 and parts[0] == "heads" and parts[1].endswith(".safetensors")
+
+
+def read_manifest(dir: Path, where: str | None = None) -> dict | None:
+    """The manifest of a directory fmerge exported; None if it has none."""
+    marker = Path(dir) / MARKER
+    if not os.path.lexists(marker):
+        return None
+    try:
+        if marker.is_symlink():
+            raise ValueError("a symbolic link")
+        data = json.loads(marker.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("files", {}), dict):
+            raise ValueError("not an export record")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise FmergeError(
+            f"{where or dir}: {marker} is not a readable export record ({exc}), so which files in {dir} fmerge "
+            f"wrote is unknown and nothing there will be replaced. Move the files you want to keep out of "
+            f"{dir} and remove it, or export elsewhere, then run again.")
+    return data
+
+
+def _walk(root: Path) -> tuple[list[str], list[str]]:
+    """(entries that are not directories, directories) under `root`, as relative POSIX paths;
+    symbolic links are entries, never followed."""
+    files, dirs, stack = [], [], [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(root / rel if rel else root) as it:
+            for e in it:
+                r = f"{rel}/{e.name}" if rel else e.name
+                if e.is_dir(follow_symlinks=False):
+                    dirs.append(r)
+                    stack.append(r)
+                else:
+                    files.append(r)
+    return sorted(files), sorted(dirs)
+
+
+def _ancestors(rel: str) -> list[str]:
+    return [str(p) for p in PurePosixPath(rel).parents if str(p) != "."]
+
+
+def _few(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model directories
+
+
+def export_model_dir(
+    store,
+    out: Path,
+    key: str,
+    weights: TensorSource,
+    *,
+    step: str,
+    where: str | None = None,
+    readme: str,
+    side_files_from: Path | None,
+    finish: Callable[[Path], None] | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> str:
+    """Export `weights` (the artifact `key` of step `step`) as a Hugging Face model directory at
+    `out`; returns what was done. `finish(dir)` adds the caller's files (heads) to the new
+    directory before it is recorded and swapped in. `store` gives the lock (None: no lock)."""
+    out = Path(out)
+    where = where or str(out)
+    with export_lock(store, out):
+        if out.is_symlink() or (os.path.lexists(out) and not out.is_dir()):
+            raise FmergeError(f"{where}: {out} exists and is not a directory fmerge wrote (a file or a symbolic "
+                              f"link); refusing to replace it. Export to another path, then run again.")
+        _recover(out)
+        manifest = read_manifest(out, where) if out.is_dir() else None
+        if manifest is None and out.is_dir() and any(out.iterdir()):
+            raise FmergeError(f"{where}: {out} exists and was not written by fmerge; refusing to replace it (it has "
+                              f"no {MARKER} naming the files fmerge wrote). Remove it or export elsewhere.")
+        if manifest is not None and manifest.get("key") == key and all(
+                (out / rel).is_file() for rel in manifest.get("files", {})):
+            return f"export {out} up to date"
+        owned, user, dirs = _classify(out, manifest, where) if manifest is not None else ({}, [], [])
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as exc:
+            raise _export_error(out, exc) from exc
+        try:
+            (tmp / BUILDING).touch()
+            layout = [(n, weights.dtype(n), weights.shape(n)) for n in weights.names()]
+            digests = write_weight_files(tmp, layout, ((n, weights.get(n)) for n in weights.names()),
+                                         {"format": "pt", "fmerge_key": key}, max_shard_bytes)
+            if side_files_from is not None:
+                copy_side_files(Path(side_files_from), tmp)
+            with open(tmp / "README.md", "x") as fh:
+                fh.write(readme)
+            if finish is not None:
+                finish(tmp)
+            written, _ = _walk(tmp)
+            records = {rel: _record(tmp / rel, digests.get(rel)) for rel in written if rel != BUILDING}
+            carried = _carry(out, tmp, user, dirs, owned, where)
+            with open(tmp / MARKER, "x") as fh:
+                json.dump({"format": FORMAT, "key": key, "step": step, "fmerge_version": __version__,
+                           "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                           "files": records}, fh, indent=1)
+            (tmp / BUILDING).unlink()
+            old = _swap_into_place(tmp, out)
+        except OSError as exc:
+            _discard_build(tmp, out)
+            raise _export_error(out, exc) from exc
+        except BaseException:
+            _discard_build(tmp, out)
+            raise
+    note = f"exported {out}"
+    if carried:
+        note += f" (kept {len(carried)} file(s) of yours: {_few(carried, 3)})"
+    if old is not None:
+        try:
+            left = _retire(old, out)
+        except OSError as exc:
+            left = [f"({exc.strerror or exc})"]
+        if left:
+            note += f"; {old} keeps {_few(left, 3)}, which were not moved (a name taken in the new export)"
+    return note
+
+
+def _export_error(out: Path, exc: OSError) -> FmergeError:
+    return FmergeError(f"Exporting the model to {out} failed: {exc.strerror or exc}. The partial export was "
+                       f"removed{' and the previous one kept' if out.exists() else ''}; free space or "
+                       f"choose another export directory, then run again.")
+
+
+def _discard_build(tmp: Path, out: Path) -> None:
+    """Remove an unfinished build: fmerge's own files, and links to user files that still are in
+    the export (never swapped: the swap is the build's last act)."""
+    if os.path.lexists(tmp) and (os.path.lexists(tmp / BUILDING) or not os.path.lexists(tmp / MARKER)):
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.lexists(tmp):  # complete but not swapped in: remove as any retired export
+        try:
+            _retire(tmp, out)
+        except OSError:
+            pass
+
+
+def _classify(out: Path, manifest: dict, where: str) -> tuple[dict[str, dict | None], list[str], list[str]]:
+    """({file fmerge wrote: its record}, the user's entries, directories) of an existing export;
+    files fmerge wrote and that were changed since are refused."""
+    files, dirs = _walk(out)
+    records = manifest.get("files")
+    owned: dict[str, dict | None] = {}
+    user, changed = [], []
+    for rel in files:
+        if rel == MARKER:
+            continue
+        if records is None:  # an export of fmerge < manifests
+            if _legacy_owned(rel) and _matches(out / rel, None):
+                owned[rel] = None
+            else:
+                user.append(rel)
+        elif rel in records:
+            if _matches(out / rel, records[rel]):
+                owned[rel] = records[rel]
+            else:
+                changed.append(rel)
+        else:
+            user.append(rel)
+    if changed:
+        raise FmergeError(
+            f"{where}: {_few(changed)} in {out} changed since fmerge wrote them (size or SHA-256 differ from "
+            f"the export's record {MARKER}), so they are yours now and fmerge will neither overwrite nor "
+            f"delete them. Move them out of {out} (or restore them), then run again.")
+    return owned, user, dirs
+
+
+def _carry(out: Path, tmp: Path, user: list[str], dirs: list[str], owned: dict, where: str) -> list[str]:
+    """Bring the user's entries of `out` into the new export `tmp` untouched; returns them."""
+    fm_dirs = {a for rel in owned for a in _ancestors(rel)}
+    user_dirs = {a for rel in user for a in _ancestors(rel)}
+    keep_dirs = [d for d in dirs if d in user_dirs or d not in fm_dirs]
+
+    def conflict(rel: str) -> FmergeError:
+        return FmergeError(
+            f"{where}: {out / rel} was not written by fmerge (the export's record {MARKER} does not list it), "
+            f"and the new export writes a file of that name. fmerge never overwrites a file it did not write: "
+            f"move or rename {out / rel}, then run again (your other files are kept).")
+
+    def need_dir(rel: str) -> None:
+        for d in [*reversed(_ancestors(rel)), rel]:
+            if (tmp / d).is_symlink() or (os.path.lexists(tmp / d) and not (tmp / d).is_dir()):
+                raise conflict(d)
+            (tmp / d).mkdir(exist_ok=True)
+
+    for d in keep_dirs:
+        need_dir(d)
+    for rel in user:
+        src, dst = out / rel, tmp / rel
+        parent = str(PurePosixPath(rel).parent)
+        if parent != ".":
+            need_dir(parent)
+        if os.path.lexists(dst):
+            raise conflict(rel)
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            mode = os.lstat(src).st_mode
+            if stat.S_ISLNK(mode):
+                os.symlink(os.readlink(src), dst)
+            elif stat.S_ISREG(mode):
+                shutil.copy2(src, dst, follow_symlinks=False)
+            else:
+                raise FmergeError(
+                    f"{where}: {src} is not a regular file and this file system cannot link it into the new "
+                    f"export; fmerge will not delete it with the old one. Move it out of {out}, then run again.")
+    for d in reversed(keep_dirs):  # permissions last: a read-only directory was still filled
+        shutil.copystat(out / d, tmp / d, follow_symlinks=False)
+    return user
+
+
+def _twin(a: Path, b: Path) -> bool:
+    """Whether `b` holds what `a` holds: the same file (a hard link), the same link, the same bytes."""
+    try:
+        sa, sb = a.lstat(), b.lstat()
+    except OSError:
+        return False
+    if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+        return True
+    if stat.S_ISLNK(sa.st_mode) and stat.S_ISLNK(sb.st_mode):
+        return os.readlink(a) == os.readlink(b)
+    if stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode) and sa.st_size == sb.st_size:
+        return filecmp.cmp(a, b, shallow=False)
+    return False
+
+
+def _retire(d: Path, out: Path) -> list[str]:
+    """Remove a previous export (or a complete one never swapped in) at `d`, beside `out`: the
+    files its record lists that still match it, and entries `out` now holds too. Anything else is
+    moved into `out` if that name is free there, else left in `d`; returns what was left."""
+    try:
+        manifest = read_manifest(d)
+    except FmergeError:
+        manifest = None
+    records = manifest.get("files") if manifest is not None else {}
+    files, dirs = _walk(d)
+    for rel in files:
+        if rel == MARKER:
+            continue
+        p = d / rel
+        if records is None:
+            ours = _legacy_owned(rel) and _matches(p, None)
+        else:
+            ours = rel in records and _matches(p, records[rel])
+        if ours or _twin(p, out / rel):
+            p.unlink()
+    left = []
+    for rel in files:
+        if rel == MARKER or not os.path.lexists(d / rel):
+            continue
+        target = out / rel
+        try:
+            if os.path.lexists(target):
+                raise FileExistsError
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(d / rel, target)
+        except OSError:
+            left.append(rel)
+    if not left:
+        (d / MARKER).unlink(missing_ok=True)
+    for rel in sorted(dirs, key=lambda r: -r.count("/")):
+        try:
+            (d / rel).rmdir()
+        except OSError:
+            pass
+    try:
+        d.rmdir()
+    except OSError:
+        pass
+    return left
+
+
+def _dead_leftovers(target: Path) -> list[tuple[Path, str]]:
+    """(path, 'tmp' or 'old') beside `target` left by exports of processes no longer running."""
+    if not target.parent.is_dir():
+        return []
+    found = []
+    for p in target.parent.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if m and m["name"] == target.name and not pid_alive(int(m["pid"])):
+            found.append((p, m["what"]))
+    return found
+
+
+def _recover(out: Path) -> None:
+    """Tidy what exports killed midway left beside `out` (never a user's file)."""
+    dead = [(p, what) for p, what in _dead_leftovers(out) if p.is_dir() and not p.is_symlink()]
+    if not os.path.lexists(out):
+        # killed between the two renames of a swap without RENAME_EXCHANGE: put an export back
+        whole = [(p, what) for p, what in dead if (p / MARKER).is_file() and not os.path.lexists(p / BUILDING)]
+        if whole:
+            back = min(whole, key=lambda x: x[1] != "old")[0]  # the previous export first
+            os.rename(back, out)
+            dead = [(p, what) for p, what in dead if p != back]
+    for p, _ in dead:
+        if os.path.lexists(p / BUILDING) or not os.path.lexists(p / MARKER):
+            shutil.rmtree(p, ignore_errors=True)  # an unfinished build (see _discard_build)
+        else:
+            _retire(p, out)
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported here."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_into_place(tmp: Path, out: Path) -> Path | None:
+    """Put the complete directory `tmp` at `out`; returns where the previous `out` now is."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return None
+    if _rename_exchange(tmp, out):
+        return tmp  # tmp now names the previous export
+    old = out.parent / f".{out.name}.old-{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    return old
+
+
+# ---------------------------------------------------------------------------------------------
+# Side files
+
+
+def _allowed_roots(model_dir: Path) -> list[Path]:
+    real = _real(model_dir)
+    roots = [real]
+    # a hub download: models--org--name/snapshots/<revision>/config.json -> ../../blobs/<sha256>
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(("models--", "datasets--")):
+        roots.append(real.parent.parent)
+    return roots
+
+
+def copy_side_files(model_dir: Path, dest: Path) -> list[str]:
+    """Copy the base model's config and tokenizer files (io.SIDE_FILES) present in `model_dir`
+    into `dest`; returns their names. Only regular files inside the model directory are copied."""
+    roots = _allowed_roots(model_dir)
+    copied = []
+    for name in SIDE_FILES:
+        src = model_dir / name
+        if not os.path.lexists(src):
+            continue
+        real = _real(src)
+        if not any(_within(real, r) for r in roots):
+            raise FmergeError(
+                f"Base model file {src} is a symbolic link to {real}, outside the model directory {model_dir}. "
+                f"fmerge copies the base's config and tokenizer files into the export, which is made to be "
+                f"shared, and never follows a link out of the model directory (it could publish a private file). "
+                f"Replace the link by a copy of the file it should be (cp --remove-destination {real} {src}), "
+                f"or point 'base' at the directory holding the real files, then run again.")
+        if not os.path.lexists(real):
+            continue  # a dangling link: there is nothing to copy
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a fifo must not block us
+        with os.fdopen(fd, "rb") as fh:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                what = ("a directory" if stat.S_ISDIR(mode) else "a fifo" if stat.S_ISFIFO(mode) else
+                        "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+                raise FmergeError(
+                    f"Base model file {src} is {what}, not a regular file; fmerge copies only regular files "
+                    f"into an export. Replace it by the real file or remove it from {model_dir}, then run again.")
+            with open(dest / name, "xb") as target:
+                shutil.copyfileobj(fh, target, 1 << 22)
+        copied.append(name)
+    return copied
+
+
+# ---------------------------------------------------------------------------------------------
+# Single files
+
+
+def sidecar_of(target: Path) -> Path:
+    return target.parent / f".{target.name}{SIDECAR_SUFFIX}"
+
+
+def _read_sidecar(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) and isinstance(data.get("records"), list) else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "x") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fmerge_header(path: Path) -> bool:
+    """Whether a safetensors file's header names an fmerge artifact (`fmerge_key` metadata)."""
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > 100 * 2**20:
+                return False
+            meta = json.loads(fh.read(n)).get("__metadata__") or {}
+        return isinstance(meta, dict) and "fmerge_key" in meta
+    except (OSError, struct.error, ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def export_tensor_file(store, target: Path, key: str, tensors: TensorSource, *, where: str | None = None,
+                       metadata: dict[str, str] | None = None) -> str:
+    """Export `tensors` (the artifact `key`) as one safetensors file `target`, recorded in its
+    sidecar; returns what was done. A file fmerge did not write is never replaced."""
+    target = Path(target)
+    where = where or str(target)
+    sidecar = sidecar_of(target)
+    with export_lock(store, target):
+        for p, _ in _dead_leftovers(target):
+            if p.is_file() and not p.is_symlink():
+                p.unlink()  # a partial write of a killed export
+        if target.is_symlink() or (os.path.lexists(target) and not target.is_file()):
+            raise FmergeError(f"{where}: {target} exists and is not a file fmerge wrote (a directory or a link); "
+                              f"refusing to replace it. Export to another path, then run again.")
+        record = _read_sidecar(sidecar)
+        keep: list[dict] = []
+        if os.path.lexists(target):
+            records = record["records"] if record else []
+            if record and record.get("key") == key and records and _matches(target, records[0]):
+                return f"export {target} up to date"
+            keep = [r for r in records if _matches(target, r)][:1]
+            if not keep and record is None and _fmerge_header(target):
+                keep = [_record(target)]  # written by an fmerge older than sidecars
+            if not keep:
+                why = ("it was changed since fmerge wrote it" if record else
+                       f"it has no record {sidecar.name} beside it and no fmerge_key in its header")
+                raise FmergeError(f"{where}: {target} exists and was not written by fmerge ({why}); refusing to "
+                                  f"replace it. Move or remove it, or export elsewhere, then run again.")
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            names = tensors.names()
+            w = StreamingSafetensorsWriter(tmp, [(n, tensors.dtype(n), tensors.shape(n)) for n in names],
+                                           {"format": "pt", "fmerge_key": key, **(metadata or {})})
+            try:
+                for n in names:
+                    w.write(n, tensors.get(n))
+            finally:
+                w.fh.close()
+            w.close()
+            new = _record(tmp, w.digest)
+            entry = {"format": FORMAT, "key": key, "file": target.name, "fmerge_version": __version__,
+                     "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            _write_json(sidecar, {**entry, "records": [new, *keep]})  # both, until the new one is in place
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise FmergeError(f"{where}: writing {target} failed: {exc.strerror or exc}. "
+                              f"{'The previous file was kept; ' if os.path.lexists(target) else ''}free space "
+                              f"or choose another export path, then run again.") from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _write_json(sidecar, {**entry, "records": [new]})
+    return f"wrote {target}"
