@@ -36,6 +36,7 @@ class FileHashes:
     def __init__(self, cache_file: Path | None, write: bool = True):
         self.cache_file, self.write = cache_file, write
         self._memo: dict[str, str] | None = None
+        self._trees: dict[Path, str] = {}  # this process's tree hashes: a plan asks once per split
         self._dirty = False
 
     def _cache(self) -> dict[str, str]:
@@ -57,12 +58,15 @@ class FileHashes:
     def tree(self, path: Path) -> str:
         """A file's hash, or for a directory the hash of its files' relative names and hashes."""
         path = Path(path)
-        if path.is_file():
-            return self.file(path)
-        h = hashlib.blake2b(digest_size=16)
-        for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            h.update(f"{f.relative_to(path).as_posix()}|{self.file(f)}\n".encode())
-        return h.hexdigest()
+        if path not in self._trees:
+            if path.is_file():
+                self._trees[path] = self.file(path)
+            else:
+                h = hashlib.blake2b(digest_size=16)
+                for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                    h.update(f"{f.relative_to(path).as_posix()}|{self.file(f)}\n".encode())
+                self._trees[path] = h.hexdigest()
+        return self._trees[path]
 
     def save(self) -> None:
         """Merge this process's new hashes into the cache file (best effort: a read-only store

@@ -124,6 +124,16 @@ def text_hash(rt) -> str:
         raise FmergeError(f"{rt.recipe.where('base')}: a CLIP recipe's base must be a CLIPModel checkpoint "
                           f"(directory or hub id), not a step's output.")
     base_hash = rt.model_hash(BASE)
+    if base_hash in _TEXT_HASHES:  # every CLIP task of every step asks: read the cache file once
+        return _TEXT_HASHES[base_hash]
+    _TEXT_HASHES[base_hash] = _text_hash(rt, base_hash)
+    return _TEXT_HASHES[base_hash]
+
+
+_TEXT_HASHES: dict[str, str] = {}  # base content hash -> text-side hash, for this process
+
+
+def _text_hash(rt, base_hash: str) -> str:
     cache = rt.store.root / "cache" / "clip_text_hashes.json"
     try:
         known = json.loads(cache.read_text())
