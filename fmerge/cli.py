@@ -14,10 +14,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import FmergeError
+from .errors import FmergeError, RecipeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Declarative, cached merging of fine-tuned models.")
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Declarative, cached merging of fine-tuned models.\n\n"
+                       "Global options go before the command: fmerge -q --log run.log run recipe.yaml")
 # Tables are meant to be read whole: when output goes to a file or a Makefile log, not a terminal,
 # draw them 140 columns wide ($COLUMNS still wins) instead of rich's 80.
 _WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 140
@@ -27,6 +28,67 @@ err = Console(stderr=True, width=_WIDTH)
 StoreOpt = typer.Option(None, "--store", help="artifact store (default: recipe's 'store', $FMERGE_STORE, ./artifacts)")
 SetOpt = typer.Option([], "--set", help="STEP.PARAM=VALUE overrides a parameter; STEP.PARAM=V1,V2,... sweeps it "
                       "(values are YAML); repeatable")
+JsonOpt = typer.Option(False, "--json", help="print one JSON document on stdout instead of tables "
+                       "(progress and warnings stay on stderr)")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: the recipe's device, else cpu)")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.file.write(f"fmerge {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="print fmerge's version and exit"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no info lines on stderr "
+                               "(warnings, errors, tables and JSON still)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also print debug lines (store, device, keys)"),
+    log: Optional[Path] = typer.Option(None, "--log", metavar="FILE", help="also append the progress and info "
+                                       "lines, timestamped, to FILE (even with -q; debug lines with -v)"),
+):
+    """Global options (before the command): --version, -q, -v, --log FILE."""
+    from . import progress
+
+    if quiet and verbose:
+        raise FmergeError("-q/--quiet and -v/--verbose contradict each other; give one of them.")
+    if log is not None:
+        try:
+            with open(log, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise FmergeError(f"--log {log}: cannot append to it ({exc.strerror or exc}).")
+    progress.configure(progress.QUIET if quiet else progress.VERBOSE if verbose else progress.NORMAL, log)
+
+
+def _emit_json(doc) -> None:
+    """One JSON document on stdout, the same information as the tables; nothing else goes there."""
+    f = out.file
+    f.write(json.dumps(doc, indent=2, default=str) + "\n")
+    f.flush()
+
+
+def _info(text: str) -> None:
+    from .progress import info
+
+    info(err, text)
+
+
+def _debug(text: str) -> None:
+    from .progress import debug
+
+    debug(err, text)
+
+
+def _report_line(r) -> None:
+    _info(f"[bold]{escape(r.step)}[/] ({r.kind}): {r.state} in {r.seconds:.2f}s "
+          f"{r.keys[0][:12] if r.keys else ''} {escape(r.note)}".rstrip())
+    for k in r.keys:
+        _debug(f"  {escape(r.step)}: {k}")
 
 
 def open_store(store: Optional[Path], recipe=None, create: bool = False, missing_ok: bool = False):
@@ -66,11 +128,12 @@ def run(
     only: list[str] = typer.Option([], "--only", help="run only this step (and what it needs); repeatable"),
     force: list[str] = typer.Option([], "--force", help="recompute this step even if cached; repeatable"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show what would run, compute nothing"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: recipe's)"),
+    device: Optional[str] = DeviceOpt,
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load .bin/.pt checkpoints (weights only), "
                                       "whatever the recipe's allow_pickle says"),
     sets: list[str] = SetOpt,
     store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
 ):
     """Execute a recipe's step graph, reusing every cached artifact."""
     from . import executor
@@ -78,11 +141,13 @@ def run(
     rt = _runtime(recipe, store, device, sets)
     if allow_pickle:
         rt.recipe.spec.allow_pickle = True
+    _debug(f"recipe {escape(str(recipe))}, store {escape(str(rt.store.root))}, device {rt.device}")
 
-    def line(r):
-        err.print(f"[bold]{escape(r.step)}[/] ({r.kind}): {r.state} in {r.seconds:.2f}s {r.keys[0][:12] if r.keys else ''} {r.note}")
-
-    reports = executor.run(rt, only or None, force or None, dry_run, on_report=line)
+    reports = executor.run(rt, only or None, force or None, dry_run, on_report=_report_line)
+    if as_json:
+        _emit_json({"recipe": str(recipe), "store": str(rt.store.root), "dry_run": dry_run,
+                    "steps": [r.as_json() for r in reports], "results": rt.results, "sweeps": rt.sweep_results})
+        return
     _print_reports(reports, f"{recipe}" + (" (dry run)" if dry_run else ""))
     from .report import results_table, sweep_table
 
@@ -95,7 +160,9 @@ def run(
 @app.command()
 def status(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
-    as_json: bool = typer.Option(False, "--json", help="print a JSON list of {step, state, ...}"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list of {step, kind, state, keys, seconds, note}"),
+    check: bool = typer.Option(False, "--check", help="exit 1 if any step would run, 0 if all are cached "
+                               "(for Make and scripts; the table or JSON is printed either way)"),
     sets: list[str] = SetOpt,
     store: Optional[Path] = StoreOpt,
 ):
@@ -104,9 +171,11 @@ def status(
 
     reports = executor.status(_runtime(recipe, store, sets=sets, create=False))
     if as_json:
-        print(json.dumps([r.as_json() for r in reports], indent=2))
+        _emit_json([r.as_json() for r in reports])
     else:
         _print_reports(reports, f"status of {recipe}")
+    if check and any(r.state != "cached" for r in reports):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -128,20 +197,31 @@ def merge(
     base: Optional[Path] = typer.Option(None, "--base", help="base (pretrained) model directory"),
     param: list[str] = typer.Option([], "--param", help="method parameter KEY=VALUE (YAML value); repeatable"),
     out_dir: Path = typer.Option(..., "--out", help="write the merged model here"),
-    out_dtype: Optional[str] = typer.Option(None, "--out-dtype"),
-    device: Optional[str] = typer.Option(None, "--device"),
+    out_dtype: Optional[str] = typer.Option(None, "--out-dtype", help="dtype of the written weights: float32, "
+                                            "float16 or bfloat16 (default: the base model's)"),
+    device: Optional[str] = DeviceOpt,
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load .bin/.pt checkpoints (weights only)"),
     store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
 ):
     """Merge models directly, without a recipe (same store, same cache)."""
     from . import executor
     from .api import parse_recipe
     from .runtime import Runtime
 
+    if device is not None:  # before anything is read or created
+        from .distributed import check_device
+
+        device = check_device(device)
     recipe_text = direct_merge_recipe(method, model, base, param, out_dir, out_dtype, allow_pickle)
     recipe = parse_recipe(recipe_text, None)
     rt = Runtime(recipe, open_store(store, create=True), err, device)
-    reports = executor.run(rt)
+    _debug(f"store {escape(str(rt.store.root))}, device {rt.device}")
+    reports = executor.run(rt, on_report=_report_line)
+    if as_json:
+        _emit_json({"method": method, "out": str(out_dir.resolve()), "store": str(rt.store.root),
+                    "steps": [r.as_json() for r in reports]})
+        return
     _print_reports(reports, f"fmerge merge --method {method}")
 
 
@@ -149,21 +229,27 @@ def merge(
 def fisher(
     model: list[Path] = typer.Option(..., "--model", help="fine-tuned classifier directory; repeatable"),
     data: str = typer.Option(..., "--data", help="task data: a csv/json/jsonl/parquet file, a directory, or a hub id"),
-    text_column: str = typer.Option("text", "--text-column"),
-    text_pair_column: Optional[str] = typer.Option(None, "--text-pair-column"),
-    label_column: Optional[str] = typer.Option("label", "--label-column", help="'' for unlabelled data"),
-    split: str = typer.Option("train", "--split"),
+    text_column: str = typer.Option("text", "--text-column", help="column holding the input text"),
+    text_pair_column: Optional[str] = typer.Option(None, "--text-pair-column",
+                                                   help="column holding the second text of a pair task"),
+    label_column: Optional[str] = typer.Option("label", "--label-column", help="column holding the label; "
+                                               "'' for unlabelled data"),
+    label_names: Optional[str] = typer.Option(None, "--label-names", help="string labels in head order, "
+                                              "comma-separated (e.g. neg,neu,pos): label NAME is the class index "
+                                              "of NAME in this list (default: the labels seen, sorted)"),
+    split: str = typer.Option("train", "--split", help="data split the Fisher is estimated on"),
     estimator: str = typer.Option("exact", "--estimator", help="exact, sampled, empirical or fusionbench"),
     examples: int = typer.Option(256, "--examples", help="seeded random subset of this many rows"),
     samples: int = typer.Option(1, "--samples", help="draws per example for 'sampled'"),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    chunk_size: int = typer.Option(32, "--chunk-size"),
-    max_length: int = typer.Option(128, "--max-length"),
-    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(32, "--batch-size", help="examples per batch"),
+    chunk_size: int = typer.Option(32, "--chunk-size", help="examples per forward/backward pass (bounds memory)"),
+    max_length: int = typer.Option(128, "--max-length", help="tokens per example (longer ones are cut)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random subset (and of 'sampled' draws)"),
     export: Optional[Path] = typer.Option(None, "--export", help="write the mean diagonal here (.safetensors)"),
-    device: Optional[str] = typer.Option(None, "--device"),
+    device: Optional[str] = DeviceOpt,
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load .bin/.pt checkpoints (weights only)"),
     store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
 ):
     """Estimate a model's diagonal Fisher on its task data (cached; more --examples extend it).
 
@@ -172,42 +258,84 @@ def fisher(
     from .api import parse_recipe
     from .runtime import Runtime
 
+    if seed < 0:  # numpy's and torch's generators take no negative seed
+        raise RecipeError(f"--seed {seed}: a seed is a whole number from 0 up; use e.g. --seed 0.")
+    if device is not None:  # before anything is read or created
+        from .distributed import check_device
+
+        device = check_device(device)
     names = _model_names(model)
     step = {"kind": "fisher", "estimator": estimator, "examples": examples, "samples": samples, "split": split,
             "batch_size": batch_size, "chunk_size": chunk_size, "max_length": max_length, "seed": seed}
     if export is not None:
-        step["export"] = str(export.resolve())
+        step["export"] = os.path.abspath(export)  # not resolved: a link or loop there is the export's to refuse
     local = Path(data)
     source = str(local.resolve()) if local.exists() else data  # a file is all rows of --split, unpartitioned
     spec = {**({"splits": {split: source}} if local.is_file() else {"path": source}), "text": text_column,
             "text_pair": text_pair_column, "label": label_column or None, "train_split": split}
+    if label_names is not None:
+        spec["label_names"] = _label_names(label_names, label_column)
     recipe = {"base": next(iter(names.values())), "allow_pickle": allow_pickle,
               "models": {n: {"path": p, "data": "task"} for n, p in names.items()},
               "data": {"task": spec}, "steps": {"fisher": step}}
     import yaml
 
     rt = Runtime(parse_recipe(yaml.safe_dump(recipe), None), open_store(store, create=True), err, device)
-    reports = executor.run(rt)
+    _debug(f"store {escape(str(rt.store.root))}, device {rt.device}")
+    reports = executor.run(rt, on_report=_report_line)
     if distributed.is_main():
+        rows = []
+        for p in rt.planned["fisher"]:
+            meta = rt.store.open(p.key).meta
+            rows.append({"model": p.label, "estimator": meta["estimator"], "examples": meta.get("examples"),
+                         "extended_from": meta.get("extended_from"), "fisher_mean": meta["fisher_mean"], "key": p.key})
+        if as_json:
+            _emit_json({"store": str(rt.store.root), "steps": [r.as_json() for r in reports], "fisher": rows})
+            return
         _print_reports(reports, f"fmerge fisher --estimator {estimator} --examples {examples}")
         table = Table(title="Fisher diagonals")
         for col in ("model", "estimator", "examples", "extended from", "mean Fisher", "key"):
             table.add_column(col)
-        for p in rt.planned["fisher"]:
-            meta = rt.store.open(p.key).meta
-            table.add_row(p.label, meta["estimator"], str(meta.get("examples", "")),
-                          str(meta.get("extended_from") or "-"), f"{meta['fisher_mean']:.3e}", p.key[:12])
+        for r in rows:
+            table.add_row(r["model"], r["estimator"], str(r["examples"] if r["examples"] is not None else ""),
+                          str(r["extended_from"] or "-"), f"{r['fisher_mean']:.3e}", r["key"][:12])
         out.print(table)
+
+
+def _label_names(text: str, label_column: Optional[str]) -> list[str]:
+    """--label-names a,b,c as a list, refusing what cannot map labels to head indices."""
+    from .errors import RecipeError, quoted
+
+    names = [n.strip() for n in text.split(",")]
+    if not label_column:
+        raise RecipeError("--label-names maps the label column's strings to head indices, but --label-column is "
+                          "empty (unlabelled data); give the label column, or drop --label-names.")
+    if any(not n for n in names):
+        raise RecipeError(f"--label-names {quoted(text)} has an empty name; give the class names in head order, "
+                          f"comma-separated, e.g. --label-names neg,neu,pos.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise RecipeError(f"--label-names {quoted(text)} names {', '.join(map(repr, repeated[:5]))} more than once; "
+                          f"each class name must map to one head index.")
+    return names
+
+
+def _resolved(path: Path) -> Path:
+    """`path` resolved, or made absolute where it cannot be (a symbolic link loop: refused later, by name)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
 
 
 def _model_names(models: list[Path]) -> dict[str, str]:
     """Unique short names (directory names) for models given on the command line."""
     names: dict[str, str] = {}
     for m in models:
-        name = m.resolve().name or "model"
+        name = _resolved(m).name or "model"
         while name in names:
             name += "_"
-        names[name] = str(m.resolve())
+        names[name] = str(_resolved(m))
     return names
 
 
@@ -222,10 +350,10 @@ def direct_merge_recipe(method, models, base, params, out_dir, out_dtype, allow_
             raise FmergeError(f"--param '{item}' must look like KEY=VALUE (e.g. --param density=0.2).")
         k, v = item.split("=", 1)
         parsed[k.strip()] = yaml.safe_load(v)
-    step = {"kind": "merge", "method": method, "params": parsed, "export": str(out_dir.resolve())}
+    step = {"kind": "merge", "method": method, "params": parsed, "export": os.path.abspath(out_dir)}
     if out_dtype:
         step["out_dtype"] = out_dtype
-    recipe = {"base": str((base or models[0]).resolve()), "models": names, "allow_pickle": allow_pickle,
+    recipe = {"base": str(_resolved(base or models[0])), "models": names, "allow_pickle": allow_pickle,
               "steps": {"merge": step}}
     if base is None:
         from .methods import get_method
@@ -235,47 +363,105 @@ def direct_merge_recipe(method, models, base, params, out_dir, out_dtype, allow_
     return yaml.safe_dump(recipe)
 
 
-@app.command()
-def methods():
-    """List every registered merge method with its parameters and defaults."""
-    from .methods import REGISTRY
+def _fields(model) -> list[dict]:
+    """A pydantic model's fields: name, type, whether required, default, description."""
+    fields = []
+    for fname, field in model.model_fields.items():
+        required = field.is_required()
+        default = None if required else field.get_default(call_default_factory=True)
+        annotation = getattr(field.annotation, "__name__", None) if isinstance(field.annotation, type) else None
+        fields.append({"name": field.alias or fname, "type": annotation or str(field.annotation).replace("typing.", ""),
+                       "required": required, "default": default, "description": field.description or ""})
+    return fields
 
-    table = Table(title="merge methods", show_lines=True)
+
+def _algorithms() -> dict[str, list[dict]]:
+    """Every merge method, and every iterative merging algorithm (a step kind of its own)."""
+    from .methods import REGISTRY
+    from .steps import step_kinds
+    from .steps.iterative import IterativeStep
+
+    merge = [{"name": name, "kind": "merge", "description": m.description,
+              "needs": ["base"] * m.needs_base + list(m.needs_stats), "parameters": _fields(m.Params)}
+             for name, m in sorted(REGISTRY.items())]
+    iterative = [{"name": kind, "kind": kind, "description": getattr(k, "description", "") or "",
+                  "needs": ["base"] * k.uses_base + ["task data"], "parameters": _fields(k.Config)}
+                 for kind, k in sorted(step_kinds().items()) if isinstance(k, IterativeStep)]
+    return {"merge_methods": merge, "iterative": iterative}
+
+
+@app.command()
+def methods(as_json: bool = JsonOpt):
+    """List every merge method and iterative algorithm (frank_wolfe, frank_wolfe_soft, adamerging) with its parameters.
+
+    Merge methods are steps of kind `merge` (and `fmerge merge --method`); each iterative algorithm is a
+    step kind of its own."""
+    algos = _algorithms()
+    if as_json:
+        _emit_json(algos)
+        return
+
+    def rows(table, entries):
+        for a in entries:
+            params = [f"[bold]{escape(f['name'])}[/] = {'required' if f['required'] else escape(repr(f['default']))}"
+                      + (f": {escape(f['description'])}" if f["description"] else "") for f in a["parameters"]]
+            needs = f" [dim](needs {', '.join(a['needs'])})[/]" if a["needs"] else ""
+            table.add_row(a["name"], escape(a["description"]) + needs, "\n".join(params))
+
+    table = Table(title="merge methods (steps of kind: merge; fmerge merge --method NAME --param KEY=VALUE)",
+                  show_lines=True)
     for col in ("method", "description", "parameters (default)"):
         table.add_column(col)
-    for name, m in sorted(REGISTRY.items()):
-        params = []
-        for fname, field in m.Params.model_fields.items():
-            default = "required" if field.is_required() else repr(field.default)
-            params.append(f"[bold]{field.alias or fname}[/] = {default}: {field.description or ''}")
-        needs = " [dim](needs " + ", ".join(("base",) * m.needs_base + m.needs_stats) + ")[/]" if (m.needs_base or m.needs_stats) else ""
-        table.add_row(name, m.description + needs, "\n".join(params))
+    rows(table, algos["merge_methods"])
+    out.print(table)
+    table = Table(title="iterative merging algorithms (steps of kind: NAME; recipes only)", show_lines=True)
+    for col in ("step kind", "description", "parameters (default)"):
+        table.add_column(col)
+    rows(table, algos["iterative"])
     out.print(table)
 
 
 @app.command("ls")
-def ls(store: Optional[Path] = StoreOpt, kind: Optional[str] = typer.Option(None, "--kind")):
+def ls(store: Optional[Path] = StoreOpt,
+       kind: Optional[str] = typer.Option(None, "--kind", help="only artifacts of this kind (merge, fisher, eval, ...)"),
+       as_json: bool = JsonOpt):
     """List the artifacts in the store."""
     s = open_store(store)
+    artifacts = [{"key": info.key, "kind": info.kind, "step": info.attrs.get("meta", {}).get("step", ""),
+                  "created": info.created, "size_bytes": info.size_bytes}
+                 for info in s.list() if not kind or info.kind == kind]
+    if as_json:
+        _emit_json({"store": str(s.root), "artifacts": artifacts})
+        return
     table = Table(title=f"artifacts in {s.root}")
     for col in ("key", "kind", "step", "created", "size"):
         table.add_column(col)
-    for info in s.list():
-        if kind and info.kind != kind:
-            continue
-        table.add_row(info.key, info.kind, info.attrs.get("meta", {}).get("step", ""), info.created,
-                      f"{info.size_bytes / 2**20:.1f} MiB")
+    for a in artifacts:
+        table.add_row(a["key"], a["kind"], str(a["step"]), a["created"], f"{a['size_bytes'] / 2**20:.1f} MiB")
     out.print(table)
+    if s.unreadable:  # damaged artifacts or strays: named, so that nothing vanishes from the listing unsaid
+        names = ", ".join(p.name for p in s.unreadable[:3]) + (f" (+{len(s.unreadable) - 3})" if len(s.unreadable) > 3 else "")
+        err.print(f"[yellow]warning:[/] {len(s.unreadable)} entr{'y' if len(s.unreadable) == 1 else 'ies'} of "
+                  f"{escape(str(s.root / 'objects'))} could not be read and {'is' if len(s.unreadable) == 1 else 'are'} "
+                  f"not listed: {escape(names)}; `fmerge verify` says what is wrong.", highlight=False, soft_wrap=True)
 
 
 @app.command()
-def show(key: str = typer.Argument(..., help="artifact key (a unique prefix is enough)"), store: Optional[Path] = StoreOpt):
+def show(key: str = typer.Argument(..., help="artifact key (a unique prefix is enough)"), store: Optional[Path] = StoreOpt,
+         as_json: bool = JsonOpt):
     """Show an artifact: what made it, its inputs, parameters and tensors."""
     from .store import check_key
 
     check_key(key, store or os.environ.get("FMERGE_STORE") or "artifacts")  # a path is refused before anything
     art = open_store(store).open(key)
     a = art.attrs
+    if as_json:
+        meta = dict(a.get("meta", {}))
+        _emit_json({"key": art.key, "kind": art.kind, "created": a.get("created"),
+                    "fmerge_version": a.get("fmerge_version"), "algorithm_version": a.get("algorithm_version"),
+                    "params": a.get("params"), "inputs": a.get("inputs"), "meta": meta,
+                    "tensors": a.get("tensors", [])})
+        return
     out.print(f"[bold]{art.key}[/] kind={art.kind} created={a.get('created')} fmerge={a.get('fmerge_version')} "
               f"algorithm v{a.get('algorithm_version')}")
     meta = dict(a.get("meta", {}))
@@ -345,7 +531,7 @@ def verify(
 def gc(
     keep: list[Path] = typer.Argument(None, help="recipes whose artifacts are kept"),
     older_than: Optional[str] = typer.Option(None, "--older-than", help="remove artifacts created before this date (YYYY-MM-DD)"),
-    dry_run: bool = typer.Option(False, "--dry-run"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="say what would be removed, remove nothing"),
     store: Optional[Path] = StoreOpt,
 ):
     """Remove artifacts no listed recipe references (or older than a date), and leftovers of interrupted writes."""
@@ -356,10 +542,13 @@ def gc(
     if not keep and not older_than:
         raise FmergeError("gc needs recipes to keep (fmerge gc recipes/*.yaml) or --older-than DATE; "
                           "it will not empty the store by default.")
+    recipes = [(r, load_recipe(r)) for r in keep or []]
+    if store is None and recipes:
+        store = _gc_store(recipes)
     s = open_store(store)
     referenced: set[str] = set()
-    for r in keep or []:
-        rt = Runtime(load_recipe(r), s, err)
+    for _, recipe in recipes:
+        rt = Runtime(recipe, s, err)
         for report in executor.status(rt):
             referenced.update(report.keys)
     cutoff = None
@@ -385,6 +574,24 @@ def gc(
     out.print(f"{removed} artifact(s) {'would be ' if dry_run else ''}removed")
 
 
+def _gc_store(recipes: list) -> Path:
+    """The store the recipes given to gc use (their `store:`, else $FMERGE_STORE or ./artifacts);
+    recipes using different stores are refused: gc would keep one's artifacts and judge another's."""
+    from .api import store_root
+    from .errors import StoreError
+
+    roots: dict[str, tuple] = {}
+    for file, recipe in recipes:
+        root = store_root(None, recipe)
+        roots.setdefault(os.path.realpath(root), (file, root))
+    if len(roots) > 1:
+        named = "; ".join(f"{file} uses {root}" for file, root in list(roots.values())[:4])
+        raise StoreError(f"gc was given recipes that use different artifact stores ({named}); gc cleans one store "
+                         f"at a time. Run it once per store with that store's recipes, or name the store with "
+                         f"--store, then run again.")
+    return next(iter(roots.values()))[1]
+
+
 def main() -> None:
     # Our own progress bars and tables report the work; the libraries' bars are noise here.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -397,7 +604,7 @@ def main() -> None:
     except FmergeError as exc:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # '[begin, end]' is no markup
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: finished artifacts are kept; unfinished ones were never committed.")

@@ -17,6 +17,12 @@ run, so no split silently stands in for another.
 
 from __future__ import annotations
 
+import csv
+import errno
+import io
+import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,10 +30,16 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import FmergeError
+from .errors import DataError, FmergeError, quoted
 
 # Loader per file extension.
 _BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# What `datasets` can read out of a directory (its packaged builders), compressed or not: a directory
+# holding none of these holds no data.
+_LOADABLE = {".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".txt", ".png", ".jpg", ".jpeg", ".gif",
+             ".bmp", ".tif", ".tiff", ".webp", ".wav", ".mp3", ".flac", ".ogg"}
+_COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4"}
+_MAX_LISTED = 10_000  # entries looked at when telling whether a directory holds data
 # Optional column holding each row's id for seeding per-example draws (see shard_by_rank).
 EXAMPLE_ID_COLUMN = "fmerge_example_id"
 
@@ -118,19 +130,25 @@ def load_dataset_split(spec: DataSpec):
 
     where = f"'{spec.path}' (split '{spec.split}')"
     path = Path(spec.path).expanduser()
+    _check_local(spec, path)
+    full = None
     try:
         if path.is_file():
             builder = _BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise FmergeError(
+                raise DataError(
                     f"Data file '{spec.path}' has extension '{path.suffix}', which fmerge cannot read; "
                     f"use one of {', '.join(sorted(_BUILDERS))}."
                 )
-            ds = _partitioned(spec, _read_file(datasets, path, builder))
+            check_text_file(path, builder)
+            full = _read_file(datasets, path, builder)
+            if len(full):
+                _check_columns(full, spec, where)
+            ds = _partitioned(spec, full)
         elif path.is_dir():
             ds = datasets.load_dataset(str(path), spec.config, split=spec.split)
         elif _looks_local(spec.path):
-            raise FmergeError(
+            raise DataError(
                 f"Data file '{spec.path}' does not exist (resolved to '{path.resolve()}'); check the "
                 "path in the data spec."
             )
@@ -141,32 +159,240 @@ def load_dataset_split(spec: DataSpec):
     except Exception as err:  # datasets wraps many error types; the user needs the root one
         cause = _root_cause(err)
         if isinstance(cause, UnicodeDecodeError):
-            raise FmergeError(
+            raise DataError(
                 f"Data file '{spec.path}' is not UTF-8 ({cause.reason} at byte {cause.start}); convert "
                 "it, e.g. `iconv -f latin1 -t utf-8`."
             ) from err
         if (path.is_file() and path.stat().st_size == 0) or "corresponds to no data" in str(err):
-            raise FmergeError(f"Dataset {where} has no rows; a Fisher or evaluation needs examples.") from err
-        what = "Reading the data" if path.exists() else "No local file or directory is named so, and loading it as a hub dataset"
-        raise FmergeError(f"{what} at {where} failed: {type(cause).__name__}: {cause}") from err
+            raise DataError(f"Dataset {where} has no rows; a Fisher or evaluation needs examples: add rows, or "
+                            f"point the data spec at another file.") from err
+        if path.is_file() and _BUILDERS.get(path.suffix.lower()) == "json":
+            _find_bad_json_line(path)  # raises naming the line, when one is to blame
+        unknown = re.search(r"Unknown split \"?([^\".]*)\"?.*one of \[(.*?)\]", str(cause))
+        if path.is_dir() and unknown:
+            raise DataError(
+                f"Data directory '{spec.path}' has no split '{spec.split}' (its splits: "
+                f"{unknown.group(2).replace(chr(39), '')}); its files are named after their splits (train.jsonl, "
+                f"validation.jsonl, ...). Add a file for '{spec.split}', or ask for one of those splits."
+            ) from err
+        if path.exists():
+            raise DataError(f"Reading the data at {where} failed: {_brief(cause)}. Check that the file holds what "
+                            f"its extension says, or convert it to csv, json, jsonl or parquet.") from err
+        raise DataError(f"No local file or directory is named so, and loading it as a hub dataset at {where} failed: "
+                        f"{_brief(cause)}. Check the path (or the hub id, and the network).") from err
     if len(ds) == 0:
-        if spec.partition is not None and path.is_file():
-            raise FmergeError(
+        if spec.partition is not None and path.is_file() and full is not None and len(full):
+            raise DataError(
                 f"Data file '{spec.path}': its partition {describe_partition(spec.partition, spec.partition_seed)} "
                 f"gives split '{spec.split}' none of its rows; raise that split's share or add rows."
             )
-        raise FmergeError(f"Dataset {where} has no rows; a Fisher or evaluation needs examples.")
+        raise DataError(f"Dataset {where} has no rows; a Fisher or evaluation needs examples: add rows, or point "
+                        f"the data spec at another file.")
+    if full is None:
+        _check_columns(ds, spec, where)
+    return ds
+
+
+def _check_columns(ds, spec: DataSpec, where: str) -> None:
+    """The spec's columns exist, its text columns hold text in every row, its label column a label in
+    every row: checked over the whole file (or split), not the subset a step draws, so that a bad
+    row is found whichever rows are drawn. Rows are counted from 1 in the file's order."""
     columns = ds.column_names
     roles = [("text_column", spec.text_column), ("text_pair_column", spec.text_pair_column)]
     roles.append(("label_column", spec.label_column))
     for role, column in roles:
         if column is not None and column not in columns:
             hint = " or to null for unlabelled data" if role == "label_column" else ""
-            raise FmergeError(
+            raise DataError(
                 f"Dataset {where} has no column '{column}' (the spec's {role}); its columns are "
                 f"{', '.join(columns)}. Set {role} to one of them{hint}."
             )
-    return ds
+    for role, column in roles:
+        if column is None:
+            continue
+        feature = ds.features[column]
+        kind, dtype = type(feature).__name__, getattr(feature, "dtype", None)
+        values = ds.data.column(column)
+        if role != "label_column":
+            if kind == "Value" and dtype in ("string", "large_string"):
+                if values.null_count:
+                    row = _first_null(values)
+                    raise DataError(
+                        f"Dataset {where}: row {row + 1} of text column '{column}' is empty (null or missing), "
+                        f"not text ({values.null_count} row(s) so). Fill or remove such rows, then run again.")
+            elif kind in ("Value", "Json"):  # numbers, booleans or mixed values where text should be
+                bad = next((i for i, v in enumerate(values.to_pylist()) if not isinstance(v, str)), None)
+                if bad is not None:
+                    value = values[bad].as_py()
+                    raise DataError(
+                        f"Dataset {where}: row {bad + 1} of text column '{column}' holds "
+                        f"{type(value).__name__} {quoted(value, 60)}, not text. Quote the values as strings, or "
+                        f"fill or remove such rows, then run again.")
+        elif values.null_count:
+            row = _first_null(values)
+            raise DataError(
+                f"Dataset {where}: row {row + 1} of label column '{column}' is empty (null or missing) "
+                f"({values.null_count} row(s) so). Give every row a label, remove unlabelled rows, or set the "
+                f"label column to null (--label-column '') for unlabelled data.")
+
+
+def _first_null(values) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.index(pc.is_null(values), True).as_py())
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception as 'Type: first line', cut short, for one-paragraph messages."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _check_local(spec: DataSpec, path: Path) -> None:
+    """A local path that cannot hold data, named: a symbolic link loop or a broken link, a fifo or
+    device (which would block, or never end), a directory holding no data files."""
+    if os.path.lexists(path) and not os.path.exists(path):
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise DataError(f"Data path '{spec.path}' is a symbolic link loop (a link leading back to itself); "
+                                f"point the data spec at the real file or directory.") from None
+        raise DataError(f"Data path '{spec.path}' is a symbolic link to {os.readlink(path)}, which does not exist; "
+                        f"fix the link, or point the data spec at the real file.")
+    if not os.path.exists(path):
+        return  # a hub id, or missing: said below
+    if not path.is_file() and not path.is_dir():
+        raise DataError(f"Data path '{spec.path}' is not a regular file nor a directory (a fifo, socket or device), "
+                        f"which fmerge does not read; point the data spec at a csv/json/jsonl/parquet file.")
+    if path.is_dir():
+        found, seen = _data_files(path)
+        if not found:
+            shown = (", ".join(sorted(seen)[:5]) + (" ..." if len(seen) > 5 else "")) if seen else "nothing"
+            what = (f"is a directory, not a data file (its name ends in '{path.suffix}'), and it holds no data files"
+                    if path.suffix.lower() in _BUILDERS else "is a directory that holds no data files")
+            raise DataError(
+                f"Data path '{spec.path}' {what} (csv, json, jsonl, parquet, ... named after their splits, e.g. "
+                f"train.jsonl and validation.jsonl); it holds {shown}. Point the data spec at a data file or at "
+                f"a directory of split files.")
+
+
+def _data_files(root: Path) -> tuple[list[str], list[str]]:
+    """(data files, other entries) under `root`, links not followed, looking at _MAX_LISTED entries at most."""
+    found, other, count = [], [], 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            count += 1
+            suffixes = [x.lower() for x in Path(name).suffixes]
+            while suffixes and suffixes[-1] in _COMPRESSED:
+                suffixes.pop()
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            loadable = suffixes and suffixes[-1] in _LOADABLE and not name.startswith(".")
+            (found if loadable else other).append(rel)
+        if found or count > _MAX_LISTED:
+            break
+    return found, other
+
+
+_CHECKED: set[tuple] = set()  # stat stamps of text files found well formed in this process
+
+
+def check_text_file(path: Path, builder: str) -> None:
+    """Refuse, naming the line, a csv/json/jsonl file that is not UTF-8, or a csv row whose number
+    of fields differs from its header's (pandas would fill a short row with nulls). The whole file
+    is read, whatever subset a step will draw; a file found well formed is remembered by its stat
+    stamp for the rest of the process."""
+    if builder not in ("csv", "json"):
+        return
+    st = path.stat()
+    stamp = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if stamp in _CHECKED:
+        return
+    _check_utf8(path)
+    if builder == "csv":
+        _check_csv(path)
+    _CHECKED.add(stamp)
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 23) -> None:
+    """Decode the file in blocks of whole lines; the first invalid byte is named by line and column."""
+    lines, rest = 0, b""
+    with open(path, "rb") as fh:
+        while True:
+            data = fh.read(chunk)
+            block = rest + data
+            cut = block.rfind(b"\n") + 1 if data else len(block)
+            if data and cut == 0:  # no newline yet: read on
+                rest = block
+                continue
+            part, rest = block[:cut], block[cut:]
+            try:
+                part.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = lines + part.count(b"\n", 0, exc.start) + 1
+                column = exc.start - (part.rfind(b"\n", 0, exc.start) + 1) + 1
+                row = f" (row {line})" if path.suffix.lower() == ".jsonl" else ""
+                raise DataError(
+                    f"Data file '{path}' is not UTF-8: line {line}{row}, column {column} holds the byte "
+                    f"0x{part[exc.start]:02x} ({exc.reason}). fmerge reads text as UTF-8 and refuses the file "
+                    f"whichever rows a step would draw; convert it (e.g. `iconv -f latin1 -t utf-8`), then run "
+                    f"again.") from None
+            lines += part.count(b"\n")
+            if not data:
+                return
+
+
+def _check_csv(path: Path) -> None:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            return
+        for row in reader:
+            if row and len(row) != len(header):
+                n = len(row)
+                raise DataError(
+                    f"Data file '{path}': line {reader.line_num} has {n} field{'s' if n != 1 else ''}, but the "
+                    f"header has {len(header)} ({quoted(', '.join(header), 80)}). A value holding a comma must be "
+                    f"quoted; fix or remove the row, then run again.")
+
+
+def _find_bad_json_line(path: Path) -> None:
+    """Raise a DataError naming the first line of a json/jsonl file that is not a JSON object (for a
+    file holding one JSON document, the document's first error); return if none is found."""
+    text = path.read_text(encoding="utf-8")
+    start = text.lstrip()[:1]
+    if start == "[" or (path.suffix.lower() == ".json" and start == "{" and not _is_json_lines(text)):
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            raise DataError(f"Data file '{path}' is not valid JSON: line {exc.lineno}, column {exc.colno}: "
+                            f"{exc.msg}. Fix the file, then run again.") from None
+        return
+    for number, line in enumerate(io.StringIO(text), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"Data file '{path}': line {number} (row {number}) is not valid JSON ({exc.msg}, column "
+                            f"{exc.colno}): {quoted(line.strip(), 80)}. Each line of a JSON-lines file must be one "
+                            f"JSON object; fix or remove the line, then run again.") from None
+        if not isinstance(value, dict):
+            raise DataError(f"Data file '{path}': line {number} (row {number}) is a JSON {type(value).__name__}, "
+                            f"not an object ({quoted(line.strip(), 80)}); each line must be one object such as "
+                            f'{{"text": ..., "label": ...}}. Fix or remove the line, then run again.')
+
+
+def _is_json_lines(text: str) -> bool:
+    """Whether a .json file starting with '{' is JSON lines (its first line a whole object)."""
+    try:
+        json.loads(text.lstrip().split("\n", 1)[0])
+        return True
+    except ValueError:
+        return False
 
 
 def _read_file(datasets, path: Path, builder: str):
@@ -238,17 +464,19 @@ def _label_values(ds, spec: DataSpec, label_names: Sequence[str] | None) -> np.n
     values = np.asarray(values)
     if values.dtype.kind in "OUS":
         if label_names is None:
-            raise FmergeError(
-                f"Label column '{column}' holds strings; pass label_names (the class names in head "
+            raise DataError(
+                f"Dataset '{spec.path}': label column '{column}' holds strings; pass label_names (the class names in head "
                 "order, e.g. from fmerge.data.label_names_for on the full split, or the model's "
                 "id2label) so each string maps to a fixed class index."
             )
         index = {name: i for i, name in enumerate(label_names)}
         unknown = sorted({str(v) for v in values if v not in index})
         if unknown:
-            raise FmergeError(
-                f"Label column '{column}' holds value(s) {', '.join(repr(u) for u in unknown[:5])} that "
-                f"are not in label_names ({', '.join(map(repr, label_names))})."
+            raise DataError(
+                f"Dataset '{spec.path}': label column '{column}' holds value(s) "
+                f"{', '.join(quoted(u, 60) for u in unknown[:5])} that are not in label_names "
+                f"({quoted(', '.join(map(str, label_names)))}), which map each label to a head index. Add them to "
+                f"label_names (fmerge fisher: --label-names) in head order, or remove those rows."
             )
         return np.array([index[v] for v in values], dtype=np.int64)
     if values.dtype.kind == "b":
@@ -264,21 +492,24 @@ def check_labels(ds, spec: DataSpec, num_labels: int, label_names: Sequence[str]
     column = spec.label_column
     values = _label_values(ds, spec, label_names)
     if values.dtype.kind not in "iuf":
-        raise FmergeError(f"Label column '{column}' holds {values.dtype} values, neither classes nor numbers.")
+        raise DataError(f"Dataset '{spec.path}': label column '{column}' holds {values.dtype} values, neither "
+                        f"classes nor numbers; give class indices, class names (with label_names) or numbers.")
     if num_labels == 1:
         if values.dtype.kind == "f" and not np.isfinite(values).all():
-            raise FmergeError(f"Label column '{column}' holds a NaN or infinite regression target.")
+            raise DataError(f"Dataset '{spec.path}': label column '{column}' holds a NaN or infinite regression "
+                            f"target; fix or remove that row.")
         return
     if values.dtype.kind == "f":
         fractional = values[values != np.round(values)]
         if fractional.size:
-            raise FmergeError(
-                f"Label column '{column}' holds the non-integer value {fractional[0]!r}, but the "
-                f"model's head has {num_labels} classes (0..{num_labels - 1})."
+            raise DataError(
+                f"Dataset '{spec.path}': label column '{column}' holds the non-integer value "
+                f"{fractional[0].item()!r}, but the model's head has {num_labels} classes (0..{num_labels - 1}); "
+                f"give class indices, or use a regression model (num_labels 1)."
             )
     bad = values[(values < 0) | (values >= num_labels)]
     if bad.size:
-        raise FmergeError(
+        raise DataError(
             f"Dataset '{spec.path}': label column '{column}' holds the value {bad[0].item()!r} ({bad.size} row(s) out of "
             f"range), but the model's head has {num_labels} classes, so labels must lie in "
             f"0..{num_labels - 1}. Check the data (-1 often marks an unlabelled test split) or the "

@@ -33,8 +33,11 @@ hub download, inside its cache entry, whose snapshot files link to its blobs): a
 elsewhere is refused, since an export is made to be shared and could otherwise publish a private
 file; fifos and devices are refused too.
 
-`check_exports` refuses, at validation, two steps exporting to the same place (or one inside the
-other) and exports inside (or holding) the artifact store.
+`check_exports` refuses, at validation (before anything is computed), two steps exporting to the
+same place (or one inside the other), exports inside (or holding) the artifact store, and export
+paths that cannot be written or would swallow what the user has (`check_export_path`): under a
+file, through a symbolic link loop or a link at the target itself, into a directory fmerge may not
+write, or onto (or around) a model directory, a data file, the recipe or the current directory.
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from . import __version__
-from .errors import FmergeError
-from .io import SIDE_FILES, StreamingSafetensorsWriter, TensorSource, write_weight_files
+from .errors import ExportError, FmergeError, quoted
+from .io import SIDE_FILES, StreamingSafetensorsWriter, TensorSource, few, write_weight_files
 from .store import pid_alive
 
 MARKER = ".fmerge-export.json"
@@ -85,6 +88,7 @@ def check_exports(recipe, store_root: Path | str) -> None:
     """Refuse exports that would collide: two steps exporting to the same path or one inside the
     other (each export replaces its whole target), and exports inside or around the store."""
     store = _real(Path(store_root))
+    protected = protected_paths(recipe)
     group_of = {v.name: group for group, variants in (getattr(recipe, "sweeps", None) or {}).items() for v in variants}
     seen: list[tuple[str, str, Path, str]] = []  # (step, its recipe-level name, path, where)
     for name, cfg in recipe.steps.items():
@@ -95,32 +99,164 @@ def check_exports(recipe, store_root: Path | str) -> None:
         where = recipe.where("steps", group, "export")
         path = _real(recipe.resolve(str(export)))
         if _within(path, store):
-            raise FmergeError(
+            raise ExportError(
                 f"{where}: export {path} is inside the artifact store {store}. The store is fmerge's cache "
                 f"(`fmerge gc` prunes it), not a place for models to share; export to a path outside it "
                 f"(e.g. out/{group}), then run again.")
         if _within(store, path):
-            raise FmergeError(
+            raise ExportError(
                 f"{where}: export {path} holds the artifact store {store}; an export directory is replaced "
                 f"as a whole, so the store must not live inside it. Export to a directory of its own "
                 f"(e.g. out/{group}), or move the store elsewhere with --store or the recipe's 'store', "
                 f"then run again.")
+        check_export_path(recipe.resolve(str(export)), where, protected)
         for other, other_group, other_path, other_where in seen:
             if not (_within(path, other_path) or _within(other_path, path)):
                 continue
             if other_group == group:
                 n = sum(1 for s in group_of.values() if s == group)
-                raise FmergeError(
+                raise ExportError(
                     f"{where}: step '{group}' is swept into {n} variants that would all export to {path}, "
                     f"each replacing the last. Remove 'export' from the swept step (pick the best variant "
                     f"with an eval step), and export the chosen parameters from a step of their own.")
             how = "both export to" if path == other_path else "export to nested paths:"
             paths = f"{path}" if path == other_path else f"{other_path} and {path}"
-            raise FmergeError(
+            raise ExportError(
                 f"{other_where} and {where}: steps '{other_group}' and '{group}' {how} {paths}. Each export "
                 f"replaces its whole target, so one would overwrite or swallow the other; give each step "
                 f"its own export path, then run again.")
         seen.append((name, group, path, where))
+
+
+def protected_paths(recipe) -> list[tuple[str, Path, bool]]:
+    """(what, path, inside_too) of everything of the user's a recipe reads: the base and model
+    directories (an export inside one is refused too), data files and directories, the recipe
+    itself and the current directory (an export equal to or holding one is refused)."""
+    found: list[tuple[str, Path, bool]] = []
+
+    def add(what: str, path, inside: bool = False) -> None:
+        try:
+            if path is not None and os.path.lexists(path):
+                found.append((what, _real(Path(path)), inside))
+        except (OSError, ValueError):
+            pass
+
+    base = getattr(recipe, "base", None)
+    if base is not None and getattr(base, "path", None):
+        add("the base model's directory", recipe.resolve(base.path), True)
+    for name, spec in (getattr(recipe, "models", None) or {}).items():
+        if getattr(spec, "path", None):
+            add(f"model '{name}''s directory", recipe.resolve(spec.path), True)
+    for name, d in (getattr(recipe.spec, "data", None) or {}).items():
+        if getattr(d, "path", None):
+            add(f"data '{name}'", recipe.resolve(d.path))
+        for split, file in (getattr(d, "splits", None) or {}).items():
+            add(f"data '{name}' (split '{split}')", recipe.resolve(file))
+    if getattr(recipe, "file", None) is not None:
+        add("the recipe", recipe.file)
+    try:
+        add("the current directory", Path.cwd())
+    except OSError:  # deleted under us: nothing there to protect
+        pass
+    return found
+
+
+def check_export_path(path: Path, where: str, protected: list[tuple[str, Path, bool]] = ()) -> None:
+    """Refuse, before anything is computed, an export path that cannot be written or would replace
+    what is the user's. Creates nothing; an existing directory fmerge exported (or a fmerge file)
+    passes, and the export itself decides whether it may be replaced."""
+    text = str(path)
+    if "\0" in text:
+        raise ExportError(f"{where}: export path {quoted(text)} holds a NUL character, which no file name may "
+                          f"hold; write the path without it, then run again.")
+    path = Path(os.path.abspath(path))
+    real = _real(path)
+    for what, other, inside in protected:
+        if real == other:
+            how = "is"
+        elif _within(other, real):
+            how = "holds"
+        elif inside and _within(real, other):
+            how = "lies inside"
+        else:
+            continue
+        extra = f" ({other})" if other != real else ""
+        raise ExportError(
+            f"{where}: export {path} {how} {what}{extra}. An export replaces its whole target directory, so "
+            f"this would replace or swallow files of yours; fmerge never exports onto, around or into the "
+            f"models and data it reads, the recipe or the current directory. Export to a directory of its "
+            f"own (e.g. out/merged), then run again.")
+    parts = path.parts
+    current = Path(parts[0])
+    for i, part in enumerate(parts[1:], 1):
+        current = current / part
+        last = i == len(parts) - 1
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            break  # nothing further exists: the export creates the rest
+        except OSError as exc:
+            raise _path_error(where, path, current, exc) from None
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                st = os.stat(current)
+            except FileNotFoundError:
+                raise ExportError(
+                    f"{where}: export {path} {'is' if last else 'lies under'} {current}, a symbolic link to "
+                    f"{os.readlink(current)}, which does not exist; fmerge does not export through a broken "
+                    f"link. Remove the link or export to another path, then run again.") from None
+            except OSError as exc:
+                raise _path_error(where, path, current, exc) from None
+            if last:
+                raise ExportError(
+                    f"{where}: export {path} is a symbolic link (to {os.readlink(current)}); fmerge never "
+                    f"replaces a link nor writes through one at the export target. Export to the real "
+                    f"path ({_real(current)}) or another path, then run again.")
+        if not last and not stat.S_ISDIR(st.st_mode):
+            raise ExportError(
+                f"{where}: export {path} lies under {current}, which is a file, not a directory, so nothing "
+                f"can be written there (and fmerge will not replace the file). Export to a path outside "
+                f"{current}, then run again.")
+        if last and not stat.S_ISDIR(st.st_mode) and path.suffix != ".safetensors":
+            raise ExportError(
+                f"{where}: export {path} exists and is a file, not a directory fmerge wrote; refusing to "
+                f"replace it (a model is exported as a directory). Export to another path, then run again.")
+    # Where the export will create its entries: the nearest existing directory above the target.
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(
+            f"{where}: export {path} cannot be written: fmerge may not create entries in {parent} (permission "
+            f"denied, or a read-only file system), where the export is built before it is moved into place. "
+            f"Export to a directory you can write, or change its permissions, then run again.")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX") if os.path.isdir(parent) else 255
+    except (OSError, ValueError):
+        name_max = 255
+    long = [n for n in path.parts if len(os.fsencode(n)) > name_max]
+    if long or len(os.fsencode(str(path))) >= 4096:
+        what = f"the name {quoted(long[0], 60)} is {len(os.fsencode(long[0]))} bytes" if long else "the path is"
+        raise ExportError(f"{where}: export {quoted(str(path))} cannot be written: {what} longer than the file "
+                          f"system allows ({name_max} bytes a name, 4096 a path). Choose a shorter path, then "
+                          f"run again.")
+
+
+def _path_error(where: str, path: Path, at: Path, exc: OSError) -> ExportError:
+    if exc.errno == errno.ELOOP:
+        why = f"{at} is a symbolic link loop (a link that leads back to itself)"
+        fix = f"remove or fix the link {at}"
+    elif exc.errno == errno.ENAMETOOLONG:
+        why = "the path or one of its names is longer than the file system allows"
+        fix = "choose a shorter path"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        why = f"{at} cannot be reached (permission denied)"
+        fix = "export to a directory you can write"
+    else:
+        why = f"{at}: {exc.strerror or exc}"
+        fix = "export to another path"
+    return ExportError(f"{where}: export {quoted(str(path))} cannot be used: {why}. Nothing was written; {fix}, "
+                       f"then run again.")
 
 
 def _real(path: Path) -> Path:
@@ -184,7 +320,7 @@ def read_manifest(dir: Path, where: str | None = None) -> dict | None:
         if not isinstance(data, dict) or not isinstance(data.get("files", {}), dict):
             raise ValueError("not an export record")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise FmergeError(
+        raise ExportError(
             f"{where or dir}: {marker} is not a readable export record ({exc}), so which files in {dir} fmerge "
             f"wrote is unknown and nothing there will be replaced. Move the files you want to keep out of "
             f"{dir} and remove it, or export elsewhere, then run again.")
@@ -212,10 +348,6 @@ def _ancestors(rel: str) -> list[str]:
     return [str(p) for p in PurePosixPath(rel).parents if str(p) != "."]
 
 
-def _few(names: list[str], shown: int = 5) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
 # ---------------------------------------------------------------------------------------------
 # Model directories
 
@@ -240,12 +372,12 @@ def export_model_dir(
     where = where or str(out)
     with export_lock(store, out):
         if out.is_symlink() or (os.path.lexists(out) and not out.is_dir()):
-            raise FmergeError(f"{where}: {out} exists and is not a directory fmerge wrote (a file or a symbolic "
+            raise ExportError(f"{where}: {out} exists and is not a directory fmerge wrote (a file or a symbolic "
                               f"link); refusing to replace it. Export to another path, then run again.")
         _recover(out)
         manifest = read_manifest(out, where) if out.is_dir() else None
         if manifest is None and out.is_dir() and any(out.iterdir()):
-            raise FmergeError(f"{where}: {out} exists and was not written by fmerge; refusing to replace it (it has "
+            raise ExportError(f"{where}: {out} exists and was not written by fmerge; refusing to replace it (it has "
                               f"no {MARKER} naming the files fmerge wrote). Remove it or export elsewhere.")
         if manifest is not None and manifest.get("key") == key and all(
                 (out / rel).is_file() for rel in manifest.get("files", {})):
@@ -285,19 +417,19 @@ def export_model_dir(
             raise
     note = f"exported {out}"
     if carried:
-        note += f" (kept {len(carried)} file(s) of yours: {_few(carried, 3)})"
+        note += f" (kept {len(carried)} file(s) of yours: {few(carried, 3)})"
     if old is not None:
         try:
             left = _retire(old, out)
         except OSError as exc:
             left = [f"({exc.strerror or exc})"]
         if left:
-            note += f"; {old} keeps {_few(left, 3)}, which were not moved (a name taken in the new export)"
+            note += f"; {old} keeps {few(left, 3)}, which were not moved (a name taken in the new export)"
     return note
 
 
-def _export_error(out: Path, exc: OSError) -> FmergeError:
-    return FmergeError(f"Exporting the model to {out} failed: {exc.strerror or exc}. The partial export was "
+def _export_error(out: Path, exc: OSError) -> ExportError:
+    return ExportError(f"Exporting the model to {out} failed: {exc.strerror or exc}. The partial export was "
                        f"removed{' and the previous one kept' if out.exists() else ''}; free space or "
                        f"choose another export directory, then run again.")
 
@@ -337,8 +469,8 @@ def _classify(out: Path, manifest: dict, where: str) -> tuple[dict[str, dict | N
         else:
             user.append(rel)
     if changed:
-        raise FmergeError(
-            f"{where}: {_few(changed)} in {out} changed since fmerge wrote them (size or SHA-256 differ from "
+        raise ExportError(
+            f"{where}: {few(changed, 5)} in {out} changed since fmerge wrote them (size or SHA-256 differ from "
             f"the export's record {MARKER}), so they are yours now and fmerge will neither overwrite nor "
             f"delete them. Move them out of {out} (or restore them), then run again.")
     return owned, user, dirs
@@ -350,8 +482,8 @@ def _carry(out: Path, tmp: Path, user: list[str], dirs: list[str], owned: dict, 
     user_dirs = {a for rel in user for a in _ancestors(rel)}
     keep_dirs = [d for d in dirs if d in user_dirs or d not in fm_dirs]
 
-    def conflict(rel: str) -> FmergeError:
-        return FmergeError(
+    def conflict(rel: str) -> ExportError:
+        return ExportError(
             f"{where}: {out / rel} was not written by fmerge (the export's record {MARKER} does not list it), "
             f"and the new export writes a file of that name. fmerge never overwrites a file it did not write: "
             f"move or rename {out / rel}, then run again (your other files are kept).")
@@ -380,7 +512,7 @@ def _carry(out: Path, tmp: Path, user: list[str], dirs: list[str], owned: dict, 
             elif stat.S_ISREG(mode):
                 shutil.copy2(src, dst, follow_symlinks=False)
             else:
-                raise FmergeError(
+                raise ExportError(
                     f"{where}: {src} is not a regular file and this file system cannot link it into the new "
                     f"export; fmerge will not delete it with the old one. Move it out of {out}, then run again.")
     for d in reversed(keep_dirs):  # permissions last: a read-only directory was still filled
@@ -535,7 +667,7 @@ def copy_side_files(model_dir: Path, dest: Path) -> list[str]:
             continue
         real = _real(src)
         if not any(_within(real, r) for r in roots):
-            raise FmergeError(
+            raise ExportError(
                 f"Base model file {src} is a symbolic link to {real}, outside the model directory {model_dir}. "
                 f"fmerge copies the base's config and tokenizer files into the export, which is made to be "
                 f"shared, and never follows a link out of the model directory (it could publish a private file). "
@@ -549,7 +681,7 @@ def copy_side_files(model_dir: Path, dest: Path) -> list[str]:
             if not stat.S_ISREG(mode):
                 what = ("a directory" if stat.S_ISDIR(mode) else "a fifo" if stat.S_ISFIFO(mode) else
                         "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
-                raise FmergeError(
+                raise ExportError(
                     f"Base model file {src} is {what}, not a regular file; fmerge copies only regular files "
                     f"into an export. Replace it by the real file or remove it from {model_dir}, then run again.")
             with open(dest / name, "xb") as target:
@@ -610,7 +742,7 @@ def export_tensor_file(store, target: Path, key: str, tensors: TensorSource, *, 
             if p.is_file() and not p.is_symlink():
                 p.unlink()  # a partial write of a killed export
         if target.is_symlink() or (os.path.lexists(target) and not target.is_file()):
-            raise FmergeError(f"{where}: {target} exists and is not a file fmerge wrote (a directory or a link); "
+            raise ExportError(f"{where}: {target} exists and is not a file fmerge wrote (a directory or a link); "
                               f"refusing to replace it. Export to another path, then run again.")
         record = _read_sidecar(sidecar)
         keep: list[dict] = []
@@ -624,7 +756,7 @@ def export_tensor_file(store, target: Path, key: str, tensors: TensorSource, *, 
             if not keep:
                 why = ("it was changed since fmerge wrote it" if record else
                        f"it has no record {sidecar.name} beside it and no fmerge_key in its header")
-                raise FmergeError(f"{where}: {target} exists and was not written by fmerge ({why}); refusing to "
+                raise ExportError(f"{where}: {target} exists and was not written by fmerge ({why}); refusing to "
                                   f"replace it. Move or remove it, or export elsewhere, then run again.")
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
@@ -645,7 +777,7 @@ def export_tensor_file(store, target: Path, key: str, tensors: TensorSource, *, 
             os.replace(tmp, target)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise FmergeError(f"{where}: writing {target} failed: {exc.strerror or exc}. "
+            raise ExportError(f"{where}: writing {target} failed: {exc.strerror or exc}. "
                               f"{'The previous file was kept; ' if os.path.lexists(target) else ''}free space "
                               f"or choose another export path, then run again.") from exc
         except BaseException:

@@ -11,8 +11,6 @@ import json
 import os
 from pathlib import Path
 
-from filelock import FileLock
-
 _CHUNK = 1 << 22
 
 
@@ -73,6 +71,8 @@ class FileHashes:
         only hashes again next time)."""
         if not self._dirty or self.cache_file is None or not self.write:
             return
+        from filelock import FileLock  # only a run that hashed something new takes this lock
+
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(self.cache_file) + ".lock"):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Iterable, Protocol
 
 import torch
 
-from .errors import FmergeError
+from .errors import ModelError, RecipeError, quoted
 
 WEIGHT_FILE_RE = re.compile(r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.safetensors$")
 PICKLE_FILE_RE = re.compile(r"^(pytorch_model|model)(-\d+-of-\d+)?\.(bin|pt|pth)$")
@@ -44,7 +45,7 @@ DTYPE_NAMES = {
 
 def parse_dtype(name: str, where: str) -> torch.dtype:
     if name not in DTYPE_NAMES:
-        raise FmergeError(f"{where}: unknown dtype '{name}'; use one of {', '.join(DTYPE_NAMES)}.")
+        raise RecipeError(f"{where}: unknown dtype '{name}'; use one of {', '.join(DTYPE_NAMES)}.")
     return DTYPE_NAMES[name]
 
 
@@ -67,6 +68,197 @@ class _Entry:
 
 
 _ST_TO_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in SAFETENSORS_DTYPES}
+# safetensors' own reader refuses headers over 100 MB; fmerge reads no index file larger either.
+MAX_HEADER_BYTES = 100 * 2**20
+MAX_DIMS = 64  # no real tensor has more; bounds the work of checking a shape
+
+# Tensors are stored under their names as paths (store: `weights/<name>`), so a name is one path
+# component: a '/' would nest it (and `a` beside `a/b` would collide), '..' would climb out.
+TENSOR_NAME_RULE = ("fmerge stores each tensor under its name as a path, so a tensor name must be 1 to 255 bytes "
+                    "of UTF-8 text without '/', '\\' or control characters, and not '.', '..' or 'zarr.json'.")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def tensor_name_problem(name: object) -> str | None:
+    """Why `name` cannot be a tensor name fmerge stores (see TENSOR_NAME_RULE), or None."""
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if not name:
+        return "is empty"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid Unicode text (it holds a lone surrogate)"
+    if size > 255:
+        return f"is {size} bytes long"
+    if "/" in name or "\\" in name:
+        return "contains a path separator ('/' or '\\')"
+    if m := _CONTROL_RE.search(name):
+        return f"contains the control character U+{ord(m.group()):04X}"
+    if name in (".", "..", "zarr.json"):
+        return "is a name reserved for paths"
+    return None
+
+
+def _json_type(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _is_count(value: object) -> bool:
+    """A JSON whole number (not a boolean, a float or a string)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    """Why `path` (links followed) is not a regular file to read, or None. Checked before opening:
+    opening a FIFO blocks forever and a device never ends."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        return "does not exist (removed while fmerge was reading the directory?)"
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror or exc})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else
+            "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
+            "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+    return f"is {kind}" + (f" (through the link to {os.readlink(path)})" if os.path.islink(path) else "")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A checked safetensors header: (name, dtype, shape, start, end) per tensor, with absolute byte
+    offsets of its data in the file, and the file's `__metadata__`."""
+
+    tensors: list[tuple[str, torch.dtype, tuple[int, ...], int, int]]
+    metadata: dict[str, str]
+
+
+def read_safetensors_header(file: Path, what: str) -> SafetensorsHeader:
+    """Parse and check the header of the safetensors file `file`, before anything is allocated or
+    read from its data: a length within the file (and within 100 MB), UTF-8 JSON of bounded depth
+    with no key twice, an object whose entries each have a known dtype, a shape of non-negative
+    whole numbers and [begin, end] offsets within the data whose span is the shape's size, and
+    which cover the data exactly, without overlaps or gaps (as the safetensors library requires).
+    Raises ModelError naming `what` (e.g. "Model 'a'"), the file and the tensor at fault."""
+
+    def bad(detail: str) -> ModelError:
+        return ModelError(f"{what}: {file} is not a readable safetensors file: {detail}. The file is damaged "
+                          f"(an interrupted download or copy?) or was not written by a safetensors library; "
+                          f"fetch or save the model again.")
+
+    problem = _not_a_regular_file(file)
+    if problem:
+        raise bad(f"it {problem}")
+    try:
+        # O_NONBLOCK: should the file have become a FIFO since it was examined, opening does not block
+        with os.fdopen(os.open(file, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise bad("it is not a regular file (it was replaced while fmerge read it?)")
+            size = st.st_size
+            if size < 8:
+                raise bad(f"it is {size} byte(s) long, shorter than the 8-byte header length every safetensors "
+                          f"file starts with (empty or truncated?)")
+            first = fh.read(8)
+            if len(first) != 8:
+                raise bad("it ended while its header length was read (truncated while fmerge read it?)")
+            (n,) = struct.unpack("<Q", first)
+            if n > size - 8:
+                raise bad(f"its first 8 bytes give a header length of {n} bytes, but only {size - 8} bytes follow "
+                          f"(truncated?)")
+            if n > MAX_HEADER_BYTES:
+                raise bad(f"its header would be {n} bytes long; fmerge reads headers of at most "
+                          f"{MAX_HEADER_BYTES // 2**20} MB, as the safetensors library does")
+            raw = fh.read(n)
+    except OSError as exc:
+        raise bad(f"it cannot be read ({exc.strerror or exc})") from None
+    if len(raw) != n:
+        raise bad("it ended while its header was read (truncated while fmerge read it?)")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as exc:
+        raise bad(f"its {n}-byte header is not UTF-8 text (byte {exc.start} is not)") from None
+    except RecursionError:
+        raise bad("its header nests JSON deeper than fmerge parses (a safetensors header is an object of "
+                  "objects, three levels deep)") from None
+    except _DuplicateKey as exc:
+        raise bad(f"its header names the key {quoted(exc.args[0], 80)} twice") from None
+    except ValueError as exc:  # json.JSONDecodeError, or a number of thousands of digits
+        raise bad(f"its header is not valid JSON ({quoted(str(exc), 120)})") from None
+    if not isinstance(header, dict):
+        raise bad(f"its header is a JSON {_json_type(header)}, not an object mapping tensor names to "
+                  f"{{dtype, shape, data_offsets}}")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        odd = (f"a JSON {_json_type(metadata)}" if not isinstance(metadata, dict) else
+               next(f"{quoted(k, 60)} maps to a JSON {_json_type(v)}" for k, v in metadata.items() if not isinstance(v, str)))
+        raise bad(f"its __metadata__ must map strings to strings, but it is {odd}" if not isinstance(metadata, dict)
+                  else f"its __metadata__ must map strings to strings, but {odd}")
+    data_size = size - 8 - n
+    tensors = []
+    for name, info in header.items():
+        tensor = f"tensor {quoted(name, 80)}"
+        if not isinstance(info, dict):
+            raise bad(f"{tensor} is described by a JSON {_json_type(info)}, not an object with dtype, shape "
+                      f"and data_offsets")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+        if missing:
+            raise bad(f"{tensor} has no {' and no '.join(missing)}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _ST_TO_TORCH:
+            raise bad(f"{tensor} has dtype {quoted(dtype, 40)}, which fmerge does not read (it reads "
+                      f"{', '.join(_ST_TO_TORCH)})")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
+            raise bad(f"{tensor} has shape {quoted(shape, 80)}, where a list of at most {MAX_DIMS} whole numbers "
+                      f"is expected")
+        if any(d < 0 for d in shape):
+            raise bad(f"{tensor} has shape {quoted(shape, 80)}, with a negative dimension")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise bad(f"{tensor} has data_offsets {quoted(offsets, 80)}, where [begin, end], two whole numbers, "
+                      f"is expected")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise bad(f"{tensor} has data_offsets [{quoted(begin, 30)}, {quoted(end, 30)}], which do not lie in "
+                      f"order within the {data_size} bytes of data after the header (truncated?)")
+        numel = 1
+        for d in shape:
+            numel *= d
+        need = numel * _ITEMSIZE[_ST_TO_TORCH[dtype]]
+        if end - begin != need:
+            raise bad(f"{tensor} has {end - begin} bytes of data (data_offsets [{begin}, {end}]), but its shape "
+                      f"{shape} of {dtype} takes {quoted(need, 40)} bytes")
+        tensors.append((name, _ST_TO_TORCH[dtype], tuple(shape), begin, end))
+    pos, prev = 0, None
+    for name, _, _, begin, end in sorted(tensors, key=lambda t: (t[3], t[4])):
+        if begin < pos:
+            raise bad(f"the data of tensor {quoted(name, 80)} (bytes {begin} to {end}) overlaps that of tensor "
+                      f"{quoted(prev, 80)}")
+        if begin > pos:
+            raise bad(f"bytes {pos} to {begin} of its data belong to no tensor (before tensor {quoted(name, 80)})")
+        pos, prev = end, name
+    if pos != data_size:
+        raise bad(f"the last {data_size - pos} bytes of its data belong to no tensor")
+    start = 8 + n
+    return SafetensorsHeader([(nm, dt, sh, start + b, start + e) for nm, dt, sh, b, e in tensors], metadata)
 
 
 class ModelDir:
@@ -76,12 +268,19 @@ class ModelDir:
         self.path = Path(path)
         self.label = label or str(self.path)
         if not self.path.is_dir():
-            raise FmergeError(f"Model '{self.label}': directory {self.path} does not exist.")
-        self.files = sorted(p for p in self.path.iterdir() if WEIGHT_FILE_RE.match(p.name))
+            what = "is not a directory" if os.path.lexists(self.path) else "does not exist"
+            raise ModelError(f"Model '{self.label}': {self.path} {what}; a model is a directory holding "
+                             f"model.safetensors (or its shards) and config.json.")
+        try:
+            entries = sorted(self.path.iterdir())
+        except OSError as exc:
+            raise ModelError(f"Model '{self.label}': the directory {self.path} cannot be listed "
+                             f"({exc.strerror or exc}); check its permissions.") from None
+        self.files = [p for p in entries if WEIGHT_FILE_RE.match(p.name)]
         self._pickled: dict[str, torch.Tensor] | None = None
         self._entries: dict[str, _Entry] = {}
         self._files: dict[Path, object] = {}
-        indexes = sorted(p for p in self.path.iterdir() if INDEX_FILE_RE.match(p.name) and p.is_file())
+        indexes = [p for p in entries if INDEX_FILE_RE.match(p.name) and p.is_file()]
         st_index = [p for p in indexes if ".safetensors." in p.name]
         if self.files or st_index:
             weight_map = self._check_index(st_index, self.files)
@@ -89,14 +288,14 @@ class ModelDir:
                 self._index_safetensors(f)
             self._check_tensors_in_index(weight_map)
         else:
-            pickles = sorted(p for p in self.path.iterdir() if PICKLE_FILE_RE.match(p.name))
+            pickles = [p for p in entries if PICKLE_FILE_RE.match(p.name)]
             if not pickles:
-                raise FmergeError(
+                raise ModelError(
                     f"Model '{self.label}': no weights in {self.path} (expected model.safetensors "
                     f"or model-0000N-of-0000M.safetensors)."
                 )
             if not allow_pickle:
-                raise FmergeError(
+                raise ModelError(
                     f"Model '{self.label}': {self.path} holds only pickle checkpoints "
                     f"({', '.join(p.name for p in pickles)}). Pickle files can run code when "
                     f"loaded; convert them to safetensors, or pass --allow-pickle to load them "
@@ -107,47 +306,47 @@ class ModelDir:
             self._check_tensors_in_index(weight_map)
 
     def _index_safetensors(self, file: Path) -> None:
-        try:
-            with open(file, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-            file_size = file.stat().st_size
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FmergeError(f"Model '{self.label}': {file} is not a readable safetensors file ({exc}).")
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in _ST_TO_TORCH:
-                raise FmergeError(f"Model '{self.label}': tensor '{name}' in {file} has unsupported dtype {info['dtype']}.")
-            dtype, shape = _ST_TO_TORCH[info["dtype"]], tuple(info["shape"])
-            start, end = (8 + n + int(o) for o in info["data_offsets"])
-            if end - start != nbytes(dtype, shape) or end > file_size:
-                raise FmergeError(f"Model '{self.label}': tensor '{name}' in {file} has a byte range that does not "
-                                  f"match its shape {list(shape)} or lies past the end of the file (truncated?).")
+        for name, dtype, shape, start, end in read_safetensors_header(file, f"Model '{self.label}'").tensors:
             self._add(name, _Entry(file, shape, dtype, start, end))
 
     def _load_pickles(self, files: list[Path]) -> None:
         self._pickled = {}
         for f in files:
+            problem = _not_a_regular_file(f)
+            if problem:
+                raise ModelError(f"Model '{self.label}': {f} {problem}; fmerge reads weights only from regular "
+                                 f"files. Replace it with the checkpoint file itself.")
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # UnpicklingError for objects beyond plain tensors, or a bad file
-                raise FmergeError(
+                raise ModelError(
                     f"Model '{self.label}': {f} could not be loaded as a plain tensor checkpoint with "
-                    f"torch's weights-only loader ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                    f"torch's weights-only loader ({type(exc).__name__}: {quoted(str(exc).splitlines()[0] if str(exc) else '', 200)}). "
                     f"fmerge never unpickles arbitrary objects; convert the checkpoint to safetensors."
                 ) from exc
             if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-                raise FmergeError(f"Model '{self.label}': {f} is not a state dict of tensors.")
+                raise ModelError(f"Model '{self.label}': {f} is not a state dict of tensors (a dict mapping "
+                                 f"tensor names to tensors); convert the checkpoint to a safetensors file.")
             for name, t in state.items():
+                if t.layout != torch.strided or t.is_quantized or t.dtype not in SAFETENSORS_DTYPES:
+                    kind = (f"a {t.layout} tensor" if t.layout != torch.strided else
+                            "a quantized tensor" if t.is_quantized else f"of dtype {t.dtype}")
+                    raise ModelError(
+                        f"Model '{self.label}': tensor {quoted(name, 80)} in {f} is {kind}; fmerge merges dense "
+                        f"tensors of dtype {', '.join(str(d).replace('torch.', '') for d in SAFETENSORS_DTYPES)}. "
+                        f"Convert the checkpoint (dequantize, to_dense) and save it as safetensors.")
                 self._add(name, _Entry(f, tuple(t.shape), t.dtype))
                 self._pickled[name] = t
 
     def _add(self, name: str, entry: _Entry) -> None:
         """Record a tensor; one held by two weight files is ambiguous and refused, never last-wins."""
+        problem = tensor_name_problem(name)
+        if problem:
+            raise ModelError(f"Model '{self.label}': the tensor name {quoted(name, 80)} in {entry.file} {problem}. "
+                             f"{TENSOR_NAME_RULE} Save the model again with plain names (or remove that tensor).")
         other = self._entries.get(name)
         if other is not None:
-            raise FmergeError(
+            raise ModelError(
                 f"Model '{self.label}': tensor '{name}' is in two weight files, {other.file.name} and "
                 f"{entry.file.name} (in {self.path}), so which one is meant is ambiguous. This usually means "
                 f"a stale file from an earlier save sits beside the current one: remove the file that does "
@@ -163,7 +362,7 @@ class ModelDir:
         Returns the index's weight map (tensor -> shard file name), or None without an index.
         """
         if len(indexes) > 1:
-            raise FmergeError(
+            raise ModelError(
                 f"Model '{self.label}': {self.path} has {len(indexes)} index files "
                 f"({', '.join(p.name for p in indexes)}); fmerge reads one checkpoint per directory. "
                 f"Remove the index (and shards) that do not belong to this model."
@@ -172,23 +371,35 @@ class ModelDir:
         present = {f.name for f in files}
         if indexes:
             index = indexes[0]
+            unreadable = (f"Model '{self.label}': {index} is not a readable shard index (a JSON object with a "
+                          f"'weight_map' mapping tensor names to shard file names in {self.path})")
+            advice = "Restore the file from the model's source, or remove it if the shards are complete."
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-                raise FmergeError(f"Model '{self.label}': {index} is not a readable shard index (a JSON "
-                                  f"object with a 'weight_map'): {type(exc).__name__}: {exc}. Restore the "
-                                  f"file from the model's source, or remove it if the shards are complete.")
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v for k, v in weight_map.items()):
-                raise FmergeError(f"Model '{self.label}': the 'weight_map' of {index} must map tensor names to "
-                                  f"shard file names in {self.path}. Restore the file from the model's source.")
+                size = index.stat().st_size
+                if size > MAX_HEADER_BYTES:
+                    raise ModelError(f"{unreadable}: it is {size} bytes long, more than the {MAX_HEADER_BYTES // 2**20} "
+                                     f"MB fmerge reads of an index. {advice}")
+                weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+            except RecursionError:
+                raise ModelError(f"{unreadable}: its JSON nests deeper than Python can parse. {advice}") from None
+            except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
+                raise ModelError(f"{unreadable}: {type(exc).__name__}: {quoted(str(exc), 200)}. {advice}") from None
+            if not isinstance(weight_map, dict):
+                raise ModelError(f"{unreadable}: its 'weight_map' is a JSON {_json_type(weight_map)}, not an "
+                                 f"object. {advice}")
+            for k, v in weight_map.items():
+                if not isinstance(v, str) or not v or Path(v).name != v or not (WEIGHT_FILE_RE.match(v) or PICKLE_FILE_RE.match(v)):
+                    raise ModelError(
+                        f"Model '{self.label}': the 'weight_map' of {index} must map tensor names to shard file names "
+                        f"in {self.path} (model.safetensors or model-0000N-of-0000M.safetensors, never a path), but "
+                        f"it maps {quoted(k, 80)} to {quoted(v, 80)}. {advice}")
             by_shard: dict[str, list[str]] = {}
             for tensor, shard in weight_map.items():
                 by_shard.setdefault(shard, []).append(tensor)
             absent = sorted(s for s in by_shard if s not in present)
             if absent:
                 tensors = [t for s in absent for t in by_shard[s]]
-                raise FmergeError(
+                raise ModelError(
                     f"Model '{self.label}': {index.name} names shard file(s) missing from {self.path}: "
                     f"{', '.join(absent)}, which hold {len(tensors)} tensor(s) ({few(tensors)}). "
                     f"The checkpoint is incomplete (an interrupted download or copy?); fetch the missing "
@@ -196,7 +407,7 @@ class ModelDir:
                 )
             unlisted = sorted(present - set(by_shard))
             if unlisted:
-                raise FmergeError(
+                raise ModelError(
                     f"Model '{self.label}': weight file(s) {', '.join(unlisted)} in {self.path} are not named "
                     f"in {index.name}, so it is unclear whether they belong to the checkpoint (a stale file "
                     f"from an earlier save?). Remove or move them, or add their tensors to the index's weight_map."
@@ -207,7 +418,7 @@ class ModelDir:
                 shards.setdefault((m["stem"], m["ext"]), {}).setdefault(int(m["m"]), set()).add(int(m["n"]))
         for (stem, ext), by_total in sorted(shards.items()):
             if len(by_total) > 1:
-                raise FmergeError(
+                raise ModelError(
                     f"Model '{self.label}': {self.path} mixes shards of different saves ({stem}-*-of-"
                     f"{', -of-'.join(f'{t:05d}' for t in sorted(by_total))}.{ext}). Remove the shards that do "
                     f"not belong to the current checkpoint."
@@ -215,7 +426,7 @@ class ModelDir:
             (total, have), = by_total.items()
             lacking = [f"{stem}-{n:05d}-of-{total:05d}.{ext}" for n in range(1, total + 1) if n not in have]
             if lacking:
-                raise FmergeError(
+                raise ModelError(
                     f"Model '{self.label}': shard file(s) {', '.join(lacking)} missing from {self.path} "
                     f"(the names say there are {total} shards, {len(have)} are present). The checkpoint is "
                     f"incomplete (an interrupted download or copy?); fetch the missing shard(s) again."
@@ -237,7 +448,7 @@ class ModelDir:
                              f"{'; '.join(misplaced[:3])}{f' and {len(misplaced) - 3} more' if len(misplaced) > 3 else ''}")
             if extra:
                 parts.append(f"{len(extra)} tensor(s) in the shards are not in the index ({few(extra)})")
-            raise FmergeError(
+            raise ModelError(
                 f"Model '{self.label}': its shard index and shard files in {self.path} disagree: "
                 f"{'; and '.join(parts)}. The checkpoint is inconsistent (shards from different saves, or a "
                 f"hand-edited index); fetch or save the model again."
@@ -269,7 +480,7 @@ class ModelDir:
         while done < size:
             got = os.preadv(fh.fileno(), [view[done:]], e.start + done)
             if got == 0:
-                raise FmergeError(f"Model '{self.label}': {e.file} ended while reading tensor '{name}' (truncated?).")
+                raise ModelError(f"Model '{self.label}': {e.file} ended while reading tensor '{name}' (truncated?).")
             done += got
         return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
 

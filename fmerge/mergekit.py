@@ -36,7 +36,7 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-from .errors import FmergeError
+from .errors import FmergeError, RecipeError, quoted
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 UNSUPPORTED_TOP = {"slices", "modules", "tokenizer", "chat_template"}
@@ -79,15 +79,15 @@ def _spec(value, where: str):
             unknown = set(entry) - {"filter", "value"}
             if unknown or "value" not in entry:
                 bad = sorted(unknown)[0] if unknown else "value"
-                raise FmergeError(f"{where}[{i}]: a conditional value has 'value' and optional 'filter'; "
-                                  + (f"unknown key '{bad}'{_hint(bad, ['filter', 'value'])}" if unknown else "'value' is missing") + ".")
+                raise RecipeError(f"{where}[{i}]: a conditional value has 'value' and optional 'filter'; "
+                                  + (f"unknown key {quoted(bad, 60)}{_hint(bad, ['filter', 'value'])}" if unknown else "'value' is missing") + ".")
             item = {"value": _spec(entry["value"], f"{where}[{i}].value")}
             if entry.get("filter") is not None:
                 item["filter"] = str(entry["filter"])
             out.append(item)
         return out
-    raise FmergeError(f"{where}: expected a number, a list of numbers (interpolated over layer depth) or "
-                      f"a list of {{filter, value}} entries, got {value!r}.")
+    raise RecipeError(f"{where}: expected a number, a list of numbers (interpolated over layer depth) or "
+                      f"a list of {{filter, value}} entries, got {quoted(value, 80)}.")
 
 
 def _map(spec, f):
@@ -106,17 +106,24 @@ def _with_fallback(spec, fallback):
     return spec
 
 
-def _resolve_model_path(ref: str, where: str, config_dir: Path) -> str:
+def _resolve_model_path(ref: Any, where: str, config_dir: Path) -> str:
+    if not isinstance(ref, str) or not ref.strip():
+        raise RecipeError(f"{where}: expected a model directory or hub id (a non-empty string), got "
+                          f"{quoted(ref, 80)}.")
     if "+" in ref:
-        raise FmergeError(f"{where}: '{ref}' applies a LoRA with '+', which fmerge does not support; "
+        raise RecipeError(f"{where}: {quoted(ref, 80)} applies a LoRA with '+', which fmerge does not support; "
                           f"merge the adapter into its model first.")
     for root in (config_dir, Path.cwd()):
         p = (root / ref).expanduser()
-        if p.exists():
-            return str(p.resolve())
-    if _HUB_ID.match(ref):
-        return ref
-    raise FmergeError(f"{where}: model directory '{ref}' does not exist (looked beside the config, in "
+        try:
+            if p.exists():
+                return str(p.resolve())
+        except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+            raise RecipeError(f"{where}: {quoted(ref, 80)} cannot name a model directory "
+                              f"({getattr(exc, 'strerror', None) or exc}).")
+    if _HUB_ID.match(ref) and not (config_dir / ref.split("/")[0]).exists():
+        return ref  # 'org/name' is a hub id unless 'org' is a local directory (then a path that is missing)
+    raise RecipeError(f"{where}: model directory {quoted(ref, 80)} does not exist (looked beside the config, in "
                       f"{config_dir}, and in the working directory), nor is it a hub id of the form org/name.")
 
 
@@ -135,76 +142,83 @@ def recipe_from_mergekit(data: dict, lines, file: Path | None) -> dict:
     try:
         return _convert(data, lines, file)
     except FmergeError as exc:
-        raise FmergeError(f"{exc} (Read as a mergekit config because it has 'merge_method'.)") from None
+        raise type(exc)(f"{exc} (Read as a mergekit config because it has 'merge_method'.)") from None
 
 
 def _convert(data: dict, lines, file: Path | None) -> dict:
     where = lines.where
     for key in data:
         if key in UNSUPPORTED_TOP:
-            raise FmergeError(f"{where((key,))}: mergekit's '{key}' is not supported by fmerge; only plain "
+            raise RecipeError(f"{where((key,))}: mergekit's '{key}' is not supported by fmerge; only plain "
                               f"configs (merge_method, base_model, models, parameters, dtype, out_dtype) are read.")
         if key not in TOP_KEYS:
-            raise FmergeError(f"{where((key,))}: unknown mergekit key{_hint(key, TOP_KEYS)} (mergekit would "
+            raise RecipeError(f"{where((key,))}: unknown mergekit key{_hint(key, TOP_KEYS)} (mergekit would "
                               f"ignore it; fmerge refuses to guess).")
     method = data["merge_method"]
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         shared = ", ".join(sorted(METHODS))
         why = (" (a mergekit method fmerge does not share)" if method in NOT_SHARED
-               else _hint(method, METHODS))
-        raise FmergeError(f"{where(('merge_method',))}: merge_method '{method}' is not supported{why}. "
+               else _hint(method, METHODS) if isinstance(method, str) else "")
+        raise RecipeError(f"{where(('merge_method',))}: merge_method {quoted(method, 80)} is not supported{why}"
+                          f"{'' if why.endswith('?') else '.'} "
                           f"Methods both tools share: {shared}.")
     spec = METHODS[method]
     config_dir = file.parent if file else Path.cwd()
 
     tok = data.get("tokenizer_source")
     if tok not in (None, "base") and tok != data.get("base_model"):
-        raise FmergeError(f"{where(('tokenizer_source',))}: fmerge copies the base model's tokenizer; "
-                          f"tokenizer_source '{tok}' (vocabulary union or another model's) is not supported.")
+        raise RecipeError(f"{where(('tokenizer_source',))}: fmerge copies the base model's tokenizer; "
+                          f"tokenizer_source {quoted(tok, 80)} (vocabulary union or another model's) is not supported.")
 
     global_params = data.get("parameters") or {}
     if not isinstance(global_params, dict):
-        raise FmergeError(f"{where(('parameters',))}: 'parameters' must be a mapping of parameter: value.")
+        raise RecipeError(f"{where(('parameters',))}: 'parameters' must be a mapping of parameter: value "
+                          f"(e.g. {{normalize: true}}), got {quoted(global_params, 80)}.")
     for key in global_params:
         if key not in spec:
-            raise FmergeError(f"{where(('parameters', key))}: unknown parameter for merge_method {method}"
+            raise RecipeError(f"{where(('parameters', key))}: unknown parameter for merge_method {method}"
                               f"{_hint(key, spec)} (mergekit would silently ignore it).")
 
     base_ref = data.get("base_model")
     if base_ref is None and method != "linear":
-        raise FmergeError(f"{file or '<config>'}: merge_method {method} needs 'base_model'.")
+        raise RecipeError(f"{file or '<config>'}: merge_method {method} needs 'base_model'.")
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
-        raise FmergeError(f"{where(('models',))}: 'models' must be a non-empty list of {{model, parameters}}.")
+        raise RecipeError(f"{where(('models',))}: 'models' must be a non-empty list of {{model, parameters}}, "
+                          f"got {quoted(models_raw, 80)}.")
 
     taken: set[str] = set()
-    base_path = _resolve_model_path(str(base_ref), where(("base_model",)), config_dir) if base_ref else None
+    base_path = _resolve_model_path(base_ref, where(("base_model",)), config_dir) if base_ref is not None else None
     models: dict[str, str] = {}
     per_model: dict[str, dict[str, Any]] = {}
     for i, entry in enumerate(models_raw):
         at = ("models", i)
         if not isinstance(entry, dict) or "model" not in entry:
-            raise FmergeError(f"{where(at)}: each entry needs 'model' (and optional 'parameters').")
+            raise RecipeError(f"{where(at)}: each entry needs 'model' (and optional 'parameters'), got "
+                              f"{quoted(entry, 80)}.")
         for key in entry:
             if key not in ("model", "parameters"):
-                raise FmergeError(f"{where(at + (key,))}: unknown key{_hint(key, ['model', 'parameters'])}.")
-        ref = str(entry["model"])
+                raise RecipeError(f"{where(at + (key,))}: unknown key{_hint(key, ['model', 'parameters'])}.")
+        ref = entry["model"]
         path = _resolve_model_path(ref, where(at + ("model",)), config_dir)
         params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise RecipeError(f"{where(at + ('parameters',))}: a model's 'parameters' must be a mapping of "
+                              f"parameter: value (e.g. {{weight: 0.5}}), got {quoted(params, 80)}.")
         if method != "linear" and path == base_path:
             continue  # mergekit treats the base model listed among the models as the base
         for key in params:
             if key not in spec:
-                raise FmergeError(f"{where(at + ('parameters', key))}: unknown parameter for merge_method "
+                raise RecipeError(f"{where(at + ('parameters', key))}: unknown parameter for merge_method "
                                   f"{method}{_hint(key, spec)} (mergekit would silently ignore it).")
             if spec[key][0] == "global":
-                raise FmergeError(f"{where(at + ('parameters', key))}: '{key}' is one value for the whole merge "
+                raise RecipeError(f"{where(at + ('parameters', key))}: '{key}' is one value for the whole merge "
                                   f"in mergekit; give it under the top-level 'parameters'.")
         name = _model_name(ref, taken)
         models[name] = path
         per_model[name] = {k: (v, at + ("parameters", k)) for k, v in params.items()}
     if not models:
-        raise FmergeError(f"{where(('models',))}: no model to merge besides the base model.")
+        raise RecipeError(f"{where(('models',))}: no model to merge besides the base model.")
 
     def model_values(key: str) -> dict[str, Any]:
         default = spec[key][1]
@@ -219,19 +233,19 @@ def _convert(data: dict, lines, file: Path | None) -> dict:
             elif default is not None:
                 out[name] = default
             else:
-                raise FmergeError(f"{where(('models',))}: model '{name}' has no '{key}' (required by mergekit's "
+                raise RecipeError(f"{where(('models',))}: model '{name}' has no '{key}' (required by mergekit's "
                                   f"{method}; give it per model or under 'parameters').")
         return out
 
     def flag(key: str) -> bool:
         value = global_params.get(key, spec[key][1])
         if not isinstance(value, bool):
-            raise FmergeError(f"{where(('parameters', key))}: '{key}' must be true or false, got {value!r}.")
+            raise RecipeError(f"{where(('parameters', key))}: '{key}' must be true or false, got {quoted(value, 80)}.")
         return value
 
     def scalar_weights_normalized(weights: dict[str, Any], key_where) -> dict[str, Any]:
         if not all(_is_number(w) for w in weights.values()):
-            raise FmergeError(f"{key_where}: normalize: true with weights that vary by tensor is supported for "
+            raise RecipeError(f"{key_where}: normalize: true with weights that vary by tensor is supported for "
                               f"{', '.join(m for m in METHODS if METHODS[m].get('normalize', ('', False))[1])} only; "
                               f"give plain numbers or normalize: false.")
         total = sum(weights.values())
@@ -250,7 +264,7 @@ def _convert(data: dict, lines, file: Path | None) -> dict:
         fmerge_method, params = "task_arithmetic", {"lambda": lam, "weight": weights}
     elif method == "ties":
         if flag("rescale"):
-            raise FmergeError(f"{where(('parameters', 'rescale'))}: rescale: true (L1 rescaling after the "
+            raise RecipeError(f"{where(('parameters', 'rescale'))}: rescale: true (L1 rescaling after the "
                               f"magnitude trim) is not supported for ties.")
         fmerge_method = "ties"
         params = {"density": model_values("density"), "weight": weights, "lambda": lam,

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import FmergeError
+from .errors import FmergeError, ModelError, RecipeError
 from .io import TensorSource, few
 from .methods import MergeContext, MergeMethod, MethodParams, TensorGroup
 
@@ -45,6 +45,10 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def align_names(reference: list[str], model_names: list[str]) -> dict[str, str]:
     """Map reference names to a model's names: identical, or differing by one leading prefix."""
     have = set(model_names)
@@ -69,6 +73,7 @@ def align_names(reference: list[str], model_names: list[str]) -> dict[str, str]:
 
 
 MISSING_POLICIES = ("error", "base")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def plan_tensors(
@@ -85,13 +90,13 @@ def plan_tensors(
     output takes the base's value for it, unmerged, and `TensorPlan.from_base` lists it.
     """
     if missing_tensors not in MISSING_POLICIES:
-        raise FmergeError(f"missing_tensors: unknown policy '{missing_tensors}'; use one of {', '.join(MISSING_POLICIES)}.")
+        raise RecipeError(f"missing_tensors: unknown policy '{missing_tensors}'; use one of {', '.join(MISSING_POLICIES)}.")
     ref_src = base if base is not None else next(iter(models.values()))
     reference = ref_src.names()
     name_maps = {m: align_names(reference, src.names()) for m, src in models.items()}
     excl = [re.compile(p) for p in exclude]
     head = [re.compile(p) for p in heads]
-    merge, copy, notes, mismatched = [], [], [], []
+    merge, copy, notes, mismatched, not_float = [], [], [], [], []
     lacking: dict[str, list[str]] = {}  # reference name -> models without it
     for r in reference:
         if not ref_src.dtype(r).is_floating_point:
@@ -109,6 +114,10 @@ def plan_tensors(
         if any(s != tuple(ref_src.shape(r)) for s in shapes.values()):
             mismatched.append((r, tuple(ref_src.shape(r)), shapes))
             continue
+        dtypes = {m: models[m].dtype(nm[r]) for m, nm in name_maps.items()}
+        if not all(d.is_floating_point for d in dtypes.values()):
+            not_float.append((r, ref_src.dtype(r), dtypes))
+            continue
         merge.append(r)
     if mismatched:
         shown = "; ".join(
@@ -119,16 +128,26 @@ def plan_tensors(
         vocab = any("embed" in r or "lm_head" in r for r, _, _ in mismatched)
         hint = (" This looks like a vocabulary-size mismatch: the models were trained with different "
                 "tokenizers or added tokens." if vocab else "")
-        raise FmergeError(
+        raise ModelError(
             f"Tensor shapes differ between the models: {shown}{more}.{hint} Exclude such tensors with "
             f"'exclude' (they are then taken from the base) or list them in 'heads' to keep them per model."
+        )
+    if not_float:
+        r, ref, dtypes = not_float[0]
+        shown = ", ".join(f"{_dtype_name(d)} in model '{m}'" for m, d in dtypes.items() if not d.is_floating_point)
+        more = f" ({len(not_float) - 1} more tensor(s) like it)" if len(not_float) > 1 else ""
+        raise ModelError(
+            f"Tensor '{r}' is {_dtype_name(ref)} in the {'base' if base is not None else 'first model'} but "
+            f"{shown}{more}: fmerge merges floating-point tensors only and never converts integer or boolean "
+            f"values into weights. Check that the models are plain (not quantized) checkpoints of the same "
+            f"architecture, or list such tensors in 'exclude' (taken from the base) or 'heads' (kept per model)."
         )
     if not merge:
         examples = "; ".join(
             f"'{m}' has {', '.join(repr(n) for n in models[m].names()[:3])}"
             for m, nm in name_maps.items() if len(nm) < len(reference)
         )[:600]
-        raise FmergeError("The models share no floating-point tensor to merge: check that they are "
+        raise ModelError("The models share no floating-point tensor to merge: check that they are "
                           "fine-tuned from the same base and that 'exclude' is not too broad. The base has "
                           f"{', '.join(repr(r) for r in reference[:3])}" + (f"; {examples}" if examples else "") + ".")
     per_model, unmapped = {}, {}
@@ -158,7 +177,7 @@ def _check_lacking(ref_src: TensorSource, models: dict[str, TensorSource], lacki
                     renamed.append(f"model '{m}' has '{n}' where the base has '{r}'")
                     break
     if renamed:
-        raise FmergeError(
+        raise ModelError(
             f"Some models name tensors of the base under a different prefix than their other tensors, "
             f"so fmerge would not merge them: {'; '.join(renamed[:3])}"
             f"{f' (and {len(renamed) - 3} more)' if len(renamed) > 3 else ''}. Save the model with one "
@@ -175,7 +194,7 @@ def _check_lacking(ref_src: TensorSource, models: dict[str, TensorSource], lacki
     if len(by_model) > 4:
         shown += f"; and {len(by_model) - 4} more models"
     what = "the base" if has_base else "the first model"
-    raise FmergeError(
+    raise ModelError(
         f"{len(lacking)} floating-point tensor(s) of {what} are missing from some models ({shown}), and "
         f"fmerge does not fill them in silently. If a checkpoint is incomplete, fetch or save it again. "
         f"Otherwise add regexes matching them to the recipe's 'exclude' (they are then copied from the "
@@ -223,8 +242,8 @@ def merge_stream(
             owned.append(t is not raw or getattr(src, "fresh_tensors", False))
         if not all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
-            raise FmergeError(f"Tensor '{name}' of {what} holds {bad} NaN or Inf value(s); fmerge will not "
-                              f"merge it. Check that file (a diverged fine-tune?) or exclude the tensor.")
+            raise ModelError(f"Tensor '{name}' of {what} holds {bad} NaN or Inf value(s); fmerge will not "
+                             f"merge it. Check that file (a diverged fine-tune?) or exclude the tensor.")
         return t
 
     def group(r: str) -> TensorGroup:
@@ -241,7 +260,7 @@ def merge_stream(
                 continue  # a statistic of some tensors only (Grams exist for linear weights only)
             if not all(have):
                 lacking = ", ".join(m for m, h in zip(names, have) if not h)
-                raise FmergeError(f"Tensor '{r}' has {kind} statistics for some models but not for "
+                raise ModelError(f"Tensor '{r}' has {kind} statistics for some models but not for "
                                   f"{lacking}; recompute them from the same architecture.")
             g.stats[kind] = [load(by_model[m], plan.name_maps[m][r], f"the {kind} statistics of model '{m}'")
                              for m in names]
@@ -255,13 +274,34 @@ def merge_stream(
     to_merge = set(plan.merge)
     for r in plan.reference:
         if r in to_merge:
-            out = method.merge(group(r), tensor_params(r) if tensor_params else params, ctx, state)
+            try:
+                out = method.merge(group(r), tensor_params(r) if tensor_params else params, ctx, state)
+            except RuntimeError as exc:  # torch: a scale like λ·w beyond float32 ("cannot be converted ... overflow")
+                if "overflow" not in str(exc):
+                    raise
+                raise RecipeError(f"Merging tensor '{r}' overflowed float32 ({exc}): the method's parameters "
+                                  f"(e.g. lambda times weight) scale it beyond ±{FLOAT32_MAX:.3g}. Use smaller "
+                                  f"parameters.") from None
             if not all_finite(out):
-                raise FmergeError(f"Merging tensor '{r}' produced NaN or Inf: check the inputs "
+                raise RecipeError(f"Merging tensor '{r}' produced NaN or Inf: check the inputs "
                                   f"(`fmerge verify`) and the method's parameters.")
+            wide = out
             out = out.to("cpu", out_dtype or reference.dtype(r))
+            if out.dtype != wide.dtype and out.is_floating_point() and not all_finite(out):
+                largest = float(wide.abs().max())
+                dtype = _dtype_name(out.dtype)
+                raise RecipeError(
+                    f"Merging tensor '{r}' gives values up to {largest:.4g}, beyond the range of {dtype} "
+                    f"(±{torch.finfo(out.dtype).max:.6g}), so the {dtype} output would hold Inf. Write the output "
+                    f"in float32 or bfloat16 (--out-dtype float32, or out_dtype: float32 in the recipe's merge "
+                    f"step), or use smaller parameters.")
         else:
             out = reference.get(r)
+            if out.is_floating_point() and not all_finite(out):
+                bad = int((~torch.isfinite(out)).sum())
+                raise ModelError(f"Tensor '{r}' of the base model, copied unchanged into the output, holds {bad} "
+                                 f"NaN or Inf value(s); fmerge will not write it. Check that file (a damaged "
+                                 f"checkpoint?) and fetch or save the base model again.")
         if on_tensor:
             on_tensor(r)
         yield r, out
@@ -316,7 +356,7 @@ def _tensor_dependent(v) -> bool:
 def _gradient_points(v, where: str) -> list[float]:
     points = v["gradient"] if _is_gradient(v) else v
     if not isinstance(points, list) or not points or not all(_is_number(x) for x in points):
-        raise FmergeError(f"{where}: a gradient is a non-empty list of numbers, got {points!r}.")
+        raise RecipeError(f"{where}: a gradient is a non-empty list of numbers, got {points!r}.")
     return points
 
 
@@ -343,7 +383,7 @@ def resolve_value(v, name: str, t: float, where: str):
             f = entry.get("filter")
             if f is None or f == "*" or str(f) in name:
                 return resolve_value(_filter_value(entry, f"{where}[{i}]"), name, t, f"{where}[{i}].value")
-        raise FmergeError(f"{where}: no entry's filter matches tensor '{name}'; end the list with an entry "
+        raise RecipeError(f"{where}: no entry's filter matches tensor '{name}'; end the list with an entry "
                           f"without 'filter' to give the value of all other tensors.")
     if isinstance(v, dict):
         return {k: resolve_value(x, name, t, f"{where}.{k}") for k, x in v.items()}
@@ -425,7 +465,7 @@ class TensorParams:
                     params = self.method.Params.model_validate(resolved)
                     self.method.validate(params, ctx)
                 except (ValueError, FmergeError) as exc:  # pydantic's ValidationError is a ValueError
-                    raise FmergeError(f"{self.where} resolved for tensor '{name}' to {resolved}: {exc}")
+                    raise RecipeError(f"{self.where} resolved for tensor '{name}' to {resolved}: {exc}")
                 self._cache[cache_key] = params
             return self._cache[cache_key]
 

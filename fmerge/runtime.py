@@ -26,7 +26,9 @@ class Runtime:
         store.provenance = {"recipe": {"file": str(recipe.file) if recipe.file else None,
                                        "spec": recipe.spec.model_dump(mode="json")}}
         self.console = console or Console(stderr=True)
-        self.device = distributed.init(device or recipe.spec.device)
+        where = "--device" if device else recipe.where("device")
+        # A store opened read-only (status, gc) computes nothing: the device need not be here.
+        self.device = distributed.init(device or recipe.spec.device, where, available=store.writable)
         # Hash caches live in the store; a store opened read-only (status, gc) is never written.
         self.hashes = HashCache(store.hash_cache_file, write=store.writable)
         self.data_hashes = FileHashes(store.root / "cache" / "data_hashes.json", write=store.writable)

@@ -21,27 +21,30 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
 import platform
 import re
 import shutil
+import stat
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 import xxhash
-import zarr
-from filelock import FileLock
 
 from . import __version__
-from .errors import FmergeError, StoreError
+from .errors import FmergeError, StoreError, quoted
+
+if TYPE_CHECKING:  # imported where a lock is taken: status, validate and ls take none
+    from filelock import FileLock
 
 # zarr has no bfloat16: such tensors are stored as their uint16 bits, the torch dtype in attrs.
 _BITCAST = {torch.bfloat16: torch.uint16}
@@ -50,6 +53,7 @@ _TORCH_DTYPES = {str(d): d for d in (
     torch.int16, torch.int8, torch.uint8, torch.bool)}
 # Keys are hex digests; anything with '/', '..' or a leading dot could name a path outside the store.
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+HEX_RE = re.compile(r"^[0-9a-f]+$")  # what make_key makes: a key (or a prefix of one) a user may type
 # What fmerge names in tmp/ and quarantine/: KEY.PID.RANDOM (a write in progress, an artifact moved
 # aside) and KEY.PID.deleted-RANDOM (an artifact being removed). Nothing else there is fmerge's.
 TEMP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.(\d+)\.(?:deleted-)?[0-9a-f]{8}$")
@@ -71,24 +75,35 @@ CHECKSUM_ALGORITHM = "xxh3_128"
 LEGACY_CHECKSUM_ALGORITHM = "blake2b_128"
 
 
+def _zarr():
+    """zarr, imported when an artifact is written or read through it: `status`, `ls` and a cached
+    run read artifacts' zarr.json and raw chunk files only, and importing zarr costs ~0.15 s."""
+    import zarr
+
+    return zarr
+
+
 def library_versions() -> dict[str, str]:
     """Versions that can change an artifact's bytes, recorded with it for reproducibility."""
-    versions = {"fmerge": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                "numpy": np.__version__, "zarr": zarr.__version__}
-    try:  # from the installed metadata: importing transformers here would cost seconds per run
-        from importlib.metadata import version
+    from importlib.metadata import version
 
-        versions["transformers"] = version("transformers")
-    except ImportError:
-        pass
+    versions = {"fmerge": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "numpy": np.__version__}
+    # from the installed metadata: importing transformers (seconds) or zarr (~0.15 s) here would
+    # slow every run, even one that only writes a model card
+    for lib in ("zarr", "transformers"):
+        try:
+            versions[lib] = sys.modules[lib].__version__ if lib in sys.modules else version(lib)
+        except ImportError:
+            pass
     return versions
 
 
-def _write_error(exc: OSError, store_root: Path, what: str) -> FmergeError:
+def _write_error(exc: OSError, store_root: Path, what: str) -> StoreError:
     """A failed write (disk full, permissions) as one paragraph naming the store and the artifact."""
     reason = exc.strerror or str(exc)
     hint = " Free some space" if exc.errno in (28, 122) else " Check the store's permissions"  # ENOSPC, EDQUOT
-    return FmergeError(f"Writing {what} to artifact store {store_root} failed: {reason}. Nothing was "
+    return StoreError(f"Writing {what} to artifact store {store_root} failed: {reason}. Nothing was "
                        f"committed and the partial write was removed.{hint}, or choose another store with "
                        f"--store or FMERGE_STORE, then run again: finished artifacts are reused.")
 
@@ -167,6 +182,13 @@ def _corrupt(path: Path, what: str, kind: str = "", step: str = "") -> CorruptAr
     return error
 
 
+def _brief(exc: BaseException) -> str:
+    """An exception as 'Type: first line', cut short, for one-paragraph messages."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().to("cpu").contiguous()
     if t.dtype in _BITCAST:
@@ -205,12 +227,16 @@ class Artifact:
         need not hash them again."""
         self.path = path
         try:
-            self.group = zarr.open_group(str(path), mode="r")
-            self.attrs: dict = dict(self.group.attrs)["fmerge"]
+            node = json.loads((path / "zarr.json").read_text())  # what zarr.open_group would read
+            if node.get("node_type") != "group":
+                raise ValueError(f"zarr.json describes a {node.get('node_type')!r}, not a group")
+            self.attrs: dict = node["attributes"]["fmerge"]
             self.key: str = self.attrs["key"]
             self.kind: str = self.attrs["kind"]
         except Exception as exc:  # missing or unreadable zarr.json, no fmerge attributes
-            raise _corrupt(path, f"its metadata is unreadable ({type(exc).__name__}: {exc})") from exc
+            raise _corrupt(path, f"its metadata is unreadable ({_brief(exc)})") from exc
+        if not isinstance(self.attrs, dict) or not isinstance(self.attrs.get("tensors", []), list):
+            raise _corrupt(path, "its metadata is unreadable (the fmerge attributes are not a mapping)")
         recorded = self.attrs.get("attrs_checksum")
         if recorded is not None and recorded != _attrs_checksum(self.attrs):
             raise _corrupt(path, "its attributes differ from their checksum", self.kind, self.meta.get("step", ""))
@@ -219,6 +245,14 @@ class Artifact:
             raise _corrupt(path, f"its checksums use algorithm '{self.checksum_algorithm}', which this fmerge "
                                  f"does not know (a newer fmerge wrote it?)", self.kind, self.meta.get("step", ""))
         self.verified = verified
+        self._group = None
+
+    @property
+    def group(self):
+        """The zarr group, opened on first use (shapes, arrays in another layout than fmerge's)."""
+        if self._group is None:
+            self._group = _zarr().open_group(str(self.path), mode="r")
+        return self._group
 
     def names(self, prefix: str = "") -> list[str]:
         """Tensor names under `prefix` (e.g. 'fisher/'), in the order they were written."""
@@ -228,7 +262,10 @@ class Artifact:
         return _TORCH_DTYPES[self.attrs["dtypes"][name]]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.group[name].shape)
+        try:  # from the array's zarr.json, without importing zarr
+            return tuple(int(n) for n in json.loads((self.path / name / "zarr.json").read_text())["shape"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return tuple(self.group[name].shape)
 
     def read(self, name: str) -> np.ndarray:
         """The stored array, unchecked (`get` checks it): straight from its one chunk file when it
@@ -238,7 +275,11 @@ class Artifact:
 
     def get(self, name: str) -> torch.Tensor:
         """A tensor, its bytes checked against the checksum recorded at write time."""
-        arr = self.read(name)
+        try:
+            arr = self.read(name)
+        except Exception as exc:  # a missing, truncated or garbled chunk or array metadata
+            raise _corrupt(self.path, f"tensor '{name}' cannot be read ({_brief(exc)})", self.kind,
+                           self.meta.get("step", "")) from exc
         if not self.verified:
             expected = self.attrs.get("checksums", {}).get(name)
             if expected is None:
@@ -298,7 +339,7 @@ class ArtifactWriter:
         self.tmp = store.root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
             self.tmp.parent.mkdir(parents=True, exist_ok=True)
-            self.group = zarr.open_group(str(self.tmp), mode="w")
+            self.group = _zarr().open_group(str(self.tmp), mode="w")
         except OSError as exc:
             self.abort()
             raise _write_error(exc, store.root, f"artifact {key[:12]} ({kind})") from exc
@@ -363,8 +404,8 @@ class ArtifactWriter:
 def check_key(key: str, root: Path | str) -> None:
     """Keys are hex digests; anything else (a path, '..') is refused before it names a file."""
     if not KEY_RE.match(key):
-        raise FmergeError(f"'{key}' is not an artifact key (keys are letters and digits, as `fmerge ls` "
-                          f"shows them); store {root}.")
+        raise StoreError(f"{quoted(key)} is not an artifact key (keys are letters and digits, as `fmerge ls` "
+                         f"shows them); store {root}.")
 
 
 def pid_alive(pid: int) -> bool:
@@ -395,6 +436,7 @@ class Store:
         self.writable = create   # artifacts may be written (a store opened by a writing command)
         self.exists = True       # False only for open_existing(missing_ok=True) of a missing directory
         self._verified: dict[str, tuple] = {}  # key -> file stamp of artifacts checked whole this process
+        self.unreadable: list[Path] = []  # entries of objects/ the last `list()` could not read
         if create:
             self._create_or_adopt()
         else:
@@ -424,9 +466,9 @@ class Store:
                                       for e in entries)
                 and (not need_objects or "objects" in entries))
 
-    def _not_a_store(self, entries: list[str]) -> FmergeError:
+    def _not_a_store(self, entries: list[str]) -> StoreError:
         shown = ", ".join(sorted(entries)[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-        return FmergeError(f"{self.root} is not an fmerge artifact store: it has no {STORE_MARKER} and is not empty "
+        return StoreError(f"{self.root} is not an fmerge artifact store: it has no {STORE_MARKER} and is not empty "
                            f"(it holds {shown}). fmerge creates a store only in a new or empty directory and never "
                            f"writes into or deletes from a directory it did not create. {_WHAT_A_STORE_IS}")
 
@@ -437,13 +479,14 @@ class Store:
                 version = int(info["version"])
                 break
             except (OSError, ValueError, KeyError, TypeError):
-                if attempt == 49:
-                    raise FmergeError(f"The store marker {self.marker} is unreadable; it should hold "
+                if attempt == 49 or os.path.isdir(self.marker):
+                    raise StoreError(f"The store marker {self.marker} of artifact store {self.root} is unreadable "
+                                     f"(it is {self._what(self.marker)}); it should hold "
                                       f'{{"format": "fmerge-store", "version": {STORE_FORMAT}}}. Restore it, or '
                                       f"choose another store with --store or FMERGE_STORE.") from None
                 time.sleep(0.02)
         if version > STORE_FORMAT:
-            raise FmergeError(f"Artifact store {self.root} has format version {version} ({self.marker}); this "
+            raise StoreError(f"Artifact store {self.root} has format version {version} ({self.marker}); this "
                               f"fmerge ({__version__}) reads version {STORE_FORMAT} and older. Upgrade fmerge, or "
                               f"choose another store with --store or FMERGE_STORE.")
 
@@ -458,7 +501,60 @@ class Store:
         with os.fdopen(fd, "w") as f:
             f.write(body + "\n")
 
+    @staticmethod
+    def _what(path: Path) -> str:
+        """What `path` is, in words, for messages about a damaged store."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return "missing"
+        if stat.S_ISLNK(st.st_mode):
+            return "a symbolic link" + ("" if os.path.exists(path) else " that leads nowhere (or to itself)")
+        if stat.S_ISDIR(st.st_mode):
+            return "a directory"
+        return "a file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+
+    def _check_root(self) -> None:
+        """Refuse a root that is a symbolic link loop, a broken link or a file, naming it."""
+        try:
+            st = os.stat(self.root)
+        except FileNotFoundError:
+            if os.path.lexists(self.root):
+                raise StoreError(f"Artifact store {self.root} is a symbolic link to {os.readlink(self.root)}, which "
+                                 f"does not exist; fmerge neither follows nor replaces it. Fix the link, or choose "
+                                 f"another store with --store or FMERGE_STORE.") from None
+            return
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                return  # (under a file, unreadable, ...): said when the store is created or opened
+            raise StoreError(f"Artifact store {self.root} cannot be used: it is a symbolic link loop (a link leading "
+                             f"back to itself, or a path through one). Fix the path, or choose another store with "
+                             f"--store or FMERGE_STORE.") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"{self.root} is not an fmerge artifact store: it is a file, not a directory. "
+                             f"{_WHAT_A_STORE_IS}")
+
+    def _check_layout(self) -> None:
+        """A marked store's own entries (objects/, tmp/, locks/, cache/, quarantine/ and the marker)
+        must be what fmerge made them; anything else there is named, never replaced. (A directory
+        without the marker is not a store: `_not_a_store` says so.)"""
+        if not os.path.lexists(self.marker):
+            return
+        if not self.marker.is_file():
+            raise StoreError(f"Artifact store {self.root} is damaged: its marker {self.marker} is "
+                             f"{self._what(self.marker)}, not the file fmerge writes. fmerge will not remove it; "
+                             f"move it away (a store's marker holds {{\"format\": \"fmerge-store\", \"version\": "
+                             f"{STORE_FORMAT}}}), or choose another store with --store or FMERGE_STORE.")
+        for name in (*_LAYOUT, _QUARANTINE):
+            sub = self.root / name
+            if os.path.lexists(sub) and not sub.is_dir():
+                raise StoreError(f"Artifact store {self.root} is damaged: {sub} is {self._what(sub)}, not a directory "
+                                 f"(fmerge keeps its {name} there). fmerge will not remove it; move it out of the "
+                                 f"store, then run again, or choose another store with --store or FMERGE_STORE.")
+
     def _create_or_adopt(self) -> None:
+        self._check_root()
+        self._check_layout()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             if not self.marker.is_file():
@@ -471,21 +567,23 @@ class Store:
             for sub in _LAYOUT:
                 (self.root / sub).mkdir(exist_ok=True)
         except OSError as exc:
-            raise FmergeError(f"Artifact store {self.root} cannot be created or written ({exc.strerror or exc}); "
+            raise StoreError(f"Artifact store {self.root} cannot be created or written ({exc.strerror or exc}); "
                               f"choose another with --store or FMERGE_STORE.")
         if not os.access(self.root / "objects", os.W_OK):
-            raise FmergeError(f"Artifact store {self.root} is not writable; choose another with --store or FMERGE_STORE.")
+            raise StoreError(f"Artifact store {self.root} is not writable; choose another with --store or FMERGE_STORE.")
 
     def _open_existing(self, missing_ok: bool) -> None:
+        self._check_root()
         if not self.root.exists():
             if missing_ok:
                 self.exists = False
                 return
-            raise FmergeError(f"No artifact store at {self.root}: the directory does not exist (nothing was "
+            raise StoreError(f"No artifact store at {self.root}: the directory does not exist (nothing was "
                               f"created). {_WHAT_A_STORE_IS}")
         if not self.root.is_dir():
-            raise FmergeError(f"{self.root} is not an fmerge artifact store: it is a file, not a directory. "
+            raise StoreError(f"{self.root} is not an fmerge artifact store: it is a file, not a directory. "
                               f"{_WHAT_A_STORE_IS}")
+        self._check_layout()
         if self.marker.is_file():
             self._read_marker()
             return
@@ -493,13 +591,13 @@ class Store:
         if self._layout_only(entries, need_objects=True):
             return  # an earlier fmerge's store: read as it is; the next writing command marks it
         if not entries:
-            raise FmergeError(f"{self.root} is not an fmerge artifact store: it is an empty directory without "
+            raise StoreError(f"{self.root} is not an fmerge artifact store: it is an empty directory without "
                               f"{STORE_MARKER}. {_WHAT_A_STORE_IS}")
         raise self._not_a_store(entries)
 
     def _require_created(self, what: str) -> None:
         if not self.writable:
-            raise FmergeError(f"Artifact store {self.root} was opened read-only, so fmerge cannot {what}; only "
+            raise StoreError(f"Artifact store {self.root} was opened read-only, so fmerge cannot {what}; only "
                               f"`fmerge run`, `merge` and `fisher` write artifacts.")
 
     # -- artifacts ----------------------------------------------------------------------------
@@ -515,17 +613,33 @@ class Store:
     def open(self, key: str) -> Artifact:
         """A committed artifact by key or unique prefix, its attributes checked (its tensors are
         checked as they are read)."""
-        if not self.has(key):
-            matches = [i for i in self.list() if i.key.startswith(key)] if len(key) >= 4 else []
-            if len(matches) == 1:
-                return self.open(matches[0].key)
-            hint = f" ({len(matches)} artifacts start with it)" if matches else ""
-            raise FmergeError(f"No artifact '{key}' in store {self.root}{hint}; `fmerge ls` lists them.")
         path = self.path(key)
+        if not (self.exists and os.path.lexists(path)):
+            if not HEX_RE.match(key):
+                raise StoreError(f"No artifact {quoted(key)} in store {self.root}: {quoted(key, 60)} is not an artifact "
+                                 f"key. Keys are hexadecimal digests (0-9, a-f), and a unique prefix of one is enough, "
+                                 f"as `fmerge ls --store {self.root}` shows them.")
+            matches = self._named(key) if len(key) >= 4 else []
+            if len(matches) == 1:
+                return self.open(matches[0])
+            hint = f" ({len(matches)} artifacts start with it)" if matches else ""
+            raise StoreError(f"No artifact '{key}' in store {self.root}{hint}; `fmerge ls` lists them.")
         art = Artifact(path, verified=self._is_verified(key))
         if art.key != key:
             raise _corrupt(path, f"its attributes name another key, {art.key}", art.kind, art.meta.get("step", ""))
         return art
+
+    def _named(self, prefix: str) -> list[str]:
+        """Keys of the entries of objects/ (intact or not) that start with `prefix` and lie where
+        fmerge puts them."""
+        if len(prefix) < 2:
+            return []
+        folder = self.root / "objects" / prefix[:2]
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return []
+        return sorted(n for n in names if n.startswith(prefix) and KEY_RE.match(n))
 
     def writer(self, key: str, kind: str, inputs: dict, params: Any, algorithm_version: int) -> ArtifactWriter:
         return ArtifactWriter(self, key, kind, inputs, params, algorithm_version)
@@ -533,15 +647,31 @@ class Store:
     def lock(self, key: str) -> FileLock:
         """Held while computing `key`, so concurrent runs compute each artifact once."""
         self.path(key)  # validates the key
-        return FileLock(str(self.root / "locks" / f"{key}.lock"))
+        lock = self.root / "locks" / f"{key}.lock"
+        if os.path.lexists(lock) and (lock.is_symlink() or not lock.is_file()):
+            raise StoreError(f"Artifact store {self.root} is damaged: the lock file {lock} is {self._what(lock)}, "
+                             f"not the file fmerge locks while it computes artifact {key[:12]}. fmerge will not "
+                             f"remove it; move it out of the store (no fmerge may be running on this store), then "
+                             f"run again.")
+        from filelock import FileLock  # here: status, validate and ls take no lock (~10 ms to import)
+
+        return FileLock(str(lock))
 
     def list(self) -> Iterator[ArtifactInfo]:
+        """The artifacts whose attributes can be read (`verify` checks them whole); entries of
+        objects/ that cannot be read are skipped and collected in `self.unreadable`."""
+        self.unreadable = []
         for path in sorted((self.root / "objects").glob("*/*")):
             try:
                 attrs = json.loads((path / "zarr.json").read_text())["attributes"]["fmerge"]
-            except (OSError, KeyError, json.JSONDecodeError):
+                info = ArtifactInfo(path.name, str(attrs["kind"]), str(attrs.get("created", "")), path, attrs)
+                if not isinstance(info.attrs.get("meta", {}), dict):
+                    raise TypeError("meta")
+            except (OSError, KeyError, TypeError, ValueError, AttributeError):  # ValueError: bad JSON or UTF-8
+                if path.is_dir() and not path.is_symlink():
+                    self.unreadable.append(path)
                 continue
-            yield ArtifactInfo(path.name, attrs["kind"], attrs.get("created", ""), path, attrs)
+            yield info
 
     def find(self, kind: str, **meta: Any) -> list[ArtifactInfo]:
         """Committed artifacts of `kind` whose meta holds every given key=value (a full scan)."""
@@ -584,7 +714,7 @@ class Store:
         except CorruptArtifactError as exc:
             problem = exc.problem
         except Exception as exc:  # unreadable metadata: nothing in it can be trusted
-            problem = f"unreadable ({type(exc).__name__}: {exc})"
+            problem = f"unreadable ({_brief(exc)})"
         return BadArtifact(path.name, kind, step, path, problem) if problem else None
 
     def check(self, key: str) -> str:
@@ -611,6 +741,13 @@ class Store:
         it already), reported to `on_bad` with its new path, and False is returned: the caller
         recomputes it."""
         if not self.has(key):
+            if self.exists and self.writable and os.path.lexists(self.path(key)):
+                # something at the key's path without readable metadata (a damaged artifact):
+                # moved aside like any bad one, so that the new artifact can take its place
+                with (contextlib.nullcontext() if locked else self.lock(key)):
+                    bad = self.quarantine(key) if os.path.lexists(self.path(key)) and not self.has(key) else None
+                if bad is not None and on_bad is not None:
+                    on_bad(bad)
             return False
         if not self.check(key):
             return True
@@ -633,8 +770,14 @@ class Store:
         if bad is None:
             return None
         dest = self.root / _QUARANTINE / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        dest.parent.mkdir(exist_ok=True)
-        os.rename(path, dest)
+        try:
+            dest.parent.mkdir(exist_ok=True)
+            os.rename(path, dest)
+        except OSError as exc:
+            raise StoreError(f"Artifact {key} in store {self.root} is corrupt ({bad.problem}), and moving it aside to "
+                             f"{dest.parent} failed: {exc.strerror or exc}. Nothing was removed; `fmerge verify "
+                             f"--repair --store {self.root}` removes bad artifacts, or move {path} away, then run "
+                             f"again.") from None
         self._verified.pop(key, None)
         try:
             (dest / "fmerge-quarantine.json").write_text(json.dumps(
@@ -667,8 +810,10 @@ class Store:
         path = Path(path)
         objects = Path(os.path.abspath(self.root / "objects"))
         if (Path(os.path.abspath(path)).parent.parent != objects or not KEY_RE.match(path.name)
+                or path.parent.name != path.name[:2]  # not where fmerge puts that key
+                or path.is_symlink() or not path.is_dir()  # fmerge's artifacts are directories, never links
                 or path.parent.is_symlink() or objects.is_symlink()):  # a link could lead out of the store
-            raise FmergeError(f"Refusing to remove {path}: fmerge removes only artifacts, entries objects/xx/KEY "
+            raise StoreError(f"Refusing to remove {path}: fmerge removes only artifacts, entries objects/xx/KEY "
                               f"of the store {self.root}.")
         self._verified.pop(path.name, None)
         trash = self.root / "tmp" / f"{path.name}.{os.getpid()}.deleted-{uuid.uuid4().hex[:8]}"
@@ -682,7 +827,7 @@ class Store:
     def remove_quarantined(self, path: Path) -> None:
         """Remove an entry of quarantine/ that `quarantined` lists; refuses any other path."""
         if Path(path) not in self.quarantined():
-            raise FmergeError(f"Refusing to remove {path}: it is not an artifact fmerge moved to "
+            raise StoreError(f"Refusing to remove {path}: it is not an artifact fmerge moved to "
                               f"{self.root / _QUARANTINE}.")
         shutil.rmtree(path, ignore_errors=True)
 

@@ -132,7 +132,7 @@ def test_an_up_to_date_export_is_not_rewritten_and_a_changed_fmerge_file_is_refu
     with pytest.raises(FmergeError) as exc:
         run_ties(recipe_path)
     msg = str(exc.value)
-    assert "steps.ties.export:" in msg and f"README.md in {out} changed since fmerge wrote them" in msg
+    assert "steps.ties.export:" in msg and f"'README.md' in {out} changed since fmerge wrote them" in msg
     assert "will neither overwrite nor delete them" in msg and "Move them out of" in msg
     assert (out / "README.md").read_text() == "my own model card\n" and (out / "eval.py").is_file()
     assert (out / "model.safetensors").stat().st_mtime_ns == before and leftovers(out.parent) == []
@@ -352,7 +352,7 @@ def test_iterative_steps_export_through_the_same_path_heads_and_record_before_th
     assert manifest["key"] == plan.key and "heads/b.safetensors" in manifest["files"]
     (out / "eval.py").write_text("mine")
     plan.key = rt.planned["avg"][0].key
-    assert "kept 1 file(s) of yours: eval.py" in kind.export(rt, "fw", cfg, [plan])
+    assert "kept 1 file(s) of yours: 'eval.py'" in kind.export(rt, "fw", cfg, [plan])
     assert len(swapped) == 2 and read_manifest(out)["key"] == plan.key and (out / "eval.py").read_text() == "mine"
 
 

@@ -264,7 +264,7 @@ def test_artifact_keys_cannot_escape_the_store(tmp_path):
 
 def test_model_names_cannot_become_paths(tmp_path, zoo):
     text = ZOO_RECIPE.replace("  a: zoo/task0", "  ../evil: zoo/task0")
-    with pytest.raises(FmergeError, match=r"name '../evil' must use letters, digits"):
+    with pytest.raises(FmergeError, match=r"name '../evil' must start with a letter or digit and use only letters, digits"):
         load_recipe(write_recipe(tmp_path, text))
 
 
@@ -274,7 +274,8 @@ def test_export_never_replaces_a_directory_fmerge_did_not_write(tmp_path, zoo):
     proc = fmerge_cli("run", recipe, check=False)
     msg = " ".join(proc.stderr.split())
     assert proc.returncode == 2 and "Traceback" not in msg
-    assert "steps.ties.export:" in msg and "zoo/task2 exists and was not written by fmerge; refusing to replace it" in msg
+    # refused before anything runs: an export onto a model's own directory would replace the user's model
+    assert "steps.ties.export:" in msg and "zoo/task2" in msg and "Export to a directory of its own" in msg
     assert (zoo["task2"] / "model.safetensors").read_bytes() == before
 
 

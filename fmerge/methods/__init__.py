@@ -4,7 +4,7 @@ import importlib
 import pkgutil
 from difflib import get_close_matches
 
-from ..errors import FmergeError
+from ..errors import RecipeError
 from .base import REGISTRY, MergeContext, MergeMethod, MethodParams, TensorGroup, per_model
 
 # Importing a method module registers its method (`@register`); iterative algorithms that are not
@@ -18,7 +18,7 @@ def get_method(name: str) -> MergeMethod:
     if name not in REGISTRY:
         close = get_close_matches(name, REGISTRY, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise FmergeError(
+        raise RecipeError(
             f"Unknown merge method '{name}'.{hint} Known methods: {', '.join(sorted(REGISTRY))}."
         )
     return REGISTRY[name]

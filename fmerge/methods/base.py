@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
-from ..errors import FmergeError
+from ..errors import RecipeError
 
 
 @dataclass
@@ -48,10 +48,33 @@ class MergeContext:
         return len(self.model_names)
 
 
-class MethodParams(BaseModel):
-    """Base of each method's typed parameters: unknown keys are errors, never silently ignored."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+def _beyond_float32(value: Any) -> float | None:
+    """A finite number in `value` (or its lists and maps) that float32 cannot hold, or None."""
+    if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((v for v in map(_beyond_float32, items) if v is not None), None)
+
+
+class MethodParams(BaseModel):
+    """Base of each method's typed parameters: unknown keys are errors, never silently ignored.
+
+    Merges compute in float32, so a number beyond its range (e.g. lambda: 1e300) is refused here;
+    NaN and infinity are refused by each field's range or by `per_model`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, defer_build=True)  # built on first use
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _within_float32(cls, value: Any) -> Any:
+        big = _beyond_float32(value)
+        if big is not None:
+            raise ValueError(f"{big:g} is beyond float32's range (±{FLOAT32_MAX:.3g}), in which merges are "
+                             f"computed; use a smaller number")
+        return value
 
 
 PerModel = float | list[float] | dict[str, float]
@@ -64,29 +87,30 @@ def per_model(value: PerModel, ctx: MergeContext, key: str) -> list[float]:
         values = [float(value)] * len(names)
     elif isinstance(value, list):
         if len(value) != len(names):
-            raise FmergeError(
+            raise RecipeError(
                 f"Parameter '{key}' has {len(value)} values but the merge has {len(names)} models "
                 f"({', '.join(names)}); give one value per model, a single number, or a map."
             )
         values = [float(v) for v in value]
     else:
         values = _from_map(value, names, key)
-    bad = [f"{n}={v}" for n, v in zip(names, values) if not math.isfinite(v)]
+    bad = [f"{n}={v:g}" for n, v in zip(names, values) if not math.isfinite(v) or abs(v) > FLOAT32_MAX]
     if bad:
-        raise FmergeError(f"Parameter '{key}' must be finite; got {', '.join(bad)}.")
+        raise RecipeError(f"Parameter '{key}' must be finite and within float32's range (±{FLOAT32_MAX:.3g}), "
+                          f"in which merges are computed; got {', '.join(bad)}.")
     return values
 
 
 def _from_map(value: dict[str, float], names: list[str], key: str) -> list[float]:
     unknown = sorted(set(value) - set(names))
     if unknown:
-        raise FmergeError(
+        raise RecipeError(
             f"Parameter '{key}' names unknown model(s) {', '.join(unknown)}; the merge's models "
             f"are {', '.join(names)}."
         )
     missing = [n for n in names if n not in value]
     if missing:
-        raise FmergeError(f"Parameter '{key}' gives no value for model(s) {', '.join(missing)}.")
+        raise RecipeError(f"Parameter '{key}' gives no value for model(s) {', '.join(missing)}.")
     return [float(value[n]) for n in names]
 
 

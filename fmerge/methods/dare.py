@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from ..errors import FmergeError
+from ..errors import RecipeError
 from .base import (
     MergeContext,
     MergeMethod,
@@ -91,7 +91,7 @@ class Dare(MergeMethod):
         per_model(params.p, ctx, "p")
         ties_only = sorted({"density", "merge", "rule"} & params.model_fields_set)
         if params.combine == "task_arithmetic" and ties_only:
-            raise FmergeError(
+            raise RecipeError(
                 f"DARE parameter(s) {', '.join(ties_only)} only apply with combine: ties, "
                 "but combine is task_arithmetic."
             )

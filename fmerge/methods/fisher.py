@@ -18,7 +18,7 @@ import math
 import torch
 from pydantic import Field
 
-from ..errors import FmergeError
+from ..errors import FmergeError, RecipeError
 from .base import (
     MergeContext,
     MergeMethod,
@@ -87,17 +87,17 @@ class Fisher(MergeMethod):
         lambdas = scaling_factors(params.lambda_, ctx)
         negative = [f"{n}={lam:g}" for n, lam in zip(ctx.model_names, lambdas) if lam < 0]
         if negative:
-            raise FmergeError(
+            raise RecipeError(
                 f"Parameter 'lambda' must be ≥ 0 for Fisher merging (it weighs an average); "
                 f"got {', '.join(negative)}."
             )
         if params.fallback != "average" and params.fallback not in ctx.model_names:
-            raise FmergeError(
+            raise RecipeError(
                 f"Parameter 'fallback' is '{params.fallback}', which is neither 'average' nor a "
                 f"model of this merge ({', '.join(ctx.model_names)})."
             )
         if params.normalize and params.base_prior:
-            raise FmergeError(
+            raise RecipeError(
                 "Parameters 'normalize' and 'base_prior' cannot be combined: normalising gives "
                 "each model's Fisher mean 1 while the base Fisher F_0 keeps its raw scale."
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..errors import FmergeError
+from ..errors import RecipeError
 from .base import (
     MergeContext,
     MergeMethod,
@@ -21,7 +21,7 @@ def scaling_factors(value: PerModel, ctx: MergeContext, key: str = "lambda") -> 
     """Per-model λ; all zero is refused because the merge would silently return the base."""
     lambdas = per_model(value, ctx, key)
     if all(lam == 0 for lam in lambdas):
-        raise FmergeError(f"Parameter '{key}': all λ are zero: the merge would equal the base.")
+        raise RecipeError(f"Parameter '{key}': all λ are zero: the merge would equal the base.")
     return lambdas
 
 
@@ -54,7 +54,7 @@ class TaskArithmetic(MergeMethod):
         scaling_factors(params.lambda_, ctx)
         weights = per_model(params.weight, ctx, "weight")
         if all(w == 0 for w in weights):
-            raise FmergeError("Parameter 'weight' is 0 for every model: the merge would equal the base.")
+            raise RecipeError("Parameter 'weight' is 0 for every model: the merge would equal the base.")
 
     def merge(
         self, group: TensorGroup, params: TaskArithmeticParams, ctx: MergeContext, state=None

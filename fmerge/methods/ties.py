@@ -53,7 +53,7 @@ from typing import Annotated, Iterable, Literal
 import torch
 from pydantic import Field
 
-from ..errors import FmergeError
+from ..errors import RecipeError
 from .base import (
     MergeContext,
     MergeMethod,
@@ -217,7 +217,7 @@ def disjoint_merge(
 def one_lambda(lambdas: list[float], rule_name: str = "rule: mergekit") -> float:
     """The one λ that mergekit applies after the merge; per-model λ has no mergekit meaning."""
     if len(set(lambdas)) != 1:
-        raise FmergeError(f"{rule_name} applies one λ to the merged task vector (mergekit's order); "
+        raise RecipeError(f"{rule_name} applies one λ to the merged task vector (mergekit's order); "
                           f"got different λ per model: {lambdas}.")
     return lambdas[0]
 
@@ -268,12 +268,12 @@ class Ties(MergeMethod):
         weights = per_model(params.weight, ctx, "weight")
         per_model(params.density, ctx, "density")
         if all(lam * w == 0 for lam, w in zip(lambdas, weights)):
-            raise FmergeError("Parameters 'lambda' × 'weight' are zero for every model: the merge would equal the base.")
+            raise RecipeError("Parameters 'lambda' × 'weight' are zero for every model: the merge would equal the base.")
         if params.trim == "global" and not isinstance(params.density, (int, float)):
-            raise FmergeError("trim: global takes one 'density' for the whole model, not one per model.")
+            raise RecipeError("trim: global takes one 'density' for the whole model, not one per model.")
         if params.rule == "mergekit":
             if params.trim == "global":
-                raise FmergeError("rule: mergekit trims per tensor (mergekit has no global trim); use trim: tensor.")
+                raise RecipeError("rule: mergekit trims per tensor (mergekit has no global trim); use trim: tensor.")
             one_lambda(lambdas)
 
     def needs_prepare(self, params: TiesParams) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..errors import FmergeError
+from ..errors import RecipeError
 from .base import (
     MergeContext,
     MergeMethod,
@@ -46,9 +46,9 @@ class WeightedAverage(MergeMethod):
         weights = per_model(params.weights, ctx, "weights")
         listed = ", ".join(f"{n}={w:g}" for n, w in zip(ctx.model_names, weights))
         if all(w == 0 for w in weights):
-            raise FmergeError(f"Parameter 'weights' is 0 for every model ({listed}).")
+            raise RecipeError(f"Parameter 'weights' is 0 for every model ({listed}).")
         if params.normalize and sum(weights) == 0:
-            raise FmergeError(
+            raise RecipeError(
                 f"Parameter 'weights' sums to 0 ({listed}), so the weighted mean is undefined; "
                 "change the weights or set normalize: false."
             )

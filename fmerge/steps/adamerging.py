@@ -23,7 +23,7 @@ class AdaMergingConfig(IterativeConfig):
     granularity: Literal["task", "layer"] = Field("layer", description="one coefficient per model, or per model and tensor")
     loss: Loss = Field("entropy", description="entropy (unlabelled, the paper) or cross_entropy (needs labels)")
     steps: int = Field(200, ge=1, description="Adam steps (paper 500, FusionBench 1000)")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     init: float = Field(0.3, description="initial value of every coefficient")
     clamp: bool = Field(True, description="keep coefficients in [0, 1] (the paper; FusionBench does not)")
     batch_size: int = Field(16, ge=1, description="examples per task per step")
@@ -35,6 +35,8 @@ class AdaMergingConfig(IterativeConfig):
 class AdaMergingStep(IterativeStep):
     kind = "adamerging"
     Config = AdaMergingConfig
+    description = ("AdaMerging: learn task-wise or layer-wise task-vector coefficients by Adam on each task's "
+                   "loss (entropy on unlabelled data, or cross-entropy).")
     VERSION = 1
 
     def pool_size(self, cfg):

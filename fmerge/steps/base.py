@@ -42,6 +42,7 @@ Upstream = Mapping[str, list[Planned]]  # dependency step name -> its planned ar
 class StepKind:
     kind: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
+    description: ClassVar[str] = ""  # one line for `fmerge methods` (iterative algorithms)
     uses_base: ClassVar[bool] = True
     # True if compute() splits its work across torchrun ranks (writing only on rank 0).
     distributed: ClassVar[bool] = False

@@ -9,8 +9,11 @@ test split, so the test split never influences the choice.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import re
+from pathlib import Path
 
 import torch
 from pydantic import Field
@@ -182,19 +185,39 @@ class EvalStep(StepKind):
             return None
         out = rt.recipe.resolve(cfg.output)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        with open(out / "results.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["variant", "task", "split", "accuracy", "macro_f1", "n", "selected_on"],
-                               extrasaction="ignore")
-            w.writeheader()
-            w.writerows(results)
+        # Each file is written only when its content changes, so a run that changes nothing leaves
+        # their mtimes alone and Make sees no newer file (README: "Make and fmerge").
+        write_if_changed(out / "results.json", json.dumps(results, indent=2))
+        table = io.StringIO(newline="")
+        w = csv.DictWriter(table, fieldnames=["variant", "task", "split", "accuracy", "macro_f1", "n", "selected_on"],
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows(results)
+        write_if_changed(out / "results.csv", table.getvalue())
         if sweeps:
-            from ..plots import sweep_plot
-
-            (out / "sweeps.json").write_text(json.dumps(sweeps, indent=2, default=str))
+            changed = write_if_changed(out / "sweeps.json", json.dumps(sweeps, indent=2, default=str))
             for s in sweeps:
-                sweep_plot(s, out / f"sweep_{s['group']}.png")
+                plot = out / f"sweep_{s['group']}.png"
+                if changed or not plot.is_file():  # a plot is drawn from sweeps.json's content
+                    from ..plots import sweep_plot  # matplotlib: only when a plot is drawn
+
+                    sweep_plot(s, plot)
         return f"results in {out}"
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write `text` to `path` (whole, by rename) unless the file holds exactly these bytes already;
+    whether it wrote."""
+    data = text.encode()
+    try:
+        if path.is_file() and path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return True
 
 
 def winner(rt, p: Planned) -> tuple[str, str]:

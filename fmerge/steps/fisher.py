@@ -87,9 +87,16 @@ class FisherStep(PerModelStep):
         """The largest cached estimate over a prefix of this subset, as sums, and its row count."""
         found = [i for i in rt.store.find("fisher", family=p.extra["family"])
                  if i.attrs["meta"].get("examples", 0) < p.params["examples"]]
-        if not found:
+        for info in sorted(found, key=lambda i: i.attrs["meta"]["examples"], reverse=True):
+            problem = rt.store.check(info.key)  # a damaged estimate is not extended: the next one is, or none
+            if not problem:
+                break
+            rt.console.print(f"[yellow]warning:[/] cached Fisher {info.key} in store {rt.store.root} is corrupt "
+                             f"({problem}); not extending it (`fmerge verify --repair` removes it).",
+                             highlight=False, soft_wrap=True)
+        else:
             return None, 0
-        art = rt.store.open(max(found, key=lambda i: i.attrs["meta"]["examples"]).key)
+        art = rt.store.open(info.key)
         meta = art.meta
         sums = {n: art.get("fisher/" + n).to(rt.device, torch.float32) * meta["count"]
                 for n in art.view("fisher/").names()}

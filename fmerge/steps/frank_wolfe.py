@@ -27,7 +27,7 @@ class FrankWolfeCommon(IterativeConfig):
     merge_params: dict[str, Any] = Field({}, description="merge_fn's parameters (see `fmerge methods`): all of them "
                                                          "for init: merge; the vertices use only ties' density")
     init: str = Field("merge", description="x_0: base, merge (merge_fn over the models), or a model directory")
-    max_iters: int = Field(10, ge=1)
+    max_iters: int = Field(10, ge=1, description="Frank-Wolfe iterations")
     dataset_size: int = Field(32, ge=1, description="examples per task per iteration")
     granularity: Literal["task", "layer"] = Field("task", description="one candidate per iteration, or per tensor")
     oracle: Literal["cosine", "linear"] = Field(
@@ -45,7 +45,7 @@ class FrankWolfeSoftConfig(FrankWolfeCommon):
     ada_iters: int = Field(50, ge=1, description="AdaMerging steps per iteration")
     ada_loss: Loss = Field("entropy", description="AdaMerging loss")
     ada_coeff: float = Field(0.3, description="initial weight of each pick")
-    ada_lr: float = Field(1e-3, gt=0)
+    ada_lr: float = Field(1e-3, gt=0, description="AdaMerging's Adam learning rate")
     simplex: bool = Field(False, description="project each tensor's weights on the probability simplex")
 
 
@@ -53,6 +53,8 @@ class FrankWolfeSoftConfig(FrankWolfeCommon):
 class FrankWolfeStep(IterativeStep):
     kind = "frank_wolfe"
     Config = FrankWolfeConfig
+    description = ("Frank-Wolfe merging (hard): each iteration moves toward the candidate model the loss "
+                   "gradient's oracle picks, with step 2/(t+2)·step_size.")
     VERSION = 2  # 2: TIES merge_fn keeps exactly k entries per tensor
 
     def candidates(self, cfg, recipe):
@@ -146,6 +148,8 @@ class FrankWolfeStep(IterativeStep):
 class FrankWolfeSoftStep(FrankWolfeStep):
     kind = "frank_wolfe_soft"
     Config = FrankWolfeSoftConfig
+    description = ("Frank-Wolfe merging (soft): each iteration, every task picks a candidate and layer-wise "
+                   "AdaMerging learns how much of each pick to add.")
     VERSION = 2  # 2: TIES merge_fn keeps exactly k entries per tensor
 
     def losses(self, cfg) -> tuple[str, ...]:

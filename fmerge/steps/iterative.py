@@ -39,8 +39,8 @@ class IterativeConfig(Strict):
                                                       "(default: the merged models)")
     split: str | None = Field(None, description="data split adapted on (default: each task's validation split)")
     chunk_size: int = Field(32, ge=1, description="examples per forward/backward pass (bounds memory)")
-    max_length: int = Field(64, ge=2)
-    seed: int | None = None
+    max_length: int = Field(64, ge=2, description="tokens per example (longer ones are cut)")
+    seed: int | None = Field(None, description="seed of the rows drawn (default: the recipe's seed)")
     export: str | None = Field(None, description="write the merged model here as a Hugging Face directory")
 
 

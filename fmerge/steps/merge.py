@@ -11,10 +11,10 @@ import yaml
 from pydantic import Field, ValidationError
 
 from .. import __version__
-from ..errors import FmergeError
+from ..errors import FmergeError, ModelError, RecipeError
 from ..export import export_model_dir
 from ..io import ModelDir, parse_dtype
-from ..merging import TensorParams, align_names, merge_stream, plan_tensors
+from ..merging import TensorParams, align_names, all_finite, merge_stream, plan_tensors
 from ..methods import MergeContext, get_method
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict, format_validation_error
@@ -58,22 +58,22 @@ class MergeStep(StepKind):
             tparams = TensorParams(method, cfg.params, recipe.where("steps", name, "params"))
             params = tparams.params
         except ValidationError as exc:
-            raise FmergeError(format_validation_error(exc, method.Params, recipe.lines, ("steps", name, "params")))
+            raise RecipeError(format_validation_error(exc, method.Params, recipe.lines, ("steps", name, "params")))
         needed = method.stats_needed(params)
         if "fisher_base" in needed and not cfg.base_fisher:
-            raise FmergeError(f"{recipe.where('steps', name, 'params', 'base_prior')}: base_prior needs the "
+            raise RecipeError(f"{recipe.where('steps', name, 'params', 'base_prior')}: base_prior needs the "
                               f"prior's Fisher F_0: add 'base_fisher: <a fisher step of one model>'.")
         if cfg.base_fisher and "fisher_base" not in needed:
-            raise FmergeError(f"{recipe.where('steps', name, 'base_fisher')}: only fisher merging with "
+            raise RecipeError(f"{recipe.where('steps', name, 'base_fisher')}: only fisher merging with "
                               f"base_prior: true uses a base Fisher; remove 'base_fisher' or set base_prior.")
         if "fisher" in needed and not cfg.fisher:
-            raise FmergeError(f"{recipe.where('steps', name)}: method '{cfg.method}' needs Fisher diagonals: "
+            raise RecipeError(f"{recipe.where('steps', name)}: method '{cfg.method}' needs Fisher diagonals: "
                               f"add 'fisher: <name of a fisher step>'.")
         if "gram" in needed and not cfg.gram:
-            raise FmergeError(f"{recipe.where('steps', name)}: method '{cfg.method}' needs Gram matrices: "
+            raise RecipeError(f"{recipe.where('steps', name)}: method '{cfg.method}' needs Gram matrices: "
                               f"add 'gram: <name of a gram step>'.")
         if cfg.gram and "gram" not in needed:
-            raise FmergeError(f"{recipe.where('steps', name, 'gram')}: method '{cfg.method}' does not use "
+            raise RecipeError(f"{recipe.where('steps', name, 'gram')}: method '{cfg.method}' does not use "
                               f"Gram matrices; remove 'gram' (or use method 'regmean').")
         if cfg.out_dtype:
             parse_dtype(cfg.out_dtype, recipe.where("steps", name, "out_dtype"))
@@ -81,7 +81,7 @@ class MergeStep(StepKind):
         try:
             tparams.validate(MergeContext(models, seed=cfg.seed or recipe.spec.seed))
         except FmergeError as exc:
-            raise FmergeError(f"{recipe.where('steps', name, 'params')}: {exc}")
+            raise RecipeError(f"{recipe.where('steps', name, 'params')}: {exc}")
 
     def plan(self, rt, name: str, cfg: MergeConfig, upstream) -> list[Planned]:
         method = get_method(cfg.method)
@@ -139,6 +139,8 @@ class MergeStep(StepKind):
             for group in sorted({n.split("/")[0] for a in grams.values() for n in a.names()}):
                 stats[group] = {m: a.view(group + "/") for m, a in grams.items()}  # gram, gram_in_out, gram_rows
         tparams.validate(ctx)  # again, now with the statistics' summaries
+        if cfg.export:  # refused before anything is written, not after the merge is stored
+            check_heads(plan.per_model, sources)
         out_dtype = parse_dtype(cfg.out_dtype, "out_dtype") if cfg.out_dtype else None
         with rt.store.writer(p.key, "merge", p.inputs, p.params, p.version) as writer:
             with tensor_progress(rt.console, f"{name}: {cfg.method}", len(plan.reference)) as advance:
@@ -201,6 +203,7 @@ def write_heads(rt, cfg: MergeConfig, out: Path) -> None:
     heads = {m: names for m, names in plan.per_model.items() if names}
     if not heads:
         return
+    check_heads(heads, sources)
     heads_dir = (out / "heads").resolve()
     heads_dir.mkdir(exist_ok=True)
     for m, names in heads.items():
@@ -208,6 +211,21 @@ def write_heads(rt, cfg: MergeConfig, out: Path) -> None:
         if file.parent != heads_dir:  # model names are checked at load; never write outside the export
             raise FmergeError(f"Model name '{m}' cannot name a head file inside {heads_dir}.")
         save_file({n: sources[m].get(n).contiguous() for n in names}, str(file))
+
+
+def check_heads(heads: dict[str, list[str]], sources) -> None:
+    """Refuse a task head (a model's own tensor, exported as is) that holds NaN or Inf."""
+    for m, names in heads.items():
+        for n in names:
+            if not sources[m].dtype(n).is_floating_point:
+                continue
+            t = sources[m].get(n)
+            if not all_finite(t):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ModelError(
+                    f"Tensor '{n}' of model '{m}', a task head the export copies unchanged into "
+                    f"heads/{m}.safetensors, holds {bad} NaN or Inf value(s); fmerge will not export it. Check "
+                    f"that model (a diverged fine-tune?) and fetch or save it again.")
 
 
 def model_card(rt, name: str, cfg: MergeConfig, p: Planned) -> str:
