@@ -55,13 +55,13 @@ def _global_options(
     from . import progress
 
     if quiet and verbose:
-        raise FmergeError("-q/--quiet and -v/--verbose contradict each other; give one of them.")
+        raise RecipeError("-q/--quiet and -v/--verbose contradict each other; give one of them.")
     if log is not None:
         try:
             with open(log, "a", encoding="utf-8"):
                 pass
         except OSError as exc:
-            raise FmergeError(f"--log {log}: cannot append to it ({exc.strerror or exc}).")
+            raise RecipeError(f"--log {log}: cannot append to it ({exc.strerror or exc}).")
     progress.configure(progress.QUIET if quiet else progress.VERBOSE if verbose else progress.NORMAL, log)
 
 
@@ -347,7 +347,7 @@ def direct_merge_recipe(method, models, base, params, out_dir, out_dtype, allow_
     parsed = {}
     for item in params:
         if "=" not in item:
-            raise FmergeError(f"--param '{item}' must look like KEY=VALUE (e.g. --param density=0.2).")
+            raise RecipeError(f"--param '{item}' must look like KEY=VALUE (e.g. --param density=0.2).")
         k, v = item.split("=", 1)
         parsed[k.strip()] = yaml.safe_load(v)
     step = {"kind": "merge", "method": method, "params": parsed, "export": os.path.abspath(out_dir)}
@@ -359,7 +359,7 @@ def direct_merge_recipe(method, models, base, params, out_dir, out_dtype, allow_
         from .methods import get_method
 
         if get_method(method).needs_base:
-            raise FmergeError(f"Method '{method}' needs the base model: add --base DIR.")
+            raise RecipeError(f"Method '{method}' needs the base model: add --base DIR.")
     return yaml.safe_dump(recipe)
 
 
@@ -540,7 +540,7 @@ def gc(
     from .runtime import Runtime
 
     if not keep and not older_than:
-        raise FmergeError("gc needs recipes to keep (fmerge gc recipes/*.yaml) or --older-than DATE; "
+        raise RecipeError("gc needs recipes to keep (fmerge gc recipes/*.yaml) or --older-than DATE; "
                           "it will not empty the store by default.")
     recipes = [(r, load_recipe(r)) for r in keep or []]
     if store is None and recipes:
@@ -556,7 +556,7 @@ def gc(
         try:
             cutoff = dt.datetime.fromisoformat(older_than).replace(tzinfo=dt.timezone.utc)
         except ValueError:
-            raise FmergeError(f"--older-than '{older_than}' is not a date (YYYY-MM-DD).")
+            raise RecipeError(f"--older-than '{older_than}' is not a date (YYYY-MM-DD).")
     removed = 0
     for info in list(s.list()):
         if info.key in referenced:

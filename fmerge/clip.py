@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import FmergeError
+from .errors import DataError, ModelError, RecipeError
 
 VISION_PREFIX = "vision_model."
 # Bare CLIPVisionModel names as transformers 5 saves them (no `vision_model.` prefix).
@@ -130,10 +130,10 @@ def zeroshot_head(encode: Callable[[list[str]], torch.Tensor], classnames: Seque
     of the normalised text embeddings. `encode(texts)` returns (len(texts), dim) projected text
     features; templates hold '{}' where the class name goes."""
     if not classnames:
-        raise FmergeError("A zero-shot head needs at least one class name.")
+        raise RecipeError("A zero-shot head needs at least one class name.")
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
-        raise FmergeError(f"Zero-shot templates must each contain '{{}}' (the class name's place); "
+        raise RecipeError(f"Zero-shot templates must each contain '{{}}' (the class name's place); "
                           f"got {bad[0]!r}." if bad else "A zero-shot head needs at least one template.")
     rows = []
     for name in classnames:
@@ -205,7 +205,7 @@ class VisionTower:
         bare = not any(n.startswith(VISION_PREFIX) for n in names)
         self._names = {v: n for n in names if (v := vision_name(n, bare)) is not None}
         if not self._names:
-            raise FmergeError(
+            raise ModelError(
                 f"Model '{label}' has no CLIP vision tower tensors (names 'vision_model.*' or a bare "
                 f"CLIPVisionModel's 'embeddings.*', 'encoder.*'); its names start with "
                 f"{', '.join(sorted({n.split('.')[0] for n in names})[:5])}.")
@@ -243,13 +243,13 @@ def image_batches(processor, ds, image_column: str, labels, batch_size: int, exa
     """`pixel_values` (through the CLIP image processor, images converted to RGB), `labels` (when
     given, int64 class indices aligned with `ds`) and `example_ids`, in dataset order."""
     if batch_size < 1:
-        raise FmergeError(f"Batch size must be at least 1; got {batch_size}.")
+        raise RecipeError(f"Batch size must be at least 1; got {batch_size}.")
     ids = example_ids if example_ids is not None else range(len(ds))
     for start in range(0, len(ds), batch_size):
         images = ds[start : start + batch_size][image_column]
         for i, im in enumerate(images):
             if not hasattr(im, "convert"):
-                raise FmergeError(f"Row {start + i} of image column '{image_column}' holds {type(im).__name__}, "
+                raise DataError(f"Row {start + i} of image column '{image_column}' holds {type(im).__name__}, "
                                   f"not an image; the column must be a datasets Image feature.")
         batch = {"pixel_values": processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]}
         if labels is not None:

@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import DataError, FmergeError, quoted
+from .errors import DataError, FmergeError, RecipeError, quoted
 
 # Loader per file extension.
 _BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -101,10 +101,10 @@ def _check_shares(shares: Sequence[tuple[str, float]]) -> list[tuple[str, float]
     shares = sorted((str(name), float(r)) for name, r in shares)
     names = [name for name, _ in shares]
     if not shares or len(set(names)) != len(names):
-        raise FmergeError(f"A partition needs distinct split names with a share each; got {shares}.")
+        raise RecipeError(f"A partition needs distinct split names with a share each; got {shares}.")
     bad = [f"{name}: {r}" for name, r in shares if not r > 0]
     if bad or abs(sum(r for _, r in shares) - 1) > 1e-6:
-        raise FmergeError(f"A partition's shares must each be > 0 and sum to 1; got "
+        raise RecipeError(f"A partition's shares must each be > 0 and sum to 1; got "
                           f"{', '.join(f'{n}: {r}' for n, r in shares)}.")
     return shares
 
@@ -408,7 +408,7 @@ def _partitioned(spec: DataSpec, ds):
         return ds
     names = [name for name, _ in spec.partition]
     if spec.split not in names:
-        raise FmergeError(
+        raise DataError(
             f"Data file '{spec.path}' is partitioned into {', '.join(sorted(names))} "
             f"({describe_partition(sorted(spec.partition), spec.partition_seed)}); it has no split "
             f"'{spec.split}'. Ask for one of those splits, or add '{spec.split}' to the partition."
@@ -428,9 +428,9 @@ def select_examples(ds, n: int, seed: int, *, source: str | None = None):
     name the data's content, n and the seed (tasks.data_inputs), never these rows."""
     what = f"Dataset '{source}'" if source else "The dataset"
     if n < 1:
-        raise FmergeError(f"Asked for {n} examples from {what.lower()}; ask for at least one.")
+        raise RecipeError(f"Asked for {n} examples from {what.lower()}; ask for at least one.")
     if len(ds) < n:
-        raise FmergeError(
+        raise DataError(
             f"{what} has only {len(ds)} rows, but {n} examples were requested; lower the number of "
             "examples or use a larger split."
         )
@@ -532,10 +532,10 @@ def encode_batches(
     `example_ids` (column `fmerge_example_id` if present, else the row's position in `ds`).
     """
     if batch_size < 1:
-        raise FmergeError(f"Batch size must be at least 1; got {batch_size}.")
+        raise RecipeError(f"Batch size must be at least 1; got {batch_size}.")
     for column in (spec.text_column, spec.text_pair_column, spec.label_column):
         if column is not None and column not in ds.column_names:
-            raise FmergeError(
+            raise DataError(
                 f"The dataset has no column '{column}'; its columns are {', '.join(ds.column_names)}."
             )
     labels = _label_values(ds, spec, label_names) if spec.label_column is not None else None
@@ -559,7 +559,7 @@ def _texts(rows: dict, column: str, offset: int) -> list[str]:
     texts = rows[column]
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise FmergeError(
+            raise DataError(
                 f"Row {offset + i} of text column '{column}' holds {type(text).__name__} "
                 f"({text!r}), not text; clean or filter the data."
             )

@@ -12,7 +12,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 from . import distributed
-from .errors import FmergeError
+from .errors import FmergeError, RecipeError
 from .export import check_exports
 from .graph import kind_of, step_dependencies, step_order
 from .recipe import Recipe
@@ -42,7 +42,7 @@ def selected_steps(recipe: Recipe, only: list[str] | None) -> list[str]:
     only = [step for name in only for step in recipe.step_names(name)]
     unknown = [s for s in only if s not in recipe.steps]
     if unknown:
-        raise FmergeError(f"--only names unknown step(s) {', '.join(unknown)}; the recipe's steps are "
+        raise RecipeError(f"--only names unknown step(s) {', '.join(unknown)}; the recipe's steps are "
                           f"{', '.join(recipe.steps)}.")
     needed: set[str] = set()
 
@@ -101,7 +101,7 @@ def run(rt: Runtime, only: list[str] | None = None, force: list[str] | None = No
     force = [step for name in force or [] for step in rt.recipe.step_names(name)]
     unknown = [s for s in force if s not in rt.recipe.steps]
     if unknown:
-        raise FmergeError(f"--force names unknown step(s) {', '.join(unknown)}; the recipe's steps are "
+        raise RecipeError(f"--force names unknown step(s) {', '.join(unknown)}; the recipe's steps are "
                           f"{', '.join(rt.recipe.steps)}.")
     check_exports(rt.recipe, rt.store.root)
     reports = []

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .errors import FmergeError
+from .errors import DataError, ModelError, RecipeError
 
 Batch = Mapping[str, torch.Tensor]
 BatchesFactory = Callable[[int], Iterable[Batch]]
@@ -34,7 +34,7 @@ def fresh_classifier(base_path: str | Path, num_labels: int, seed: int, **config
 
     path = Path(base_path)
     if not (path / "config.json").is_file():
-        raise FmergeError(f"Base model folder '{path}' has no config.json.")
+        raise ModelError(f"Base model folder '{path}' has no config.json.")
     # The "newly initialized: classifier.*" report and the loading bar are expected noise.
     verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -101,9 +101,9 @@ def finetune_classifier(
     evaluation), `examples_seen`, `steps`, `seconds`.
     """
     if steps < 1:
-        raise FmergeError(f"finetune: steps must be at least 1, got {steps}.")
+        raise RecipeError(f"finetune: steps must be at least 1, got {steps}.")
     if not 0.0 <= warmup < 1.0:
-        raise FmergeError(f"finetune: warmup is a fraction of the steps in [0, 1), got {warmup}.")
+        raise RecipeError(f"finetune: warmup is a fraction of the steps in [0, 1), got {warmup}.")
     device = torch.device(device)
     warmup_steps = int(round(warmup * steps))
     # The last tenth of the steps (at least one) gives the reported train accuracy.
@@ -130,13 +130,13 @@ def finetune_classifier(
                 batches = iter(batches_factory(epoch))
                 batch = next(batches, None)
                 if batch is None:
-                    raise FmergeError("finetune: the batches factory yielded no batches.")
+                    raise DataError("finetune: the batches factory yielded no batches.")
             inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             labels = batch["labels"].to(device)
             logits = model(**inputs).logits
             loss = F.cross_entropy(logits, labels)
             if not torch.isfinite(loss):
-                raise FmergeError(f"finetune: loss is {loss.item()} at step {step}; lower lr.")
+                raise ModelError(f"finetune: loss is {loss.item()} at step {step}; lower lr.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import FmergeError
+from .errors import DataError, ModelError, RecipeError
 
 ESTIMATORS = ("exact", "sampled", "empirical", "fusionbench")
 KINDS = ("classification", "regression", "causal_lm")
@@ -62,14 +62,14 @@ class FisherSums:
     def mean(self) -> dict[str, torch.Tensor]:
         """The Fisher estimate: sums divided by count."""
         if self.count == 0:
-            raise FmergeError("The Fisher sums hold no examples; there is no mean to take.")
+            raise DataError("The Fisher sums hold no examples; there is no mean to take.")
         return {name: s / self.count for name, s in self.sums.items()}
 
     def extend(self, other: FisherSums) -> FisherSums:
         """Combine two estimates of the same model, estimator and parameters into one."""
         same = (self.estimator, self.samples, self.count_unit) == (other.estimator, other.samples, other.count_unit)
         if not same or self.sums.keys() != other.sums.keys():
-            raise FmergeError(
+            raise ModelError(
                 f"Cannot extend a '{self.estimator}' Fisher (samples={self.samples}, per "
                 f"{self.count_unit}) with a '{other.estimator}' one (samples={other.samples}, per "
                 f"{other.count_unit}) or one over different parameters; recompute one of them."
@@ -101,12 +101,12 @@ def model_kind(model: nn.Module) -> str:
         if config.problem_type == "regression" or config.num_labels == 1:
             return "regression"
         if config.problem_type == "multi_label_classification":
-            raise FmergeError(
+            raise ModelError(
                 f"Model class {cls} is configured for multi-label classification, for which fmerge "
                 "computes no Fisher yet; use a single-label classifier or a regression head."
             )
         return "classification"
-    raise FmergeError(
+    raise ModelError(
         f"fmerge computes the Fisher of sequence classifiers, regression heads and causal LMs; "
         f"model class {cls} is none of these (of images, only CLIP zero-shot classifiers)."
     )
@@ -140,21 +140,21 @@ def fisher_diagonal(
     The model runs in eval mode and its training mode and requires_grad flags are restored after.
     """
     if estimator not in ESTIMATORS:
-        raise FmergeError(f"Unknown Fisher estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}.")
+        raise RecipeError(f"Unknown Fisher estimator '{estimator}'; choose one of {', '.join(ESTIMATORS)}.")
     if samples < 1:
-        raise FmergeError(f"The sampled Fisher needs at least one draw per example; got samples={samples}.")
+        raise RecipeError(f"The sampled Fisher needs at least one draw per example; got samples={samples}.")
     if chunk_size < 1:
-        raise FmergeError(f"Fisher chunk_size must be at least 1; got {chunk_size}.")
+        raise RecipeError(f"Fisher chunk_size must be at least 1; got {chunk_size}.")
     kind = kind or model_kind(model)
     if kind not in KINDS:
-        raise FmergeError(f"Unknown model kind '{kind}'; choose one of {', '.join(KINDS)}.")
+        raise RecipeError(f"Unknown model kind '{kind}'; choose one of {', '.join(KINDS)}.")
     if kind == "causal_lm" and estimator == "exact":
-        raise FmergeError(
+        raise RecipeError(
             "The exact Fisher of a causal LM would need one backward pass per vocabulary entry; "
             "use estimator 'sampled' (unbiased, k draws per token) or 'empirical' instead."
         )
     if estimator == "fusionbench" and kind != "classification":
-        raise FmergeError(
+        raise RecipeError(
             f"The fusionbench estimator is defined for classifiers only; this model is a {kind} model. "
             "Use 'sampled' or 'empirical'."
         )
@@ -164,7 +164,7 @@ def fisher_diagonal(
         if p.is_floating_point() and (param_filter is None or param_filter(name))
     }
     if not selected:
-        raise FmergeError("The parameter filter selects no floating-point parameter of the model.")
+        raise RecipeError("The parameter filter selects no floating-point parameter of the model.")
     sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in selected.items()}
     result = FisherSums(
         sums=sums,
@@ -234,16 +234,16 @@ def _batch_size(batch) -> int:
 
 def _classification_labels(batch, num_classes: int) -> torch.Tensor:
     if "labels" not in batch:
-        raise FmergeError(
+        raise RecipeError(
             "The empirical Fisher needs the data's labels, but the batches carry none; set the "
             "dataset's label_column, or use estimator 'exact' or 'sampled', which need no labels."
         )
     labels = batch["labels"]
     if labels.is_floating_point():
-        raise FmergeError("The classifier's empirical Fisher needs integer class labels; the batch labels are floats.")
+        raise DataError("The classifier's empirical Fisher needs integer class labels; the batch labels are floats.")
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
-        raise FmergeError(
+        raise DataError(
             f"Label {labels[bad][0].item()} is outside the classifier head's range 0..{num_classes - 1}; "
             "check the dataset's label column and the model's num_labels."
         )
@@ -285,7 +285,7 @@ def _regression_cotangents(logits, batch, estimator, samples, seed, ids):
         cots = [eye[k].expand(n, outputs) for k in range(outputs)]
     elif estimator == "empirical":
         if "labels" not in batch:
-            raise FmergeError(
+            raise RecipeError(
                 "The empirical Fisher of a regression head needs the data's target values; set the "
                 "dataset's label_column, or use estimator 'exact' or 'sampled'."
             )
@@ -485,7 +485,7 @@ class _PerExampleSquares:
             if not wanted:
                 continue
             if any(True for _ in module.children()) and _rule_for(module) is _generic_grads:
-                raise FmergeError(
+                raise ModelError(
                     f"Parameter(s) {', '.join(self.name_of[p] for p in wanted.values())} belong to module "
                     f"'{module_name}' ({type(module).__name__}), which also has submodules; fmerge cannot "
                     "form per-example gradients there. Exclude them with the parameter filter."
@@ -545,7 +545,7 @@ class _PerExampleSquares:
         if self.replaying:
             return None
         if not torch.is_tensor(out):
-            raise FmergeError(
+            raise ModelError(
                 f"Module {type(module).__name__} returns {type(out).__name__}, not a tensor; fmerge "
                 "cannot form per-example gradients of its parameters. Exclude them with the parameter filter."
             )
@@ -556,7 +556,7 @@ class _PerExampleSquares:
             out = replaced = leaf.clone()  # model code may modify the output in place
         if module in self.wanted:
             if out.shape[0] != self.n:
-                raise FmergeError(
+                raise ModelError(
                     f"Module {type(module).__name__} (parameters "
                     f"{', '.join(self.name_of[p] for p in self.wanted[module].values())}) produced an "
                     f"output whose first dimension is {out.shape[0]}, not the batch size {self.n}; its "

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import FmergeError
+from .errors import ModelError
 
 # How a layer stores its weight: nn.Linear is out × in; transformers' Conv1D (GPT-2) is in × out.
 OUT_IN, IN_OUT = "out_in", "in_out"
@@ -67,7 +67,7 @@ def gram_matrices(
     """
     layers = {n: ml for n, ml in linear_layers(model).items() if layer_filter is None or layer_filter(n)}
     if not layers:
-        raise FmergeError(f"Model {type(model).__name__} has no linear layer (nn.Linear or Conv1D) to "
+        raise ModelError(f"Model {type(model).__name__} has no linear layer (nn.Linear or Conv1D) to "
                           "compute Gram matrices for.")
     device = next(model.parameters()).device
     result = GramSums(
@@ -120,7 +120,7 @@ def _unpadded_rows(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tens
         return flat[mask.reshape(-1)]
     if x.dim() == 2 and x.shape[0] == batch:
         return flat
-    raise FmergeError(
+    raise ModelError(
         f"Layer '{name}' received an input of shape {list(x.shape)} for a batch of {batch} examples "
         f"of {tokens} tokens; fmerge cannot tell which of its rows are padding, so it cannot compute "
         "this layer's Gram matrix (RegMean does not support this architecture yet)."

@@ -302,6 +302,13 @@ def merge_stream(
                 raise ModelError(f"Tensor '{r}' of the base model, copied unchanged into the output, holds {bad} "
                                  f"NaN or Inf value(s); fmerge will not write it. Check that file (a damaged "
                                  f"checkpoint?) and fetch or save the base model again.")
+            if out_dtype is not None and out.is_floating_point() and out.dtype != out_dtype:
+                # one dtype for every floating tensor of the output (integer buffers stay as they are)
+                wide, out = out, out.to(out_dtype)
+                if not all_finite(out):
+                    raise RecipeError(
+                        f"Tensor '{r}', copied from the base, holds values up to {float(wide.abs().max()):.4g}, "
+                        f"beyond the range of {_dtype_name(out_dtype)}; write the output in float32 or bfloat16.")
         if on_tensor:
             on_tensor(r)
         yield r, out

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import distributed
-from .errors import FmergeError
+from .errors import ModelError, RecipeError
 from .fingerprint import FileHashes
 from .io import HashCache, ModelDir, TensorSource
 from .recipe import BASE, ModelSpec, Recipe
@@ -45,7 +45,7 @@ class Runtime:
 
     def output_of(self, step: str) -> str:
         if step not in self.outputs:
-            raise FmergeError(f"Step '{step}' has not been planned yet; models made by a step can be used only by "
+            raise RecipeError(f"Step '{step}' has not been planned yet; models made by a step can be used only by "
                               f"steps that run after it.")
         return self.outputs[step]
 
@@ -68,7 +68,7 @@ class Runtime:
                 elif self.recipe.is_hub_id(spec.path):
                     self._dirs[name] = download_hub_model(spec.path, spec.revision)
                 else:
-                    raise FmergeError(f"Model '{self.label(name)}': {local} does not exist.")
+                    raise ModelError(f"Model '{self.label(name)}': {local} does not exist.")
         return self._dirs[name]
 
     def source(self, name: str) -> TensorSource:
@@ -114,13 +114,13 @@ class Runtime:
 def download_hub_model(repo: str, revision: str | None) -> Path:
     """Fetch weights, config and tokenizer of a hub model (safetensors only, never pickles)."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FmergeError(f"Model '{repo}' is a hub id but HF_HUB_OFFLINE=1; download it first or give a local path.")
+        raise ModelError(f"Model '{repo}' is a hub id but HF_HUB_OFFLINE=1; download it first or give a local path.")
     try:
         from huggingface_hub import snapshot_download
 
         path = snapshot_download(repo, revision=revision, allow_patterns=[
             "*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model"])
     except Exception as exc:  # network, auth, missing repo: all user-facing
-        raise FmergeError(f"Could not download model '{repo}' from the hub ({type(exc).__name__}: {exc}). "
+        raise ModelError(f"Could not download model '{repo}' from the hub ({type(exc).__name__}: {exc}). "
                           f"Check the id and your network, or give a local directory.")
     return Path(path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .data import DataSpec, encode_batches, label_names_for, load_dataset_split, select_examples
-from .errors import FmergeError
+from .errors import FmergeError, ModelError, RecipeError
 from .io import ModelDir
 from .recipe import BASE
 
@@ -33,7 +33,7 @@ def data_spec(rt, data_name: str, split: str) -> DataSpec:
 def task_data(rt, model: str, where: tuple) -> str:
     data = rt.recipe.models[model].data
     if data is None:
-        raise FmergeError(f"{rt.recipe.where(*where)}: model '{model}' has no task data; give it "
+        raise RecipeError(f"{rt.recipe.where(*where)}: model '{model}' has no task data; give it "
                           f"'data: <name of an entry in data>' in models.")
     return data
 
@@ -87,7 +87,7 @@ def tokenizer_dir(rt, model: str) -> Path:
         d = rt.model_dir(name) if rt.spec(name).from_step is None else None
         if d is not None and any((d / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
             return d
-    raise FmergeError(f"No tokenizer found for model '{model}' nor the base model.")
+    raise ModelError(f"No tokenizer found for model '{model}' nor the base model.")
 
 
 def load_tokenizer(rt, model: str):
@@ -111,7 +111,7 @@ def model_config(rt, model: str):
     except (OSError, ValueError) as exc:  # no/invalid config.json, or custom code not trusted
         hint = (" Its config asks to run the model's own Python code, which fmerge does only when the "
                 "recipe sets 'trust_remote_code: true'." if "trust_remote_code" in str(exc) else "")
-        raise FmergeError(f"Model '{rt.label(model)}': cannot read the transformers config in "
+        raise ModelError(f"Model '{rt.label(model)}': cannot read the transformers config in "
                           f"{rt.model_dir(model)} ({str(exc).splitlines()[0]}).{hint}") from exc
 
 
@@ -129,7 +129,7 @@ def build_classifier(rt, model: str, weights: dict[str, torch.Tensor] | None = N
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("position_ids")]
     if missing:
-        raise FmergeError(f"Model '{model}': its weights lack {len(missing)} tensor(s) the architecture "
+        raise ModelError(f"Model '{model}': its weights lack {len(missing)} tensor(s) the architecture "
                           f"needs, e.g. {', '.join(missing[:3])}.")
     del unexpected  # e.g. a pooler a classifier does not use
     return net.eval().to(rt.device)
@@ -174,7 +174,7 @@ def load_image_processor(rt, model: str):
         d = rt.model_dir(name) if rt.spec(name).from_step is None else None
         if d is not None and (d / "preprocessor_config.json").is_file():
             return AutoImageProcessor.from_pretrained(d, local_files_only=True)
-    raise FmergeError(f"No image processor (preprocessor_config.json) found for model '{model}' nor the base model.")
+    raise ModelError(f"No image processor (preprocessor_config.json) found for model '{model}' nor the base model.")
 
 
 def build_clip_classifier(rt, model: str, head, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
@@ -193,7 +193,7 @@ def build_clip_classifier(rt, model: str, head, weights: dict[str, torch.Tensor]
     missing, _ = tower.load_state_dict(own, strict=False)
     missing = [m for m in missing if not m.endswith("position_ids")]
     if missing:
-        raise FmergeError(f"Model '{model}': its vision tower lacks {len(missing)} tensor(s) the architecture "
+        raise ModelError(f"Model '{model}': its vision tower lacks {len(missing)} tensor(s) the architecture "
                           f"needs, e.g. {', '.join(VISION_PREFIX + m for m in missing[:3])}.")
     net = ClipClassifier(tower, head.get("visual_projection"), head.get("head"), head.get("logit_scale"))
     return net.eval().to(rt.device)

@@ -18,7 +18,7 @@ import math
 import torch
 from pydantic import Field
 
-from ..errors import FmergeError, RecipeError
+from ..errors import ModelError, RecipeError
 from .base import (
     MergeContext,
     MergeMethod,
@@ -109,12 +109,12 @@ class Fisher(MergeMethod):
     def _check_means(params: FisherParams, ctx: MergeContext) -> None:
         means = ctx.summaries["fisher_mean"]
         if len(means) != ctx.n:
-            raise FmergeError(f"Got {len(means)} mean Fishers for {ctx.n} models.")
+            raise ModelError(f"Got {len(means)} mean Fishers for {ctx.n} models.")
         for name, mean in zip(ctx.model_names, means):
             if not math.isfinite(mean) or mean < 0:
-                raise FmergeError(f"Model '{name}' has an invalid mean Fisher {mean}.")
+                raise ModelError(f"Model '{name}' has an invalid mean Fisher {mean}.")
             if params.normalize and mean == 0:
-                raise FmergeError(
+                raise RecipeError(
                     f"Model '{name}' has a Fisher of 0 everywhere, so normalize cannot divide by "
                     "its mean; recompute its Fisher or drop normalize."
                 )
@@ -124,11 +124,11 @@ class Fisher(MergeMethod):
     ) -> torch.Tensor:
         fishers = group.stats.get("fisher")
         if fishers is None or len(fishers) != len(group.models):
-            raise FmergeError(f"Tensor '{group.name}' lacks a Fisher for every model.")
+            raise ModelError(f"Tensor '{group.name}' lacks a Fisher for every model.")
         lambdas = per_model(params.lambda_, ctx, "lambda")
         means = ctx.summaries.get("fisher_mean")
         if means is None and (params.floor > 0 or params.normalize):
-            raise FmergeError(
+            raise ModelError(
                 "Fisher merging with a floor or normalize needs each model's mean Fisher "
                 "(summary 'fisher_mean'), which the statistics store did not provide."
             )
@@ -136,7 +136,7 @@ class Fisher(MergeMethod):
         if params.base_prior:
             prior = group.stats.get("fisher_base")
             if group.base is None or not prior:
-                raise FmergeError(
+                raise RecipeError(
                     f"Tensor '{group.name}': base_prior needs the base model and its Fisher."
                 )
             values = [theta - group.base for theta in group.models]

@@ -24,7 +24,7 @@ import warnings
 import torch
 from pydantic import Field
 
-from ..errors import FmergeError
+from ..errors import ModelError, RecipeError
 from .base import MergeContext, MergeMethod, MethodParams, TensorGroup, register
 
 # Statistics served by the `gram` step, by how the merged weight stores its input dimension.
@@ -78,7 +78,7 @@ class RegMean(MergeMethod):
         if params.normalize:
             rows = group.stats.get(GRAM_ROWS)
             if rows is None:
-                raise FmergeError(f"Tensor '{group.name}': normalize needs each Gram's row count "
+                raise ModelError(f"Tensor '{group.name}': normalize needs each Gram's row count "
                                   f"('{GRAM_ROWS}'), which the statistics do not provide.")
             grams = [g / r.reshape(()) if float(r.reshape(())) > 0 else g for g, r in zip(grams, rows)]
         merged = regmean_solve(weights, grams, params.alpha, params.jitter, group.name)
@@ -90,13 +90,13 @@ def regmean_solve(
 ) -> torch.Tensor:
     """W minimising Σ_i ‖X_i W − X_i W_i‖² with shrunk Grams; weights are in × out."""
     if len(weights) != len(grams):
-        raise FmergeError(f"Tensor '{name}': {len(grams)} Gram matrices for {len(weights)} models.")
+        raise ModelError(f"Tensor '{name}': {len(grams)} Gram matrices for {len(weights)} models.")
     n_in = weights[0].shape[0]
     lhs = torch.zeros(n_in, n_in, dtype=torch.float64, device=weights[0].device)
     rhs = torch.zeros(weights[0].shape, dtype=torch.float64, device=weights[0].device)
     for w, g in zip(weights, grams):
         if g.shape != (n_in, n_in):
-            raise FmergeError(f"Tensor '{name}': its Gram is {list(g.shape)} but the weight has {n_in} "
+            raise ModelError(f"Tensor '{name}': its Gram is {list(g.shape)} but the weight has {n_in} "
                               f"inputs; the Grams were computed on another architecture.")
         g = g.double()
         shrunk = g * alpha
@@ -105,10 +105,10 @@ def regmean_solve(
         rhs += shrunk @ w.double()
     average = torch.stack(weights).double().mean(0)
     if not bool(torch.isfinite(lhs).all() and torch.isfinite(rhs).all()):
-        raise FmergeError(f"Tensor '{name}': the Gram matrices or weights hold NaN or Inf; recompute "
+        raise ModelError(f"Tensor '{name}': the Gram matrices or weights hold NaN or Inf; recompute "
                           f"the gram step (and check the models with `fmerge verify`).")
     if float(lhs.diagonal().min()) < 0:
-        raise FmergeError(f"Tensor '{name}': its Gram matrices have negative diagonal entries, so they "
+        raise ModelError(f"Tensor '{name}': its Gram matrices have negative diagonal entries, so they "
                           f"are not Grams of any inputs; recompute the gram step.")
     scale = float(lhs.diagonal().mean())
     if scale == 0:
@@ -124,5 +124,5 @@ def regmean_solve(
                                   f"{jitter:g}; solved with relative jitter {eps:g}.", RegMeanJitterWarning,
                                   stacklevel=2)
                 return solution
-    raise FmergeError(f"Tensor '{name}': RegMean's system is not solvable even with relative jitter "
+    raise RecipeError(f"Tensor '{name}': RegMean's system is not solvable even with relative jitter "
                       f"{JITTER_LADDER[-1]:g}; lower 'alpha' or raise 'jitter', or check the Grams.")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from ..errors import FmergeError
+from ..errors import RecipeError
 from ..merging import align_names
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict
@@ -296,7 +296,7 @@ def check_split_leaks(recipe, name: str, cfg: EvalConfig) -> None:
             split = cfg.select_split or data[d].validation_split
             hit = clash(d, split)
             if hit:
-                raise FmergeError(
+                raise RecipeError(
                     f"{recipe.where('steps', name, 'select_split')}: eval step '{name}' chooses among swept variants "
                     f"on {shared(hit, d, split)}, so the winner would be picked on the rows it is scored on. Set "
                     f"select_split (default: each task's validation split) or split to another split, {allow}")
@@ -305,7 +305,7 @@ def check_split_leaks(recipe, name: str, cfg: EvalConfig) -> None:
         hit = clash(d, split)
         if hit:
             group = _written_name(recipe, step)
-            raise FmergeError(
+            raise RecipeError(
                 f"{recipe.where('steps', group, field)}: step '{step}' {verb} {shared(hit, d, split)}, so its scores "
                 f"would be measured on rows it was fit to. {fix.format(step=group, data=d)}, {allow}")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..data import encode_batches
-from ..errors import FmergeError
+from ..errors import RecipeError
 from ..finetune import finetune_classifier, fresh_classifier, tensor_batches
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict
@@ -50,7 +50,7 @@ class FinetuneStep(StepKind):
 
     def check(self, recipe, name: str, cfg: FinetuneConfig) -> None:
         if cfg.data not in recipe.spec.data:
-            raise FmergeError(f"{recipe.where('steps', name, 'data')}: no data entry named '{cfg.data}'; "
+            raise RecipeError(f"{recipe.where('steps', name, 'data')}: no data entry named '{cfg.data}'; "
                               f"entries: {', '.join(recipe.spec.data) or 'none'}.")
 
     def plan(self, rt, name: str, cfg: FinetuneConfig, upstream) -> list[Planned]:
@@ -66,7 +66,7 @@ class FinetuneStep(StepKind):
         sub = load_subset(rt, cfg.data, p.params["split"], cfg.examples, p.params["seed"])
         labels = sub.labels
         if not labels:
-            raise FmergeError(f"{rt.recipe.where('steps', name, 'data')}: finetune needs class labels; "
+            raise RecipeError(f"{rt.recipe.where('steps', name, 'data')}: finetune needs class labels; "
                               f"set 'label_names' in data.{cfg.data}.")
         dspec = data_spec(rt, cfg.data, rt.recipe.spec.data[cfg.data].train_split)
         tok = load_tokenizer(rt, BASE)

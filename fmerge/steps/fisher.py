@@ -16,7 +16,7 @@ from pydantic import Field
 from .. import distributed
 from ..data import EXAMPLE_ID_COLUMN, check_labels, shard_by_rank
 from ..fisher import ESTIMATORS, FisherSums, allreduce_sums, fisher_diagonal
-from ..errors import FmergeError
+from ..errors import ModelError, RecipeError
 from ..progress import tensor_progress
 from ..store import make_key
 from ..tasks import build_task_model, data_spec, load_subset, task_batches
@@ -44,7 +44,7 @@ class FisherStep(PerModelStep):
         if cfg.estimator not in ESTIMATORS:
             close = get_close_matches(cfg.estimator, ESTIMATORS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise FmergeError(f"{recipe.where('steps', name, 'estimator')}: unknown estimator "
+            raise RecipeError(f"{recipe.where('steps', name, 'estimator')}: unknown estimator "
                               f"'{cfg.estimator}'{hint} Estimators: {', '.join(ESTIMATORS)}.")
 
     def plan(self, rt, name, cfg, upstream):
@@ -108,7 +108,7 @@ class FisherStep(PerModelStep):
         means = sums.mean()
         for n, t in means.items():
             if not bool(torch.isfinite(t).all()):
-                raise FmergeError(f"Fisher of model '{p.label}' has NaN or Inf in '{n}'.")
+                raise ModelError(f"Fisher of model '{p.label}' has NaN or Inf in '{n}'.")
         total = sum(float(t.double().sum()) for t in means.values())
         numel = sum(t.numel() for t in means.values())
         with rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version) as writer:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError
 
-from ..errors import FmergeError
+from ..errors import FmergeError, ModelError, RecipeError
 from ..io import ModelDir
 from ..merging import TensorParams, align_names
 from ..methods import MergeContext, TensorGroup, get_method, per_model
@@ -66,16 +66,16 @@ class FrankWolfeStep(IterativeStep):
         try:
             tparams = TensorParams(method, cfg.merge_params, recipe.where("steps", name, "merge_params"))
         except ValidationError as exc:
-            raise FmergeError(format_validation_error(exc, method.Params, recipe.lines, ("steps", name, "merge_params")))
+            raise RecipeError(format_validation_error(exc, method.Params, recipe.lines, ("steps", name, "merge_params")))
         if getattr(tparams.params, "trim", "tensor") != "tensor":
-            raise FmergeError(f"{recipe.where('steps', name, 'merge_params', 'trim')}: Frank-Wolfe trims each vertex "
+            raise RecipeError(f"{recipe.where('steps', name, 'merge_params', 'trim')}: Frank-Wolfe trims each vertex "
                               f"per tensor; remove 'trim: global'.")
         try:
             tparams.validate(MergeContext(self.candidates(cfg, recipe)))
         except FmergeError as exc:
-            raise FmergeError(f"{recipe.where('steps', name, 'merge_params')}: {exc}")
+            raise RecipeError(f"{recipe.where('steps', name, 'merge_params')}: {exc}")
         if cfg.init not in ("base", "merge") and not (recipe.resolve(cfg.init) / "config.json").is_file():
-            raise FmergeError(f"{recipe.where('steps', name, 'init')}: '{cfg.init}' is neither 'base', 'merge' nor a "
+            raise RecipeError(f"{recipe.where('steps', name, 'init')}: '{cfg.init}' is neither 'base', 'merge' nor a "
                               f"model directory (no {recipe.resolve(cfg.init) / 'config.json'}).")
 
     def key_params(self, rt, name, cfg):
@@ -107,7 +107,7 @@ class FrankWolfeStep(IterativeStep):
         names = align_names(plan.merge, src.names())
         missing = [r for r in plan.merge if r not in names]
         if missing:
-            raise FmergeError(f"{rt.recipe.where('steps', name, 'init')}: {cfg.init} lacks {len(missing)} merged "
+            raise ModelError(f"{rt.recipe.where('steps', name, 'init')}: {cfg.init} lacks {len(missing)} merged "
                               f"tensor(s), e.g. '{missing[0]}'.")
         return {r: src.get(names[r]).to(rt.device, torch.float32) for r in plan.merge}
 

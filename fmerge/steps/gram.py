@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from ..errors import FmergeError
+from ..errors import ModelError
 from ..gram import OUT_IN, gram_matrices
 from ..store import make_key
 from ..tasks import build_task_model, data_spec, load_subset, task_batches
@@ -52,7 +52,7 @@ class GramStep(PerModelStep):
             sums = gram_matrices(model, batches)
             for n, g in sums.grams.items():
                 if not bool(torch.isfinite(g).all()):
-                    raise FmergeError(f"Gram matrix of layer '{n}' of model '{p.label}' has NaN or Inf: "
+                    raise ModelError(f"Gram matrix of layer '{n}' of model '{p.label}' has NaN or Inf: "
                                       f"check the model's weights (`fmerge verify`).")
             with rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version) as writer:
                 for n, g in sums.grams.items():

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from .. import __version__
 from ..data import check_labels, encode_batches
-from ..errors import FmergeError
+from ..errors import ModelError, RecipeError
 from ..export import export_model_dir
 from ..merging import TensorPlan, plan_tensors
 from ..objective import Objective, TaskModel
@@ -68,7 +68,7 @@ class IterativeStep(StepKind):
     def check(self, recipe, name, cfg):
         for t in self.task_names(cfg, recipe):
             if recipe.models[t].data is None:
-                raise FmergeError(f"{recipe.where('steps', name)}: task '{t}' has no data; give model '{t}' "
+                raise RecipeError(f"{recipe.where('steps', name)}: task '{t}' has no data; give model '{t}' "
                                   f"'data: <name of an entry in data>', or list other models under 'tasks'.")
         data = recipe.spec.data
         for t in self.task_names(cfg, recipe):
@@ -137,12 +137,12 @@ class IterativeStep(StepKind):
             copied = {names[r]: base.get(r) for r in plan.copy if r in names and not any(h.search(names[r]) for h in head)}
             net = build_task_model(rt, t, copied, head=p.inputs["tasks"][t].get("head")).float().requires_grad_(False)
             if net.config.num_labels < 2:
-                raise FmergeError(f"Task '{t}': its head has {net.config.num_labels} output; {self.kind} needs a "
+                raise ModelError(f"Task '{t}': its head has {net.config.num_labels} output; {self.kind} needs a "
                                   f"classification head (regression is not supported).")
             spec = data_spec(rt, info["data"], info["split"])
             if "cross_entropy" in losses:
                 if spec.label_column is None:
-                    raise FmergeError(f"{rt.recipe.where('steps', p.step, 'loss')}: cross_entropy needs labels but "
+                    raise RecipeError(f"{rt.recipe.where('steps', p.step, 'loss')}: cross_entropy needs labels but "
                                       f"data '{info['data']}' has none; use loss: entropy.")
                 check_labels(info["rows"], spec, net.config.num_labels, info["labels"])
             own = dict(net.named_parameters())
@@ -173,7 +173,7 @@ class IterativeStep(StepKind):
               extra: dict[str, torch.Tensor] | None = None) -> None:
         for r, t in body.items():
             if not bool(torch.isfinite(t).all()):
-                raise FmergeError(f"Step '{p.step}' produced NaN or Inf in tensor '{r}': lower the step size "
+                raise ModelError(f"Step '{p.step}' produced NaN or Inf in tensor '{r}': lower the step size "
                                   f"or learning rate, or check the inputs (`fmerge verify`).")
         base = rt.source(BASE)
         learned = set(body)

@@ -22,7 +22,7 @@ from ..store import library_versions, make_key
 from .base import Planned, StepKind, register
 
 # Bumped when the streaming driver (not a method) changes what a merge writes.
-DRIVER_VERSION = 1
+DRIVER_VERSION = 2  # 2: with out_dtype, copied floating tensors are written in it too
 
 
 class MergeConfig(Strict):
@@ -99,7 +99,7 @@ class MergeStep(StepKind):
         if cfg.base_fisher:
             prior = upstream[cfg.base_fisher]
             if len(prior) != 1:
-                raise FmergeError(f"{rt.recipe.where('steps', name, 'base_fisher')}: step '{cfg.base_fisher}' "
+                raise RecipeError(f"{rt.recipe.where('steps', name, 'base_fisher')}: step '{cfg.base_fisher}' "
                                   f"has {len(prior)} Fishers; give it one model (models: [name]).")
             inputs["base_fisher"] = prior[0].key
         if cfg.gram:
@@ -158,7 +158,21 @@ class MergeStep(StepKind):
         return export_model_dir(rt.store, rt.recipe.resolve(cfg.export), p.key, rt.store.open(p.key).view("weights/"),
                                 step=name, where=rt.recipe.where("steps", name, "export"),
                                 readme=model_card(rt, name, cfg, p), side_files_from=rt.model_dir(BASE),
-                                finish=lambda tmp: write_heads(rt, cfg, tmp))
+                                finish=lambda tmp: (write_heads(rt, cfg, tmp), config_dtype(tmp, cfg.out_dtype)))
+
+
+def config_dtype(directory: Path, out_dtype: str | None) -> None:
+    """Make the exported config.json name the dtype the weights were written in, so that
+    `from_pretrained(dtype="auto")` loads them as written (the base's config names its own)."""
+    config = directory / "config.json"
+    if out_dtype is None or not config.is_file():
+        return
+    name = str(parse_dtype(out_dtype, "out_dtype")).removeprefix("torch.")
+    data = json.loads(config.read_text())
+    keys = [k for k in ("dtype", "torch_dtype") if k in data] or ["dtype"]
+    data.update({k: name for k in keys})
+    config.unlink()  # a copy fmerge just made in its own build directory
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def statistics_keys(rt, name: str, field: str, planned: list[Planned], models: list[str], what: str) -> dict[str, str]:
@@ -167,7 +181,7 @@ def statistics_keys(rt, name: str, field: str, planned: list[Planned], models: l
     missing = [m for m in models if m not in keys]
     if missing:
         step = getattr(rt.recipe.steps[name], field)
-        raise FmergeError(f"{rt.recipe.where('steps', name, field)}: step '{step}' has no {what} for "
+        raise RecipeError(f"{rt.recipe.where('steps', name, field)}: step '{step}' has no {what} for "
                           f"model(s) {', '.join(missing)}.")
     return {m: keys[m] for m in models}
 
@@ -189,7 +203,7 @@ def get_method_at(recipe, name: str, method: str):
     try:
         return get_method(method)
     except FmergeError as exc:
-        raise FmergeError(f"{recipe.where('steps', name, 'method')}: {exc}")
+        raise RecipeError(f"{recipe.where('steps', name, 'method')}: {exc}")
 
 
 def write_heads(rt, cfg: MergeConfig, out: Path) -> None:
@@ -209,7 +223,7 @@ def write_heads(rt, cfg: MergeConfig, out: Path) -> None:
     for m, names in heads.items():
         file = (heads_dir / f"{m}.safetensors").resolve()
         if file.parent != heads_dir:  # model names are checked at load; never write outside the export
-            raise FmergeError(f"Model name '{m}' cannot name a head file inside {heads_dir}.")
+            raise RecipeError(f"Model name '{m}' cannot name a head file inside {heads_dir}.")
         save_file({n: sources[m].get(n).contiguous() for n in names}, str(file))
 
 

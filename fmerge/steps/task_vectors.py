@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..errors import FmergeError
+from ..errors import ModelError
 from ..merging import all_finite, plan_tensors
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict
@@ -53,7 +53,7 @@ class TaskVectorsStep(StepKind):
                     for r in plan.merge:
                         tau = model.get(names[r]).to(torch.float32) - base.get(r).to(torch.float32)
                         if not all_finite(tau):
-                            raise FmergeError(f"Task vector of model '{p.label}' has NaN or Inf in tensor "
+                            raise ModelError(f"Task vector of model '{p.label}' has NaN or Inf in tensor "
                                               f"'{r}': its weights or the base's hold non-finite values.")
                         writer.write("tau/" + r, tau)
                         advance()

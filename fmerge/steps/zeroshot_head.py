@@ -22,7 +22,7 @@ from pydantic import Field
 
 from ..clip import GENERIC_TEMPLATES, builtin_task, names_from_labels, text_side_hash, zeroshot_head
 from ..data import label_names_for, load_dataset_split
-from ..errors import FmergeError
+from ..errors import ModelError, RecipeError
 from ..io import ModelDir
 from ..recipe import BASE, Strict
 from ..store import make_key
@@ -50,7 +50,7 @@ class ZeroshotHeadStep(StepKind):
         for m in self.models_used(cfg, recipe):
             data = recipe.models[m].data
             if data is None or recipe.spec.data[data].image is None:
-                raise FmergeError(f"{recipe.where('steps', name)}: model '{m}' has no image task; a zero-shot "
+                raise RecipeError(f"{recipe.where('steps', name)}: model '{m}' has no image task; a zero-shot "
                                   f"head needs 'data: <entry with an image column>' in models.{m}.")
 
     def plan(self, rt, name, cfg, upstream):
@@ -86,7 +86,7 @@ def classnames_from_data(rt, data: str) -> list[str]:
         spec = data_spec(rt, data, d.test_split)
         labels = label_names_for(load_dataset_split(spec), spec)
     if not labels:
-        raise FmergeError(f"{where}: CLIP task '{data}' has no class names: give 'classnames' (a list in label "
+        raise RecipeError(f"{where}: CLIP task '{data}' has no class names: give 'classnames' (a list in label "
                           f"order) or 'label_names', or use a dataset whose label column is a ClassLabel.")
     return names_from_labels(labels)
 
@@ -121,7 +121,7 @@ def text_hash(rt) -> str:
     """`clip.text_side_hash` of the base, remembered per base content hash (hashing a text tower
     costs seconds; the base's content hash is itself cached by file stamp)."""
     if rt.spec(BASE).from_step is not None:
-        raise FmergeError(f"{rt.recipe.where('base')}: a CLIP recipe's base must be a CLIPModel checkpoint "
+        raise RecipeError(f"{rt.recipe.where('base')}: a CLIP recipe's base must be a CLIPModel checkpoint "
                           f"(directory or hub id), not a step's output.")
     base_hash = rt.model_hash(BASE)
     if base_hash in _TEXT_HASHES:  # every CLIP task of every step asks: read the cache file once
@@ -181,14 +181,14 @@ class TextEncoder:
         directory = rt.model_dir(BASE)
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         if config.model_type != "clip":
-            raise FmergeError(f"{rt.recipe.where('base')}: zero-shot heads need the base CLIPModel checkpoint "
+            raise ModelError(f"{rt.recipe.where('base')}: zero-shot heads need the base CLIPModel checkpoint "
                               f"(with its text tower); {directory} holds a '{config.model_type}' model.")
         full = _full_base(rt)
         net = CLIPModel(config)
         missing, _ = net.load_state_dict({n: full.get(n) for n in full.names()}, strict=False)
         needed = [m for m in missing if not m.startswith("vision_model.") and not m.endswith("position_ids")]
         if needed:
-            raise FmergeError(f"{rt.recipe.where('base')}: the base checkpoint lacks {len(needed)} tensor(s) of "
+            raise ModelError(f"{rt.recipe.where('base')}: the base checkpoint lacks {len(needed)} tensor(s) of "
                               f"CLIP's text side, e.g. {', '.join(needed[:3])}; zero-shot heads need a full CLIPModel.")
         self.net = net.eval().to(rt.device)
         self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
