@@ -357,9 +357,13 @@ def test_repair_leaves_an_entry_fmerge_did_not_name(tmp_path):
     assert stray.read_text() == "mine" and store.check("k1" + "0" * 30) == ""
 
 
-def test_the_repository_store_is_marked():
-    """recipes/*.yaml use ../artifacts, which holds a README: without its committed marker every
-    `make demo` would be refused as a foreign directory."""
-    root = Path(__file__).resolve().parents[1] / "artifacts"
-    assert (root / STORE_MARKER).is_file(), "commit artifacts/fmerge-store.json"
-    assert Store.open_existing(root).root == root
+def test_the_repository_commits_no_store():
+    """artifacts/ is built, never committed: a fresh clone has no store, and the first `fmerge run`
+    (e.g. `make demo`, whose recipes use ../artifacts) creates it in the missing directory."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files", "artifacts"], cwd=repo, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert tracked.stdout.strip() == ""

@@ -22,7 +22,10 @@ from ..store import library_versions, make_key
 from .base import Planned, StepKind, register
 
 # Bumped when the streaming driver (not a method) changes what a merge writes.
-DRIVER_VERSION = 2  # 2: with out_dtype, copied floating tensors are written in it too
+DRIVER_VERSION = 1
+# What the driver writes changed only for merges with an out_dtype (copied floating tensors are
+# now written in it too): only their keys move, every other cached merge stays valid.
+OUT_DTYPE_DRIVER_VERSION = 2
 
 
 class MergeConfig(Strict):
@@ -111,7 +114,7 @@ class MergeStep(StepKind):
             **({"missing_tensors": "base"} if spec.missing_tensors == "base" else {}),  # keys unchanged by default
             "seed": cfg.seed if cfg.seed is not None else spec.seed,
         }
-        version = DRIVER_VERSION * 1000 + method.version
+        version = (OUT_DTYPE_DRIVER_VERSION if cfg.out_dtype else DRIVER_VERSION) * 1000 + method.version
         key = make_key("merge", key_params, inputs, version)
         return [Planned(name, "", "merge", key, inputs, key_params, version)]
 
