@@ -66,6 +66,8 @@ dtype: bfloat16
 }
 
 
+from _common import evict  # noqa: E402  (bench/ is on sys.path when a script runs)
+
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMB]?)", text.upper())
     if not m:
@@ -129,16 +131,6 @@ def make_models(folder: Path, shape: dict) -> dict[str, Path]:
 
 def weight_files(paths) -> list[Path]:
     return sorted(f for p in paths for f in p.glob("*.safetensors"))
-
-
-def evict(files: list[Path]) -> None:
-    """Drop these files' pages from the page cache (only ours: other jobs' caches stay)."""
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def read_all(files: list[Path]) -> float:

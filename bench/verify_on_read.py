@@ -42,6 +42,8 @@ sys.path.insert(0, str(ROOT))
 from fmerge.store import Artifact, Store  # noqa: E402
 
 
+from _common import evict  # noqa: E402  (bench/ is on sys.path when a script runs)
+
 def minilm_layout() -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of sentence-transformers/all-MiniLM-L6-v2 (BertModel, 22.7M parameters)."""
     h, inter, layers = 384, 1536, 6
@@ -75,16 +77,6 @@ def build(store: Store) -> None:
 
 def files_of(path: Path) -> list[Path]:
     return [f for f in path.rglob("*") if f.is_file()]
-
-
-def evict(files: list[Path]) -> None:
-    """Drop these files' pages from the page cache (only ours: other jobs' caches stay)."""
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def read_all(store: Store, key: str, mode: str) -> float:

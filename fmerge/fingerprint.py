@@ -14,7 +14,8 @@ from pathlib import Path
 _CHUNK = 1 << 22
 
 
-def _stamp(path: Path) -> str:
+def file_stamp(path: Path) -> str:
+    """What identifies a file's content without reading it: device, inode, size, mtime_ns."""
     st = path.stat()
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
@@ -46,7 +47,7 @@ class FileHashes:
         return self._memo
 
     def file(self, path: Path) -> str:
-        stamp = _stamp(path)
+        stamp = file_stamp(path)
         cache = self._cache()
         if stamp not in cache:
             cache[stamp] = hash_file(path)

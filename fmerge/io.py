@@ -20,6 +20,7 @@ from typing import Iterable, Protocol
 import torch
 
 from .errors import ModelError, RecipeError, quoted
+from .fingerprint import file_stamp
 
 WEIGHT_FILE_RE = re.compile(r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.safetensors$")
 PICKLE_FILE_RE = re.compile(r"^(pytorch_model|model)(-\d+-of-\d+)?\.(bin|pt|pth)$")
@@ -514,8 +515,9 @@ def content_hash(source: TensorSource) -> str:
 
 
 class HashCache:
-    """Remembers a model's content hash by its weight files' path, size and mtime (in `file`,
-    which is only read when `write` is false: a store opened read-only is never written)."""
+    """Remembers a model's content hash by its weight files' paths and stat stamps (device, inode,
+    size, mtime_ns; fingerprint.file_stamp), in `file`, which is only read when `write` is false:
+    a store opened read-only is never written."""
 
     def __init__(self, file: Path, write: bool = True):
         self.file, self.write = file, write
@@ -527,7 +529,7 @@ class HashCache:
             return {}
 
     def hash_model(self, model: ModelDir) -> str:
-        stamp = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in model.weight_files()]
+        stamp = [[str(f.resolve()), file_stamp(f)] for f in model.weight_files()]
         cache_id = hashlib.blake2b(json.dumps(stamp).encode(), digest_size=16).hexdigest()
         cached = self._load().get(cache_id)
         if cached:
