@@ -235,6 +235,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"merge-{args.size}.json"
+    result["targets"] = target_lines(result)
     path.write_text(json.dumps(result, indent=2))
     print_table(result)
     print(f"wrote {path}")
@@ -266,6 +267,36 @@ def print_table(r: dict) -> None:
             print(f"{'':8} mergekit/fmerge time {row['time_ratio_mergekit_over_fmerge']}x, fmerge/mergekit memory "
                   f"{row['rss_ratio_fmerge_over_mergekit']}x, outputs equal {row['outputs']['equal_fraction']:.4f} "
                   f"(max diff {row['outputs']['max_abs_diff']:.2g})")
+    print("\ntargets (issue 14; at 1.1B on a quiet machine):")
+    for line in target_lines(r):
+        print("  " + line)
+
+
+# (method, what, value of a row, goal, True if the value must be at least the goal)
+TARGETS = [
+    ("linear", "mergekit/fmerge time", lambda r, row: row.get("time_ratio_mergekit_over_fmerge"), 1.5, True),
+    ("linear", "share of the inputs' cold read bandwidth",
+     lambda r, row: round(r["read_cold_s"] / row["fmerge"]["seconds"], 2) if "fmerge" in row else None, 0.6, True),
+    ("ties", "mergekit/fmerge time", lambda r, row: row.get("time_ratio_mergekit_over_fmerge"), 4.0, True),
+    ("linear", "fmerge/mergekit peak RSS", lambda r, row: row.get("rss_ratio_fmerge_over_mergekit"), 0.2, False),
+    ("ties", "fmerge/mergekit peak RSS", lambda r, row: row.get("rss_ratio_fmerge_over_mergekit"), 0.2, False),
+]
+
+
+def target_lines(r: dict) -> list[str]:
+    """Each target of the issue against this run's figure: met, not met, or not measured."""
+    rows = {row["method"]: row for row in r["rows"]}
+    lines = []
+    for method, what, value_of, goal, at_least in TARGETS:
+        value = value_of(r, rows[method]) if method in rows else None
+        sign = ">=" if at_least else "<="
+        if value is None:
+            verdict = "not measured in this run"
+        else:
+            verdict = f"{value} -> {'met' if (value >= goal if at_least else value <= goal) else 'NOT met'}"
+        lines.append(f"{method:6} {what} {sign} {goal}: {verdict}")
+    lines.append("store write >= 0.8 GB/s: measured by bench/store.py")
+    return lines
 
 
 if __name__ == "__main__":

@@ -199,6 +199,8 @@ def merge(
     out_dir: Path = typer.Option(..., "--out", help="write the merged model here"),
     out_dtype: Optional[str] = typer.Option(None, "--out-dtype", help="dtype of the written weights: float32, "
                                             "float16 or bfloat16 (default: the base model's)"),
+    out_shard_size: Optional[str] = typer.Option(None, "--out-shard-size", help="largest weight file of the "
+                                                 "output, e.g. 2GB (GB = 10^9 bytes, GiB = 2^30; default 5GB)"),
     device: Optional[str] = DeviceOpt,
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load .bin/.pt checkpoints (weights only)"),
     store: Optional[Path] = StoreOpt,
@@ -206,15 +208,15 @@ def merge(
 ):
     """Merge models directly, without a recipe (same store, same cache)."""
     from . import executor
-    from .api import parse_recipe
+    from .api import merge_recipe
     from .runtime import Runtime
 
     if device is not None:  # before anything is read or created
         from .distributed import check_device
 
         device = check_device(device)
-    recipe_text = direct_merge_recipe(method, model, base, param, out_dir, out_dtype, allow_pickle)
-    recipe = parse_recipe(recipe_text, None)
+    recipe = merge_recipe(method, model, base, _params(param), out_dir, out_dtype, allow_pickle,
+                          base_hint="add --base DIR", out_shard_size=out_shard_size)
     rt = Runtime(recipe, open_store(store, create=True), err, device)
     _debug(f"store {escape(str(rt.store.root))}, device {rt.device}")
     reports = executor.run(rt, on_report=_report_line)
@@ -227,7 +229,8 @@ def merge(
 
 @app.command()
 def fisher(
-    model: list[Path] = typer.Option(..., "--model", help="fine-tuned classifier directory; repeatable"),
+    model: list[Path] = typer.Option(..., "--model", help="fine-tuned classifier or causal LM directory; "
+                                     "repeatable (an LM's Fisher is per token of --text-column)"),
     data: str = typer.Option(..., "--data", help="task data: a csv/json/jsonl/parquet file, a directory, or a hub id"),
     text_column: str = typer.Option("text", "--text-column", help="column holding the input text"),
     text_pair_column: Optional[str] = typer.Option(None, "--text-pair-column",
@@ -255,7 +258,7 @@ def fisher(
 
     Under `torchrun --nproc_per_node K -m fmerge fisher ...` the examples are sharded across ranks."""
     from . import distributed, executor
-    from .api import parse_recipe
+    from .api import fisher_recipe
     from .runtime import Runtime
 
     if seed < 0:  # numpy's and torch's generators take no negative seed
@@ -264,23 +267,10 @@ def fisher(
         from .distributed import check_device
 
         device = check_device(device)
-    names = _model_names(model)
-    step = {"kind": "fisher", "estimator": estimator, "examples": examples, "samples": samples, "split": split,
-            "batch_size": batch_size, "chunk_size": chunk_size, "max_length": max_length, "seed": seed}
-    if export is not None:
-        step["export"] = os.path.abspath(export)  # not resolved: a link or loop there is the export's to refuse
-    local = Path(data)
-    source = str(local.resolve()) if local.exists() else data  # a file is all rows of --split, unpartitioned
-    spec = {**({"splits": {split: source}} if local.is_file() else {"path": source}), "text": text_column,
-            "text_pair": text_pair_column, "label": label_column or None, "train_split": split}
-    if label_names is not None:
-        spec["label_names"] = _label_names(label_names, label_column)
-    recipe = {"base": next(iter(names.values())), "allow_pickle": allow_pickle,
-              "models": {n: {"path": p, "data": "task"} for n, p in names.items()},
-              "data": {"task": spec}, "steps": {"fisher": step}}
-    import yaml
-
-    rt = Runtime(parse_recipe(yaml.safe_dump(recipe), None), open_store(store, create=True), err, device)
+    names = None if label_names is None else _label_names(label_names, label_column)
+    recipe = fisher_recipe(model, data, estimator, examples, split, text_column, text_pair_column, label_column,
+                           names, samples, batch_size, chunk_size, max_length, seed, export, allow_pickle)
+    rt = Runtime(recipe, open_store(store, create=True), err, device)
     _debug(f"store {escape(str(rt.store.root))}, device {rt.device}")
     reports = executor.run(rt, on_report=_report_line)
     if distributed.is_main():
@@ -320,47 +310,17 @@ def _label_names(text: str, label_column: Optional[str]) -> list[str]:
     return names
 
 
-def _resolved(path: Path) -> Path:
-    """`path` resolved, or made absolute where it cannot be (a symbolic link loop: refused later, by name)."""
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError):
-        return Path(os.path.abspath(path))
-
-
-def _model_names(models: list[Path]) -> dict[str, str]:
-    """Unique short names (directory names) for models given on the command line."""
-    names: dict[str, str] = {}
-    for m in models:
-        name = _resolved(m).name or "model"
-        while name in names:
-            name += "_"
-        names[name] = str(_resolved(m))
-    return names
-
-
-def direct_merge_recipe(method, models, base, params, out_dir, out_dtype, allow_pickle) -> str:
-    """The one-step recipe equivalent to a `fmerge merge` command line."""
+def _params(items: list[str]) -> dict:
+    """--param KEY=VALUE items as a mapping (values are YAML)."""
     import yaml
 
-    names = _model_names(models)
     parsed = {}
-    for item in params:
+    for item in items:
         if "=" not in item:
             raise RecipeError(f"--param '{item}' must look like KEY=VALUE (e.g. --param density=0.2).")
         k, v = item.split("=", 1)
         parsed[k.strip()] = yaml.safe_load(v)
-    step = {"kind": "merge", "method": method, "params": parsed, "export": os.path.abspath(out_dir)}
-    if out_dtype:
-        step["out_dtype"] = out_dtype
-    recipe = {"base": str(_resolved(base or models[0])), "models": names, "allow_pickle": allow_pickle,
-              "steps": {"merge": step}}
-    if base is None:
-        from .methods import get_method
-
-        if get_method(method).needs_base:
-            raise RecipeError(f"Method '{method}' needs the base model: add --base DIR.")
-    return yaml.safe_dump(recipe)
+    return parsed
 
 
 def _fields(model) -> list[dict]:
@@ -590,6 +550,72 @@ def _gc_store(recipes: list) -> Path:
                          f"at a time. Run it once per store with that store's recipes, or name the store with "
                          f"--store, then run again.")
     return next(iter(roots.values()))[1]
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(..., help="model directory, a merge's key in the store (a unique prefix), or hub id"),
+    data: Optional[str] = typer.Option(None, "--data", help="task data: a csv/json/jsonl/parquet file (read whole "
+                                       "as --split), a directory of split files, or a hub dataset id"),
+    task: Optional[str] = typer.Option(None, "--task", help="classification, causal_lm or multiple_choice "
+                                       "(default: multiple_choice with --choices-column, else from the model's config)"),
+    split: str = typer.Option("test", "--split", help="data split evaluated"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="seeded random subset of at most N rows"),
+    text_column: str = typer.Option("text", "--text-column", help="input text (multiple choice: the context)"),
+    text_pair_column: Optional[str] = typer.Option(None, "--text-pair-column", help="second text of a pair task"),
+    label_column: Optional[str] = typer.Option("label", "--label-column", help="label (multiple choice: the "
+                                               "right choice's index)"),
+    label_names: Optional[str] = typer.Option(None, "--label-names", help="string labels in head order, "
+                                              "comma-separated"),
+    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="causal_lm: a prompt each text "
+                                                "follows directly, whose tokens are not scored"),
+    choices_column: Optional[str] = typer.Option(None, "--choices-column", help="multiple choice: each row's list "
+                                                 "of choices (default 'choices' with --task multiple_choice)"),
+    head: Optional[Path] = typer.Option(None, "--head", help="classification: a .safetensors file of head tensors "
+                                        "to use instead of the model's own"),
+    like: Optional[Path] = typer.Option(None, "--like", help="for a merge key: the model directory lending config, "
+                                        "tokenizer and head (default: the merge's recorded base)"),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="also run these lm-evaluation-harness tasks, "
+                                          "comma-separated (needs `pip install lm-eval`)"),
+    batch_size: int = typer.Option(16, "--batch-size", help="sequences per forward pass"),
+    max_length: int = typer.Option(512, "--max-length", help="tokens per pass (language modelling: longer texts "
+                                   "are scored in windows; classification: longer ones are cut)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the --limit subset"),
+    output: Optional[Path] = typer.Option(None, "--output", help="write results.json and results.csv here"),
+    device: Optional[str] = DeviceOpt,
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load .bin/.pt checkpoints (weights only)"),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+):
+    """Evaluate a model, a merge or a hub model on task data (cached): accuracy, perplexity or
+    multiple-choice accuracy by log-likelihood (acc, and acc_norm per character as lm-eval)."""
+    from .api import evaluate
+    from .report import results_table
+
+    result = evaluate(model, data, task, split, limit, text_column, text_pair_column, label_column, prompt_column,
+                      choices_column, _label_names(label_names, label_column) if label_names else None, head, like,
+                      batch_size, max_length, seed, [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval
+                      else None, output, store, device, allow_pickle, err, _report_line)
+    if as_json:
+        _emit_json(result.as_json())
+        return
+    if result.report is not None:
+        _print_reports([result.report], f"fmerge eval {model}")
+    ours = [s for s in result.scores if s.key is not None]
+    if ours:
+        out.print(results_table([{"variant": result.model, "task": s.task, "split": s.split,
+                                  "metric": "perplexity" if s.kind == "causal_lm" else "accuracy", **s.metrics}
+                                 for s in ours], "fmerge eval"))
+    table = Table(title=f"every figure of {escape(result.model)}")
+    for col in ("task", "kind", "split", "n", "metric", "value"):
+        table.add_column(col)
+    for s in result.scores:
+        for metric, value in s.metrics.items():
+            shown = str(value) if metric == "tokens" else f"{value:.4f}"
+            table.add_row(escape(s.task), s.kind, s.split or "-", str(s.n if s.n is not None else "-"), metric, shown)
+    out.print(table)
+    if result.output:
+        _info(f"results in {escape(str(result.output))}")
 
 
 def main() -> None:

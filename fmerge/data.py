@@ -55,6 +55,8 @@ class DataSpec:
     splits with `partition_seed` (see `partition_indices`); `split` must be one of the names.
     None: a file is read whole as the split asked for (a recipe names such files per split).
     Both enter cache keys: they decide which rows a split holds.
+    Language-modelling data: `text_column` (and `prompt_column`), no label. Multiple choice:
+    `text_column` the context, `choices_column` the choices, `label_column` the answer's index.
     """
 
     path: str
@@ -65,6 +67,8 @@ class DataSpec:
     config: str | None = None
     partition: tuple[tuple[str, float], ...] | None = None
     partition_seed: int = 0
+    prompt_column: str | None = None  # language modelling: text before `text_column`, not scored
+    choices_column: str | None = None  # multiple choice: each row's list of choices; label = the answer's index
 
 
 def partition_sizes(n: int, shares: Sequence[tuple[str, float]]) -> dict[str, int]:
@@ -198,11 +202,12 @@ def _check_columns(ds, spec: DataSpec, where: str) -> None:
     every row: checked over the whole file (or split), not the subset a step draws, so that a bad
     row is found whichever rows are drawn. Rows are counted from 1 in the file's order."""
     columns = ds.column_names
-    roles = [("text_column", spec.text_column), ("text_pair_column", spec.text_pair_column)]
+    roles = [("text_column", spec.text_column), ("text_pair_column", spec.text_pair_column),
+             ("prompt_column", spec.prompt_column)]
     roles.append(("label_column", spec.label_column))
-    for role, column in roles:
+    for role, column in [*roles, ("choices_column", spec.choices_column)]:
         if column is not None and column not in columns:
-            hint = " or to null for unlabelled data" if role == "label_column" else ""
+            hint = " or to null for unlabelled data" if role == "label_column" and not spec.choices_column else ""
             raise DataError(
                 f"Dataset {where} has no column '{column}' (the spec's {role}); its columns are "
                 f"{', '.join(columns)}. Set {role} to one of them{hint}."
@@ -234,6 +239,25 @@ def _check_columns(ds, spec: DataSpec, where: str) -> None:
                 f"Dataset {where}: row {row + 1} of label column '{column}' is empty (null or missing) "
                 f"({values.null_count} row(s) so). Give every row a label, remove unlabelled rows, or set the "
                 f"label column to null (--label-column '') for unlabelled data.")
+    if spec.choices_column is not None:
+        _check_choices(ds, spec, where)
+
+
+def _check_choices(ds, spec: DataSpec, where: str) -> None:
+    """Every row's choices are a non-empty list of non-empty strings, and its answer (label) an
+    integer index into them; rows counted from 1 in the file's order."""
+    column, answer = spec.choices_column, spec.label_column
+    for row, (choices, gold) in enumerate(zip(ds[column], ds[answer]), 1):
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+            raise DataError(
+                f"Dataset {where}: row {row} of choices column '{column}' holds {quoted(choices, 80)}, not a "
+                f"non-empty list of non-empty strings. Each row's choices must be a list such as "
+                f'["Paris", "Rome"]; fix or remove the row, then run again.')
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+            raise DataError(
+                f"Dataset {where}: row {row} of answer column '{answer}' holds {quoted(gold, 60)}, but the answer "
+                f"of a multiple-choice row is the index of the right choice, 0..{len(choices) - 1} for its "
+                f"{len(choices)} choices. Fix the row (or set the data entry's label to the answer column).")
 
 
 def _first_null(values) -> int:
@@ -578,6 +602,125 @@ def _pad_right(encoded, pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+    """Token ids of context + continuation, and how many of them are the context's, split the way
+    lm-evaluation-harness splits them: spaces ending the context move to the continuation, the
+    whole string is encoded at once, and the continuation is what follows the context's own
+    encoding (no special tokens are added)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    own = len(tokenizer(context, add_special_tokens=False)["input_ids"]) if context else 0
+    return whole, own
+
+
+def _prefix_token(tokenizer) -> int | None:
+    """The token a sequence starts from so that its first token is predicted too: BOS, else EOS."""
+    return next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), None)
+
+
+def _scored_labels(ids: list[int], start: int) -> list[int]:
+    from .lm_scoring import IGNORE_INDEX
+
+    return [IGNORE_INDEX] * start + ids[start:]
+
+
+def _lm_windows(ids: list[int], start: int, max_length: int) -> Iterator[tuple[list[int], list[int]]]:
+    """(input ids, labels) windows of at most max_length tokens covering a sequence; each window
+    starts at the last token of the one before, whose prediction that one scored, so every token
+    from `start` on is scored exactly once and none is dropped."""
+    from .lm_scoring import IGNORE_INDEX
+
+    labels = _scored_labels(ids, start)
+    step = max_length - 1
+    for a in range(0, max(len(ids) - 1, 1), step):
+        window = labels[a:a + max_length]
+        yield ids[a:a + max_length], [IGNORE_INDEX] + window[1:]
+
+
+def _padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    from .lm_scoring import IGNORE_INDEX
+
+    length = max(len(ids) for ids, _ in rows)
+    fill = [length - len(ids) for ids, _ in rows]
+    return {"input_ids": torch.tensor([ids + [pad_id] * f for (ids, _), f in zip(rows, fill)], dtype=torch.int64),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * f for (ids, _), f in zip(rows, fill)],
+                                           dtype=torch.int64),
+            "labels": torch.tensor([lab + [IGNORE_INDEX] * f for (_, lab), f in zip(rows, fill)], dtype=torch.int64)}
+
+
+def encode_lm_batches(tokenizer, ds, spec: DataSpec, batch_size: int,
+                      max_length: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Language-modelling batches: `input_ids`, `attention_mask`, `labels` (each text token, in the
+    transformers convention; padding and prompt tokens IGNORE_INDEX) and `example_ids`. Each
+    sequence starts with the tokenizer's BOS (else EOS) token so its first token is scored too (a
+    tokenizer with neither leaves it unscored); a sequence longer than `max_length` is cut into
+    windows (see `_lm_windows`), so nothing is left out."""
+    if batch_size < 1 or max_length < 2:
+        raise RecipeError(f"Batch size must be at least 1 and max_length at least 2; got {batch_size}, {max_length}.")
+    prefix = _prefix_token(tokenizer)
+    pad_id = next((t for t in (tokenizer.pad_token_id, prefix) if t is not None), 0)
+    ids_column = np.asarray(ds[EXAMPLE_ID_COLUMN]) if EXAMPLE_ID_COLUMN in ds.column_names else np.arange(len(ds))
+    texts = _texts(ds[:], spec.text_column, 0)
+    prompts = _texts(ds[:], spec.prompt_column, 0) if spec.prompt_column else [""] * len(texts)
+    pending: list[tuple[list[int], list[int]]] = []
+    owners: list[int] = []
+    for row, (prompt, text) in enumerate(zip(prompts, texts)):
+        ids, start = encode_pair(tokenizer, prompt, text)
+        if prefix is not None:
+            ids, start = [prefix, *ids], start + 1
+        for window in _lm_windows(ids, max(start, 1), max_length):
+            pending.append(window)
+            owners.append(int(ids_column[row]))
+            if len(pending) == batch_size:
+                yield {**_padded(pending, pad_id), "example_ids": torch.tensor(owners, dtype=torch.int64)}
+                pending, owners = [], []
+    if pending:
+        yield {**_padded(pending, pad_id), "example_ids": torch.tensor(owners, dtype=torch.int64)}
+
+
+def encode_choice_batches(tokenizer, ds, spec: DataSpec, batch_size: int,
+                          max_length: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Multiple-choice batches, one row per (example, choice): context + " " + choice encoded as
+    `encode_pair` does, `labels` scoring the choice's tokens only, `example_ids` and
+    `choice_ids`. A sequence longer than `max_length` loses tokens from the left of its context
+    (as lm-evaluation-harness does); an empty context starts from the BOS (else EOS) token."""
+    if batch_size < 1 or max_length < 2:
+        raise RecipeError(f"Batch size must be at least 1 and max_length at least 2; got {batch_size}, {max_length}.")
+    prefix = _prefix_token(tokenizer)
+    pad_id = next((t for t in (tokenizer.pad_token_id, prefix) if t is not None), 0)
+    ids_column = np.asarray(ds[EXAMPLE_ID_COLUMN]) if EXAMPLE_ID_COLUMN in ds.column_names else np.arange(len(ds))
+    contexts = _texts(ds[:], spec.text_column, 0)
+    pending, owners, which = [], [], []
+    for row, (context, choices) in enumerate(zip(contexts, ds[spec.choices_column])):
+        for c, choice in enumerate(choices):
+            ids, start = encode_pair(tokenizer, context, " " + choice)
+            if start == 0:
+                if prefix is None:
+                    raise DataError(f"Dataset '{spec.path}': row {row + 1} has an empty context, and the tokenizer has "
+                                    f"no BOS or EOS token to start from, so its choices' first tokens cannot be "
+                                    f"scored; give every row a context.")
+                ids, start = [prefix, *ids], 1
+            cut = max(len(ids) - max_length, 0)
+            if start - cut < 1:
+                raise DataError(f"Dataset '{spec.path}': row {row + 1}, choice {c} takes {len(ids) - start} tokens, "
+                                f"which with one token of context exceed max_length {max_length}; raise max_length "
+                                f"(--max-length) or shorten the choice.")
+            pending.append((ids[cut:], _scored_labels(ids, start)[cut:]))
+            owners.append(int(ids_column[row]))
+            which.append(c)
+            if len(pending) == batch_size:
+                yield _choice_batch(pending, owners, which, pad_id)
+                pending, owners, which = [], [], []
+    if pending:
+        yield _choice_batch(pending, owners, which, pad_id)
+
+
+def _choice_batch(rows, owners: list[int], which: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    return {**_padded(rows, pad_id), "example_ids": torch.tensor(owners), "choice_ids": torch.tensor(which)}
+
+
 def shard_by_rank(ds, rank: int | None = None, world_size: int | None = None):
     """This rank's examples (rank::world_size) of a datasets.Dataset, each keeping its position
     in the full dataset as its example id, so sampled labels match a single-process run."""
@@ -597,6 +740,9 @@ __all__ = [
     "EXAMPLE_ID_COLUMN",
     "check_labels",
     "encode_batches",
+    "encode_choice_batches",
+    "encode_lm_batches",
+    "encode_pair",
     "label_names_for",
     "load_dataset_split",
     "partition_indices",

@@ -28,10 +28,12 @@ fmerge never deletes or overwrites a file it did not write:
   `.NAME.fmerge-export.json`; an existing file without one is replaced only if its safetensors
   header carries an `fmerge_key` (an export of an fmerge older than sidecars).
 
-Side files are copied only if they are regular files inside the base model's directory (for a
+Side files are read only if they are regular files inside the base model's directory (for a
 hub download, inside its cache entry, whose snapshot files link to its blobs): a link that leads
 elsewhere is refused, since an export is made to be shared and could otherwise publish a private
-file; fifos and devices are refused too.
+file; fifos and devices are refused too. The tokenizer is loaded from those files (never its own
+code) and written with `save_pretrained`, so its chat template comes along; one that does not
+load is copied file by file, and the model card says so.
 
 `check_exports` refuses, at validation (before anything is computed), two steps exporting to the
 same place (or one inside the other), exports inside (or holding) the artifact store, and export
@@ -61,6 +63,7 @@ from typing import Callable
 from . import __version__
 from .errors import ExportError, FmergeError, quoted
 from .io import SIDE_FILES, StreamingSafetensorsWriter, TensorSource, few, write_weight_files
+from .model_card import tokenizer_fallback_note
 from .store import pid_alive
 
 MARKER = ".fmerge-export.json"
@@ -91,8 +94,9 @@ def check_exports(recipe, store_root: Path | str) -> None:
     protected = protected_paths(recipe)
     group_of = {v.name: group for group, variants in (getattr(recipe, "sweeps", None) or {}).items() for v in variants}
     seen: list[tuple[str, str, Path, str]] = []  # (step, its recipe-level name, path, where)
-    for name, cfg in recipe.steps.items():
-        export = getattr(cfg, "export", None)
+    exports = [(name, getattr(cfg, "export", None)) for name, cfg in recipe.steps.items()]
+    exports += [(group, path) for group, (_, path) in getattr(recipe, "chosen_exports", {}).items()]
+    for name, export in exports:
         if not export:
             continue
         group = group_of.get(name, name)
@@ -113,12 +117,6 @@ def check_exports(recipe, store_root: Path | str) -> None:
         for other, other_group, other_path, other_where in seen:
             if not (_within(path, other_path) or _within(other_path, path)):
                 continue
-            if other_group == group:
-                n = sum(1 for s in group_of.values() if s == group)
-                raise ExportError(
-                    f"{where}: step '{group}' is swept into {n} variants that would all export to {path}, "
-                    f"each replacing the last. Remove 'export' from the swept step (pick the best variant "
-                    f"with an eval step), and export the chosen parameters from a step of their own.")
             how = "both export to" if path == other_path else "export to nested paths:"
             paths = f"{path}" if path == other_path else f"{other_path} and {path}"
             raise ExportError(
@@ -364,10 +362,19 @@ def export_model_dir(
     side_files_from: Path | None,
     finish: Callable[[Path], None] | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    weight_files: dict[str, tuple[Path, dict]] | None = None,
 ) -> str:
     """Export `weights` (the artifact `key` of step `step`) as a Hugging Face model directory at
     `out`; returns what was done. `finish(dir)` adds the caller's files (heads) to the new
-    directory before it is recorded and swapped in. `store` gives the lock (None: no lock)."""
+    directory before it is recorded and swapped in. `store` gives the lock (None: no lock).
+
+    `weight_files` ({name: (path, record with its sha256)}): the artifact's own safetensors files
+    (and index), already checked by the store; they are hard-linked into the export (reflinked,
+    else copied, across file systems) instead of writing `weights` again, and their recorded
+    SHA-256 goes into the manifest unread. A hard link is the store's file itself: editing the
+    exported weights in place changes the artifact too. The store notices (the file's stamp moves,
+    so the artifact is verified whole again, fails its checksum, is moved to quarantine and
+    recomputed), and this export then refuses to replace the edited file, which is the user's now."""
     out = Path(out)
     where = where or str(out)
     with export_lock(store, out):
@@ -379,8 +386,10 @@ def export_model_dir(
         if manifest is None and out.is_dir() and any(out.iterdir()):
             raise ExportError(f"{where}: {out} exists and was not written by fmerge; refusing to replace it (it has "
                               f"no {MARKER} naming the files fmerge wrote). Remove it or export elsewhere.")
-        if manifest is not None and manifest.get("key") == key and all(
-                (out / rel).is_file() for rel in manifest.get("files", {})):
+        recorded = manifest.get("files", {}) if manifest is not None else {}
+        if manifest is not None and manifest.get("key") == key and all((out / rel).is_file() for rel in recorded) \
+                and all(_matches(out / rel, recorded.get(rel)) for rel in weight_files or {}):
+            # (linked weights edited in place were the store's: recomputed there, refused below)
             return f"export {out} up to date"
         owned, user, dirs = _classify(out, manifest, where) if manifest is not None else ({}, [], [])
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -391,13 +400,20 @@ def export_model_dir(
             raise _export_error(out, exc) from exc
         try:
             (tmp / BUILDING).touch()
-            layout = [(n, weights.dtype(n), weights.shape(n)) for n in weights.names()]
-            digests = write_weight_files(tmp, layout, ((n, weights.get(n)) for n in weights.names()),
-                                         {"format": "pt", "fmerge_key": key}, max_shard_bytes)
+            if weight_files:
+                digests = {}
+                for name, (src, record) in weight_files.items():
+                    place_file(src, tmp / name)
+                    digests[name] = record["sha256"]
+            else:
+                layout = [(n, weights.dtype(n), weights.shape(n)) for n in weights.names()]
+                digests = write_weight_files(tmp, layout, ((n, weights.get(n)) for n in weights.names()),
+                                             {"format": "pt", "fmerge_key": key}, max_shard_bytes)
+            notes: list[str] = []  # what the card must say about the side files (a tokenizer copied as is)
             if side_files_from is not None:
-                copy_side_files(Path(side_files_from), tmp)
+                copy_side_files(Path(side_files_from), tmp, notes)
             with open(tmp / "README.md", "x") as fh:
-                fh.write(readme)
+                fh.write(readme + "".join(notes))
             if finish is not None:
                 finish(tmp)
             written, _ = _walk(tmp)
@@ -426,6 +442,26 @@ def export_model_dir(
         if left:
             note += f"; {old} keeps {few(left, 3)}, which were not moved (a name taken in the new export)"
     return note
+
+
+def place_file(src: Path, dst: Path) -> str:
+    """Put the bytes of `src` at the new path `dst`: a hard link where the file system allows it, a
+    reflink (a copy-on-write clone) where not, else one copy. Returns which it was."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+        return "link"
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        try:
+            import fcntl
+
+            fcntl.ioctl(fout.fileno(), 0x40049409, fin.fileno())  # FICLONE
+            return "reflink"
+        except (ImportError, OSError):
+            shutil.copyfileobj(fin, fout, 1 << 22)
+            return "copy"
 
 
 def _export_error(out: Path, exc: OSError) -> ExportError:
@@ -656,38 +692,94 @@ def _allowed_roots(model_dir: Path) -> list[Path]:
     return roots
 
 
-def copy_side_files(model_dir: Path, dest: Path) -> list[str]:
-    """Copy the base model's config and tokenizer files (io.SIDE_FILES) present in `model_dir`
-    into `dest`; returns their names. Only regular files inside the model directory are copied."""
+# Names of the files a tokenizer is read from: with none of them a model directory has no tokenizer
+# (AutoTokenizer would otherwise build an empty one from config.json alone).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+# Side files that are not the tokenizer's: copied as they are even when the tokenizer is saved anew.
+_CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".index.json")
+
+
+def copy_side_files(model_dir: Path, dest: Path, notes: list[str] | None = None) -> list[str]:
+    """Write the base model's config and tokenizer into `dest`; returns the names written.
+
+    The tokenizer is loaded (local files only, never its own code) and written with
+    `save_pretrained`, so a chat template and every file it needs come along; if it does not
+    load, the files io.SIDE_FILES names are copied as they are and `notes` gets a paragraph for
+    the model card saying so. Only regular files inside the model directory are read."""
     roots = _allowed_roots(model_dir)
+    for name in SIDE_FILES:
+        _side_source(model_dir / name, model_dir, roots)
+    saved = _save_tokenizer(model_dir, dest, roots, notes)
     copied = []
     for name in SIDE_FILES:
-        src = model_dir / name
-        if not os.path.lexists(src):
+        if saved and name not in _CONFIG_FILES:
+            continue  # the tokenizer was written by save_pretrained
+        real = _side_source(model_dir / name, model_dir, roots)
+        if real is None:
             continue
-        real = _real(src)
-        if not any(_within(real, r) for r in roots):
-            raise ExportError(
-                f"Base model file {src} is a symbolic link to {real}, outside the model directory {model_dir}. "
-                f"fmerge copies the base's config and tokenizer files into the export, which is made to be "
-                f"shared, and never follows a link out of the model directory (it could publish a private file). "
-                f"Replace the link by a copy of the file it should be (cp --remove-destination {real} {src}), "
-                f"or point 'base' at the directory holding the real files, then run again.")
-        if not os.path.lexists(real):
-            continue  # a dangling link: there is nothing to copy
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a fifo must not block us
-        with os.fdopen(fd, "rb") as fh:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                what = ("a directory" if stat.S_ISDIR(mode) else "a fifo" if stat.S_ISFIFO(mode) else
-                        "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
-                raise ExportError(
-                    f"Base model file {src} is {what}, not a regular file; fmerge copies only regular files "
-                    f"into an export. Replace it by the real file or remove it from {model_dir}, then run again.")
-            with open(dest / name, "xb") as target:
-                shutil.copyfileobj(fh, target, 1 << 22)
+        with os.fdopen(fd, "rb") as fh, open(dest / name, "xb") as target:
+            shutil.copyfileobj(fh, target, 1 << 22)
         copied.append(name)
-    return copied
+    return copied + saved
+
+
+def _side_source(src: Path, model_dir: Path, roots: list[Path]) -> Path | None:
+    """The real path of a side file to read, None if absent (or a dangling link); a link leading
+    out of the model directory, a fifo, device or socket is refused."""
+    if not os.path.lexists(src):
+        return None
+    real = _real(src)
+    if not any(_within(real, r) for r in roots):
+        raise ExportError(
+            f"Base model file {src} is a symbolic link to {real}, outside the model directory {model_dir}. "
+            f"fmerge copies the base's config and tokenizer files into the export, which is made to be "
+            f"shared, and never follows a link out of the model directory (it could publish a private file). "
+            f"Replace the link by a copy of the file it should be (cp --remove-destination {real} {src}), "
+            f"or point 'base' at the directory holding the real files, then run again.")
+    if not os.path.lexists(real):
+        return None  # a dangling link: there is nothing to copy
+    mode = os.stat(real).st_mode
+    if not stat.S_ISREG(mode):
+        what = ("a directory" if stat.S_ISDIR(mode) else "a fifo" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+        raise ExportError(
+            f"Base model file {src} is {what}, not a regular file; fmerge copies only regular files "
+            f"into an export. Replace it by the real file or remove it from {model_dir}, then run again.")
+    return real
+
+
+def _save_tokenizer(model_dir: Path, dest: Path, roots: list[Path], notes: list[str] | None) -> list[str]:
+    """Load the tokenizer of `model_dir` and save it into `dest`; the names written, [] when the
+    directory has no tokenizer or it does not load (then `notes` says why)."""
+    if not any(os.path.lexists(model_dir / n) for n in TOKENIZER_FILES):
+        return []
+    # Whatever the loader may read (chat templates included) must be a regular file inside the
+    # model directory, as the side files are: the export publishes it.
+    extra = model_dir / "additional_chat_templates"
+    entries = [*model_dir.iterdir(), *(extra.iterdir() if extra.is_dir() and not extra.is_symlink() else [])]
+    for entry in entries:
+        if entry.name.endswith(_WEIGHT_SUFFIXES) or (entry.is_dir() and any(_within(_real(entry), r) for r in roots)):
+            continue  # weights are not the tokenizer's, nor is a directory read as a file
+        _side_source(entry, model_dir, roots)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to load falls back to copying, said in the card
+        if notes is not None:
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            notes.append(tokenizer_fallback_note(str(model_dir), why))
+        return []
+    scratch = dest / ".tokenizer"
+    tokenizer.save_pretrained(scratch)
+    names = sorted(p.name for p in scratch.iterdir())
+    for n in names:
+        os.rename(scratch / n, dest / n)
+    scratch.rmdir()
+    return names
 
 
 # ---------------------------------------------------------------------------------------------

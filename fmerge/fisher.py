@@ -15,12 +15,13 @@ Estimators (what the store records): `exact` Σ_c p_c g_c² (C − 1 backward pa
 (FusionBench's batch-squared shortcut, for A/B comparison only: it is not a Fisher).
 
 Model kinds: sequence classification (C = num_labels), regression heads (Gaussian Fisher with unit
-variance, J_fᵀJ_f), causal LM (next-token labels; one squared gradient per sequence of the summed
-token log-likelihoods, count in tokens). For a causal LM with `sampled` labels, drawn
-independently at each position, the cross-position terms of that square have zero mean, so it is
-an unbiased estimate of the sum of the per-token Fishers at one backward pass per sequence rather
-than one per token. A module that says `fisher_kind = "classification"` (CLIP's zero-shot
-classifier, fmerge/clip.py, whose batches carry `pixel_values`) is a classifier too.
+variance, J_fᵀJ_f), causal LM. For a causal LM the "example" is a predicted token: the square is
+taken per token of ∇ log p(y_t | x_<t) and the count is in tokens. Attention mixes positions, so a
+token's gradient reaches every layer's rows at positions ≤ t and cannot be read off one backward
+pass of the whole sequence; each chunk runs one forward pass and then one backward pass per
+predicted column t (per draw), whose cotangent is non-zero at column t only, and the hooks square
+each sequence's gradient as for a classifier. A module that says `fisher_kind = "classification"`
+(CLIP's zero-shot classifier, fmerge/clip.py, whose batches carry `pixel_values`) is a classifier too.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from .errors import DataError, ModelError, RecipeError
 ESTIMATORS = ("exact", "sampled", "empirical", "fusionbench")
 KINDS = ("classification", "regression", "causal_lm")
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+# `exact` for a causal LM costs vocabulary − 1 backward passes per predicted column.
+EXACT_MAX_VOCAB = 256
 
 
 @dataclass
@@ -48,8 +51,9 @@ class FisherSums:
     so that a later run can extend the estimate with more examples.
 
     `count` is the normaliser in `count_unit`: "examples" for classifiers and regression heads,
-    "tokens" (predicted positions) for causal LMs, where each sequence contributes one squared
-    gradient of its summed token log-likelihoods. `examples` counts sequences in every case.
+    "tokens" (predicted, non-padding, non-prompt positions) for causal LMs, each of which adds one
+    squared per-token gradient. `examples` counts distinct example ids (rows of the data): the
+    windows of a long text, or a question's choices, share their example's id.
     """
 
     sums: dict[str, torch.Tensor]
@@ -84,17 +88,21 @@ class FisherSums:
         )
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether the model is one of transformers' causal-LM classes (a body with an LM head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
 def model_kind(model: nn.Module) -> str:
     """'classification', 'regression' or 'causal_lm', from the model class and its config."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     cls = type(model).__name__
     if getattr(model, "fisher_kind", None) in KINDS:  # e.g. fmerge.clip.ClipClassifier
         return model.fisher_kind
-    if cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+    if is_causal_lm(model):
         return "causal_lm"
     if cls in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
         config = model.config
@@ -110,6 +118,17 @@ def model_kind(model: nn.Module) -> str:
         f"fmerge computes the Fisher of sequence classifiers, regression heads and causal LMs; "
         f"model class {cls} is none of these (of images, only CLIP zero-shot classifiers)."
     )
+
+
+def check_exact_vocabulary(vocab: int | None) -> None:
+    """Refuse the exact Fisher of a causal LM whose vocabulary makes it impractical."""
+    if vocab is None or vocab > EXACT_MAX_VOCAB:
+        raise RecipeError(
+            f"The exact Fisher of a causal LM sums over the vocabulary at every token: "
+            f"{vocab if vocab is not None else 'an unknown number of'} entries here, so one backward pass per "
+            f"entry and token (fmerge allows 'exact' up to {EXACT_MAX_VOCAB}). Use estimator 'sampled' "
+            "(unbiased, k draws per token from the model) or 'empirical' (the next token) instead."
+        )
 
 
 def example_generator(seed: int, example_id: int) -> torch.Generator:
@@ -133,9 +152,10 @@ def fisher_diagonal(
     """Sum over examples of the squared per-example gradient of log p(y|x), per parameter.
 
     `batches` yield `input_ids`, `attention_mask`, optional `token_type_ids`, `labels` (needed by
-    `empirical`) and `example_ids` (seed each example's draws; default: position in the stream),
-    padded on the right. Each batch is processed `chunk_size` examples at a time: per-example
-    gradients of one layer for one chunk are the largest temporary (chunk_size × layer size).
+    a classifier's `empirical`; for a causal LM optional, shaped like `input_ids`, -100 on prompt
+    tokens) and `example_ids` (seed each example's draws; default: position in the stream),
+    padded on the right (a causal LM's also on the left). Each batch is processed `chunk_size`
+    examples at a time: per-example gradients of one layer for one chunk are the largest temporary (chunk_size × layer size).
     `param_filter(name)` selects parameters (default: all); `kind` overrides `model_kind(model)`.
     The model runs in eval mode and its training mode and requires_grad flags are restored after.
     """
@@ -149,10 +169,7 @@ def fisher_diagonal(
     if kind not in KINDS:
         raise RecipeError(f"Unknown model kind '{kind}'; choose one of {', '.join(KINDS)}.")
     if kind == "causal_lm" and estimator == "exact":
-        raise RecipeError(
-            "The exact Fisher of a causal LM would need one backward pass per vocabulary entry; "
-            "use estimator 'sampled' (unbiased, k draws per token) or 'empirical' instead."
-        )
+        check_exact_vocabulary(getattr(getattr(model, "config", None), "vocab_size", None))
     if estimator == "fusionbench" and kind != "classification":
         raise RecipeError(
             f"The fusionbench estimator is defined for classifiers only; this model is a {kind} model. "
@@ -184,7 +201,7 @@ def fisher_diagonal(
             if estimator == "fusionbench":
                 _fusionbench(model, batches, selected, accepted, device, result)
             else:
-                with _PerExampleSquares(model, selected, sums) as squares:
+                with _PerExampleSquares(model, selected, sums, live_span_only=kind == "causal_lm") as squares:
                     _per_example(model, batches, kind, estimator, samples, seed, chunk_size, accepted, device, squares, result)
     finally:
         model.train(was_training)
@@ -194,8 +211,10 @@ def fisher_diagonal(
 
 
 def _per_example(model, batches, kind, estimator, samples, seed, chunk_size, accepted, device, squares, result):
-    """Forward each chunk once, then one backward pass per cotangent (C − 1 for exact, k for sampled)."""
+    """Forward each chunk once, then one backward pass per cotangent (C − 1 for exact, k for
+    sampled; for a causal LM, that many per predicted column)."""
     position = 0
+    seen: set[int] = set()  # example ids: an LM text cut into windows is one example, not several
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         if "input_ids" in batch:
@@ -218,14 +237,42 @@ def _per_example(model, batches, kind, estimator, samples, seed, chunk_size, acc
             for cotangent in cotangents:
                 squares.backward(logits, cotangent)
             result.count += units
-            result.examples += len(chunk_ids)
+            result.examples += len(set(chunk_ids) - seen)
+            seen.update(chunk_ids)
 
 
 def _forward(model, batch, accepted, kind) -> torch.Tensor:
     inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch and k in accepted}
-    if kind == "causal_lm" and "use_cache" in accepted:
-        inputs["use_cache"] = False
+    if kind == "causal_lm":
+        inputs.update(causal_lm_extras(batch, accepted))
     return model(**inputs).logits
+
+
+def causal_lm_extras(batch, accepted) -> dict:
+    """Forward arguments that make a padded causal LM see each sequence as if unpadded: positions
+    counted from its first real token (left padding would otherwise shift them) and no KV cache."""
+    extras = {"use_cache": False} if "use_cache" in accepted else {}
+    mask = batch.get("attention_mask")
+    if mask is not None and "position_ids" in accepted:
+        extras["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_(min=0)
+    return extras
+
+
+def next_token_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, valid), both (n, T − 1): the token predicted at each position and whether it
+    counts: context and target are real tokens (attention_mask 1, either padding side) and, when
+    the batch carries `labels` shaped like `input_ids` (the transformers convention, unshifted),
+    the target's label is not -100 (prompt tokens) and gives the target."""
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    valid = mask[:, :-1] & mask[:, 1:]
+    targets = input_ids[:, 1:]
+    labels = batch.get("labels")
+    if labels is not None and labels.shape == input_ids.shape:
+        targets = labels[:, 1:]
+        valid = valid & (targets != -100)
+    return targets.masked_fill(~valid, 0), valid
 
 
 def _batch_size(batch) -> int:
@@ -257,12 +304,8 @@ def _classification_cotangents(logits, batch, estimator, samples, seed, ids):
     n, num_classes = probs.shape
     eye = torch.eye(num_classes, device=probs.device)
     if estimator == "exact":
-        # Σ_c p_c (e_c − p)(e_c − p)ᵀ = diag(p) − ppᵀ has rank C − 1 (the ones vector spans its
-        # null space): its C − 1 non-null eigenvectors, scaled by sqrt(eigenvalue), give the same
-        # Σ_c p_c g_c² with one backward pass fewer than one per class.
-        eigenvalues, eigenvectors = torch.linalg.eigh(torch.diag_embed(probs.double()) - _outer(probs.double()))
-        factors = eigenvectors[:, :, 1:] * eigenvalues[:, None, 1:].clamp_min(0).sqrt()
-        cots = [factors[:, :, k].float() for k in range(num_classes - 1)]
+        factors = _exact_factors(probs)
+        cots = [factors[:, :, k].contiguous() for k in range(num_classes - 1)]
     elif estimator == "empirical":
         cots = [eye[_classification_labels(batch, num_classes)] - probs]
     else:
@@ -298,35 +341,69 @@ def _regression_cotangents(logits, batch, estimator, samples, seed, ids):
 
 
 def _causal_lm_cotangents(logits, batch, estimator, samples, seed, ids):
-    """Next-token log-likelihood summed over each sequence's predicted positions; padding and
-    positions labelled -100 never count."""
-    input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    labels = batch.get("labels")
-    if labels is not None and labels.shape == input_ids.shape:
-        targets = labels[:, 1:]
-        valid = (targets != -100) & mask[:, :-1].bool()
-    else:
-        targets = input_ids[:, 1:]
-        valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-    probs = torch.softmax(logits.detach()[:, :-1].float(), dim=-1)
-    weight = valid.float().unsqueeze(-1)
+    """Per predicted column t and draw, the cotangent e_y − p_t at column t (zero elsewhere and on
+    tokens that do not count), so each backward pass gives every sequence's gradient of one token's
+    log-likelihood; `exact` gives the V − 1 scaled eigenvectors of diag(p_t) − p_t p_tᵀ instead."""
+    targets, valid = next_token_targets(batch)
+    vocab = logits.shape[-1]
+    draws = None  # `exact` weighs eigenvectors of each column's distribution, no drawn tokens
     if estimator == "empirical":
-        draws = [targets.clamp(min=0)]
-    else:
-        sampled = torch.zeros(samples, *targets.shape, dtype=torch.long, device=probs.device)
-        for row, example_id in enumerate(ids):
-            positions = valid[row].nonzero().squeeze(1)
-            uniforms = torch.rand(samples, positions.numel(), generator=example_generator(seed, example_id))
-            picked = _inverse_cdf(probs[row, positions], uniforms.T.contiguous().to(probs.device))
-            sampled[:, row, positions] = picked.T
-        draws = list(sampled)
-        weight = weight / samples**0.5
-    cots = []
-    for y in draws:
-        cot = torch.zeros_like(logits, dtype=torch.float32)
-        cot[:, :-1] = (-probs).scatter_add_(-1, y.unsqueeze(-1), torch.ones_like(probs[..., :1])) * weight
-        cots.append(cot.to(logits.dtype))
-    return cots, int(valid.sum())
+        bad = valid & ((targets < 0) | (targets >= vocab))
+        if bad.any():
+            raise DataError(f"Target token id {targets[bad][0].item()} is outside the model's vocabulary "
+                            f"0..{vocab - 1}; the data was tokenized for another model.")
+        draws = [targets]
+    elif estimator == "sampled":
+        draws = list(_sampled_tokens(logits, batch, valid, samples, seed, ids))
+    columns = [t for t in range(valid.shape[1]) if valid[:, t].any()]
+    return _column_cotangents(logits, valid, columns, estimator, draws), int(valid.sum())
+
+
+def _column_cotangents(logits, valid, columns, estimator, draws):
+    """One cotangent at a time, in a reused buffer: the caller's backward pass uses it before the next."""
+    cot = torch.zeros_like(logits, dtype=torch.float32)
+    for t in columns:
+        probs = torch.softmax(logits.detach()[:, t].float(), dim=-1)
+        keep = valid[:, t, None].float()
+        if estimator == "exact":
+            factors = _exact_factors(probs)
+            cotangents = [factors[:, :, k] for k in range(factors.shape[-1])]
+        else:
+            scale = 1.0 / len(draws) ** 0.5
+            cotangents = [(-probs).scatter_add_(-1, y[:, t, None], torch.ones_like(probs[:, :1])) * scale
+                          for y in draws]
+        for column in cotangents:
+            cot[:, t] = column * keep
+            yield cot.to(logits.dtype)
+        cot[:, t] = 0
+
+
+def _exact_factors(probs: torch.Tensor) -> torch.Tensor:
+    """(n, C, C − 1): Σ_c p_c (e_c − p)(e_c − p)ᵀ = diag(p) − ppᵀ has rank C − 1 (the ones vector
+    spans its null space); its non-null eigenvectors scaled by sqrt(eigenvalue) give the same
+    Σ_c p_c g_c² with one backward pass fewer than one per class."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.diag_embed(probs.double()) - _outer(probs.double()))
+    return (eigenvectors[:, :, 1:] * eigenvalues[:, None, 1:].clamp_min(0).sqrt()).float()
+
+
+def _sampled_tokens(logits, batch, valid, samples, seed, ids):
+    """`samples` tensors (n, T − 1) of tokens drawn from the model at each counted position. A
+    sequence's uniforms come from its example's generator as a (real tokens × samples) table read
+    by the target's index among the sequence's real tokens: the same draws whatever the batch,
+    chunk, padding side or padding width."""
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
+    real_index = mask.long().cumsum(-1)[:, 1:] - 1  # of each target among its sequence's real tokens
+    drawn = torch.zeros(samples, *valid.shape, dtype=torch.long, device=logits.device)
+    for row, example_id in enumerate(ids):
+        positions = valid[row].nonzero().squeeze(1)
+        if positions.numel() == 0:
+            continue
+        table = torch.rand(int(mask[row].sum()), samples, generator=example_generator(seed, example_id))
+        uniforms = table[real_index[row, positions].cpu()].to(logits.device)
+        probs = torch.softmax(logits.detach()[row, positions].float(), dim=-1)
+        drawn[:, row, positions] = _inverse_cdf(probs, uniforms).T
+    return drawn
 
 
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -376,6 +453,8 @@ def _linear_grads(module, args, kwargs, g, wanted, ctx, in_by_out: bool = False)
     """Per-example Σ_t g_t a_tᵀ over each example's tokens (out × in, or in × out)."""
     n = g.shape[0]
     a, g = _flat(args[0], n), _flat(g, n)
+    if ctx.live_span_only:
+        a, g = _live_span(a, g)
     grads = {}
     if "weight" in wanted:
         left, right = (a.transpose(1, 2), g) if in_by_out else (g.transpose(1, 2), a)
@@ -383,6 +462,17 @@ def _linear_grads(module, args, kwargs, g, wanted, ctx, in_by_out: bool = False)
     if "bias" in wanted:
         grads["bias"] = g.sum(1)
     return grads
+
+
+def _live_span(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions from the first to the last where some example's g is non-zero. A causal LM's
+    backward pass for column t reaches positions ≤ t only (the LM head: t alone), and the other
+    positions would add exact zeros to Σ_t g_t a_tᵀ at the full cost of the product."""
+    live = (g != 0).any(dim=2).any(dim=0).nonzero()
+    if live.numel() == 0:
+        return a[:, :0], g[:, :0]
+    first, last = int(live[0]), int(live[-1]) + 1
+    return a[:, first:last], g[:, first:last]
 
 
 def _conv1d_grads(module, args, kwargs, g, wanted, ctx):
@@ -467,8 +557,10 @@ class _PerExampleSquares:
     per example before squaring.
     """
 
-    def __init__(self, model: nn.Module, selected: dict[str, nn.Parameter], sums: dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, selected: dict[str, nn.Parameter], sums: dict[str, torch.Tensor],
+                 live_span_only: bool = False):
         self.model = model
+        self.live_span_only = live_span_only  # linear layers skip positions the cotangent does not reach
         self.sums = sums
         self.name_of = {p: name for name, p in selected.items()}
         owners: dict[nn.Parameter, int] = defaultdict(int)
@@ -613,6 +705,10 @@ __all__ = [
     "FisherSums",
     "allreduce_sums",
     "example_generator",
+    "causal_lm_extras",
+    "check_exact_vocabulary",
     "fisher_diagonal",
+    "is_causal_lm",
     "model_kind",
+    "next_token_targets",
 ]

@@ -9,11 +9,17 @@ the rows whose attention_mask is 1; inputs shaped (batch, in) (a pooler or a cla
 reading one vector per example) give one row per example. A layer fed any other shape is an
 error, because which of its rows are padding is then unknown. A layer called several times per
 forward pass (shared weights) adds all its inputs, as RegMean's objective sums over them.
+
+A causal LM runs with positions counted from each sequence's first real token (left padding
+then changes nothing) and without a KV cache. A layer whose weight is tied to another module's
+(an LM head sharing the input embeddings) gets no Gram: RegMean would fit the shared matrix to
+the head's inputs alone, so it takes the plain mean like the embeddings it is.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .fisher import causal_lm_extras, is_causal_lm
 
 # How a layer stores its weight: nn.Linear is out × in; transformers' Conv1D (GPT-2) is in × out.
 OUT_IN, IN_OUT = "out_in", "in_out"
@@ -39,12 +46,16 @@ class GramSums:
 
 
 def linear_layers(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """Weight name -> (module, layout) for every nn.Linear and transformers Conv1D."""
+    """Weight name -> (module, layout) for every nn.Linear and transformers Conv1D whose weight
+    no other module shares."""
     from transformers.pytorch_utils import Conv1D
 
+    owners = Counter(id(p) for _, module in model.named_modules() for p in module.parameters(recurse=False))
     layers = {}
     for name, module in model.named_modules():
         prefix = f"{name}.weight" if name else "weight"
+        if isinstance(module, (nn.Linear, Conv1D)) and owners[id(module.weight)] > 1:
+            continue
         if isinstance(module, nn.Linear):
             layers[prefix] = (module, OUT_IN)
         elif isinstance(module, Conv1D):
@@ -78,6 +89,7 @@ def gram_matrices(
         examples=0,
     )
     accepted = set(inspect.signature(model.forward).parameters)
+    causal_lm = is_causal_lm(model)
     current: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
@@ -97,7 +109,8 @@ def gram_matrices(
                 batch = {k: v.to(device) for k, v in batch.items() if k in _MODEL_INPUTS}
                 mask = batch.get("attention_mask")
                 current["mask"] = mask.bool() if mask is not None else None
-                model(**{k: v for k, v in batch.items() if k in accepted})
+                inputs = {k: v for k, v in batch.items() if k in accepted}
+                model(**inputs, **(causal_lm_extras(batch, accepted) if causal_lm else {}))
                 result.examples += next(iter(batch.values())).shape[0]
     finally:
         for handle in handles:

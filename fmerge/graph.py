@@ -33,7 +33,8 @@ def parse_recipe(text: str, kinds: Kinds, file: Path | None = None, sets: list[s
     data, lines = parse_yaml(text, file)
     if sets:
         apply_overrides(data, *parse_set(sets))
-    if "merge_method" in data:  # a mergekit config: read as the equivalent one-step recipe
+    mergekit = "merge_method" in data
+    if mergekit:  # a mergekit config: read as the equivalent one-step recipe
         data = recipe_from_mergekit(data, lines, file)
     check_names(data, lines)
     try:
@@ -57,6 +58,7 @@ def parse_recipe(text: str, kinds: Kinds, file: Path | None = None, sets: list[s
         except ValidationError as exc:
             raise RecipeError(format_validation_error(exc, config_cls, lines, ("steps", name)))
     recipe = Recipe(spec, file, steps, lines, kinds)
+    recipe.text, recipe.mergekit, recipe.sets = text, mergekit, list(sets or [])
     _check_references(recipe)
     if spec.sweep:
         expand_sweeps(recipe, spec.sweep)
@@ -209,6 +211,38 @@ def expand_sweeps(recipe: Recipe, grid: dict[str, list]) -> None:
         for n, new, cfg, _ in variants:
             recipe.steps[n], spec_steps[n] = cfg, new
     recipe.sweeps = groups
+    _route_sweep_exports(recipe)
+
+
+def _route_sweep_exports(recipe: Recipe) -> None:
+    """Where the variants of a swept step with `export` go: when an eval step chooses among them,
+    the chosen variant alone is exported to the named directory, after the choice exists (the eval
+    step exports it); otherwise each variant is exported to its own sub-directory of it, named by
+    its swept values (`out/ta/lambda=0.3`)."""
+    for group, variants in recipe.sweeps.items():
+        export = getattr(recipe.steps[variants[0].name], "export", None)
+        if not export:
+            continue
+        choosers = [n for n, cfg in recipe.steps.items() if kind_of(recipe, n) == "eval" and group in cfg.merges]
+        if len(choosers) > 1:
+            raise RecipeError(
+                f"{recipe.where('steps', group, 'export')}: step '{group}' is swept and exports its chosen variant, "
+                f"but eval steps {', '.join(repr(c) for c in choosers)} each choose one, so which to export is "
+                f"unclear. List '{group}' in the merges of one eval step only, or remove 'export' from it and "
+                f"export the chosen parameters from a step of their own.")
+        for v in variants:
+            cfg = recipe.steps[v.name]
+            values = v.name[len(group) + 1:-1]  # the swept values, as the variant's name shows them
+            if not choosers and ("/" in values or "\0" in values or values in (".", "..")):
+                raise RecipeError(
+                    f"{recipe.where('steps', group, 'export')}: variant {quoted(v.name, 120)} of swept step "
+                    f"'{group}' would export to a sub-directory named by its swept values, {quoted(values, 80)}, "
+                    f"which is not a usable directory name. Sweep values without '/', or remove 'export' from "
+                    f"'{group}' and pick a variant with an eval step.")
+            target = None if choosers else str(Path(export) / values)
+            recipe.steps[v.name] = cfg.model_copy(update={"export": target})
+        if choosers:
+            recipe.chosen_exports[group] = (choosers[0], export)
 
 
 def _check_grid_size(recipe: Recipe, order: list[str], by_step: dict[str, dict[str, list]]) -> None:

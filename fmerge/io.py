@@ -50,6 +50,22 @@ def parse_dtype(name: str, where: str) -> torch.dtype:
     return DTYPE_NAMES[name]
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+DEFAULT_SHARD_SIZE = "5GB"  # save_pretrained's default max_shard_size
+
+
+def parse_byte_size(text: str | int, where: str) -> int:
+    """'2GB' (10^9 bytes, as save_pretrained reads it), '500MiB' (2^20) or a plain number of bytes."""
+    m = _SIZE_RE.match(str(text))
+    size = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()]) if m else 0
+    if size < 1:
+        raise RecipeError(f"{where}: {quoted(str(text))} is not a size; write a positive number of bytes with a "
+                          f"unit, e.g. 2GB, 500MB or 4GiB (GB = 10^9 bytes, GiB = 2^30, as save_pretrained reads them).")
+    return size
+
+
 class TensorSource(Protocol):
     """Anything that serves named tensors lazily: a model directory or a store artifact."""
 
@@ -577,15 +593,21 @@ class StreamingSafetensorsWriter:
     """Writes one safetensors file whose layout is declared up front; tensors arrive in order.
 
     The file's SHA-256 (the Hugging Face hub's LFS object id) is computed as it is written, so an
-    export's manifest costs no second read of the weights."""
+    export's manifest costs no second read of the weights; so is its xxh3-128 (the store's checksum
+    of a whole file), and `offsets` records where each tensor's bytes lie."""
 
     def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        import xxhash
+
         self.path = path
         self.layout = layout
         header, self.sizes = _header_bytes(layout, metadata or {})
         self.sha256 = hashlib.sha256(header)
+        self.xxh3 = xxhash.xxh3_128(header)
         self.fh = open(path, "xb")  # a fresh file in a directory fmerge made: never anyone else's
         self.fh.write(header)
+        self.position = len(header)
+        self.offsets: dict[str, tuple[int, int]] = {}  # name -> (start, end) in the file
         self.next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -595,7 +617,10 @@ class StreamingSafetensorsWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         if data.size:
             self.sha256.update(memoryview(data))
+            self.xxh3.update(memoryview(data))
             self.fh.write(memoryview(data))
+        self.offsets[name] = (self.position, self.position + data.size)
+        self.position += data.size
         self.next += 1
 
     def close(self) -> None:
@@ -621,6 +646,76 @@ def plan_shards(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shar
     return shards
 
 
+def shard_file_names(count: int) -> list[str]:
+    """The weight file names save_pretrained gives `count` shards."""
+    return (["model.safetensors"] if count == 1 else
+            [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class WeightFilesWriter:
+    """Writes `model.safetensors` (or N shards and their index) into the existing directory `dir`,
+    tensor by tensor in `layout` order. After `close`, `files` holds {file name: {size, sha256,
+    xxh3_128}} of every file written (the index too) and `placement` {tensor: (file, start, end)},
+    both computed as the bytes went out: nothing is read back."""
+
+    def __init__(self, dir: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str],
+                 max_shard_bytes: int = 5 * 2**30):
+        self.dir, self.metadata = Path(dir), metadata
+        self.shards = plan_shards(layout, max_shard_bytes)
+        self.names = shard_file_names(len(self.shards))
+        self.total = sum(nbytes(d, s) for _, d, s in layout)
+        self.files: dict[str, dict] = {}
+        self.placement: dict[str, tuple[str, int, int]] = {}
+        self._shard = -1
+        self._writer: StreamingSafetensorsWriter | None = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._writer is None or self._writer.next == len(self._writer.layout):
+            self._next_shard()
+        self._writer.write(name, tensor)
+
+    def _next_shard(self) -> None:
+        self._finish_shard()
+        self._shard += 1
+        if self._shard >= len(self.shards):
+            raise RuntimeError(f"{self.dir}: more tensors written than the layout declares")
+        self._writer = StreamingSafetensorsWriter(self.dir / self.names[self._shard], self.shards[self._shard],
+                                                  self.metadata)
+
+    def _finish_shard(self) -> None:
+        w = self._writer
+        if w is None:
+            return
+        w.close()
+        fname = self.names[self._shard]
+        self.files[fname] = {"size": w.position, "sha256": w.digest, "xxh3_128": w.xxh3.hexdigest()}
+        self.placement.update({n: (fname, a, b) for n, (a, b) in w.offsets.items()})
+        self._writer = None
+
+    def close(self) -> None:
+        """Finish the last shard and write the index (several shards); refuses a short write."""
+        import xxhash
+
+        while self._shard < len(self.shards) - 1:  # shards left unstarted: close raises for them
+            self._next_shard()
+        self._finish_shard()
+        if len(self.shards) > 1:
+            weight_map = {n: f for n, (f, _, _) in self.placement.items()}
+            body = json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2).encode()
+            with open(self.dir / INDEX_FILE, "xb") as fh:
+                fh.write(body)
+            self.files[INDEX_FILE] = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+                                      "xxh3_128": xxhash.xxh3_128(body).hexdigest()}
+
+    def abandon(self) -> None:
+        """Close an open file after a failure (the caller removes the directory)."""
+        if self._writer is not None:
+            self._writer.fh.close()
+
+
 def write_weight_files(
     dir: Path,
     layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -632,25 +727,11 @@ def write_weight_files(
     streaming `tensors` (which must yield in `layout` order). Returns {file name: SHA-256} of the
     weight files. Only fmerge.export calls this for exports: it owns where `dir` is and what may
     be replaced; benchmarks use it to make input models."""
-    shards = plan_shards(layout, max_shard_bytes)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    it = iter(tensors)
-    weight_map, digests = {}, {}
-    for shard, fname in zip(shards, names):
-        w = StreamingSafetensorsWriter(Path(dir) / fname, shard, metadata)
-        try:
-            for _ in shard:
-                name, t = next(it)
-                w.write(name, t)
-                weight_map[name] = fname
-        finally:
-            w.fh.close()
-        w.close()
-        digests[fname] = w.digest
-    if len(shards) > 1:
-        total = sum(nbytes(d, s) for _, d, s in layout)
-        (Path(dir) / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
-    return digests
+    writer = WeightFilesWriter(dir, layout, metadata, max_shard_bytes)
+    try:
+        for name, t in tensors:
+            writer.write(name, t)
+        writer.close()
+    finally:
+        writer.abandon()
+    return {f: rec["sha256"] for f, rec in writer.files.items() if f != INDEX_FILE}

@@ -11,6 +11,20 @@ mergekit 0.1.5's defaults:
 | ties            | ties (density, weight, lambda, mean/sum), rule: mergekit | true              |
 | dare_ties       | dare, combine: ties, p = 1 − density, rule: mergekit     | false             |
 | dare_linear     | dare, combine: task_arithmetic                           | false             |
+| breadcrumbs     | breadcrumbs (density, gamma), rule: mergekit             | false             |
+| breadcrumbs_ties| breadcrumbs, combine: ties, rule: mergekit               | false             |
+| della           | della (density, epsilon), combine: ties, rule: mergekit  | true              |
+| della_linear    | della, combine: task_arithmetic, rule: mergekit          | false             |
+| slerp           | slerp (t)                                                |                   |
+| nuslerp         | nuslerp (weight, over, task_vectors when a base is named)|                   |
+| model_stock     | model_stock (filter_wise)                                |                   |
+| passthrough     | slices: layers stacked from the sources (frankenmerge)   |                   |
+
+`slices:` are read for passthrough (each slice one source: a frankenmerge, see fmerge/slices.py)
+and, for the other methods, when there is one slice whose sources each cover all their model's
+layers (the common slerp config): that is the same merge as a `models:` list.
+`tokenizer_source` other than the base, and `tokenizer:` blocks, are refused: they build a new
+vocabulary, and every embedding and output row would have to be re-mapped to it.
 
 Values keep mergekit's grammar (a number, a list interpolated over layer depth, `{filter, value}`
 entries matched against tensor names), written in fmerge's explicit form (`{gradient: [...]}`)
@@ -38,20 +52,41 @@ from typing import Any
 
 from .errors import FmergeError, RecipeError, quoted
 
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
-UNSUPPORTED_TOP = {"slices", "modules", "tokenizer", "chat_template"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "tokenizer"}
+UNSUPPORTED_TOP = {"modules", "chat_template"}
+TOKENIZER_REFUSAL = (
+    "fmerge keeps the base model's tokenizer and embedding rows. A vocabulary built from other tokenizers (union, "
+    "another model's, or added tokens) gives tokens new ids, so every model's embedding and output rows would have "
+    "to be re-mapped to those ids, and rows invented for tokens a model never saw; fmerge does not do this. Remove "
+    "it (or write tokenizer_source: base) when the models share the base's tokenizer; otherwise merge with "
+    "mergekit, or align the vocabularies first.")
 
 # method -> {parameter: (scope, default)}; scope "model" may be given per model or globally.
 _GTA = {"weight": ("model", None), "lambda": ("global", 1.0), "int8_mask": ("global", False)}
+
+
+def _gta(normalize: bool, rescale: bool, **extra) -> dict[str, tuple[str, Any]]:
+    return {**_GTA, "density": ("model", 1.0), "normalize": ("global", normalize), "rescale": ("global", rescale),
+            **extra}
+
+
 METHODS: dict[str, dict[str, tuple[str, Any]]] = {
     "linear": {"weight": ("model", None), "normalize": ("global", True)},
     "task_arithmetic": {**_GTA, "normalize": ("global", False)},
-    "ties": {**_GTA, "density": ("model", 1.0), "normalize": ("global", True), "rescale": ("global", False)},
-    "dare_ties": {**_GTA, "density": ("model", 1.0), "normalize": ("global", False), "rescale": ("global", True)},
-    "dare_linear": {**_GTA, "density": ("model", 1.0), "normalize": ("global", False), "rescale": ("global", True)},
+    "ties": _gta(True, False),
+    "dare_ties": _gta(False, True),
+    "dare_linear": _gta(False, True),
+    "breadcrumbs": _gta(False, False, gamma=("model", 0.01)),
+    "breadcrumbs_ties": _gta(False, False, gamma=("model", 0.01)),
+    "della": _gta(True, True, epsilon=("model", 0.15)),
+    "della_linear": _gta(False, True, epsilon=("model", 0.15)),
+    "slerp": {"t": ("global", None)},
+    "nuslerp": {"weight": ("model", None), "nuslerp_flatten": ("global", True), "nuslerp_row_wise": ("global", False)},
+    "model_stock": {"filter_wise": ("global", False)},
+    "passthrough": {"scale": ("model", None)},
 }
-NOT_SHARED = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "breadcrumbs", "breadcrumbs_ties",
-              "della", "della_linear", "sce", "passthrough", "nearswap", "arcee_fusion", "ram")
+NOT_SHARED = ("multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram")
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -111,8 +146,9 @@ def _resolve_model_path(ref: Any, where: str, config_dir: Path) -> str:
         raise RecipeError(f"{where}: expected a model directory or hub id (a non-empty string), got "
                           f"{quoted(ref, 80)}.")
     if "+" in ref:
-        raise RecipeError(f"{where}: {quoted(ref, 80)} applies a LoRA with '+', which fmerge does not support; "
-                          f"merge the adapter into its model first.")
+        raise RecipeError(f"{where}: {quoted(ref, 80)} applies a LoRA with '+', which fmerge does not support. If "
+                          f"the adapter was trained on base_model, list the adapter folder itself as the model "
+                          f"(fmerge adds its B·A·alpha/r to the base); otherwise merge it into its model first.")
     for root in (config_dir, Path.cwd()):
         p = (root / ref).expanduser()
         try:
@@ -135,6 +171,114 @@ def _model_name(ref: str, taken: set[str]) -> str:
         name += "_"
     taken.add(name)
     return name
+
+
+def _slice_list(slices, where) -> list[list[tuple[dict, tuple]]]:
+    """Each slice's sources, checked for shape: (source entry, its place in the config)."""
+    if not isinstance(slices, list) or not slices:
+        raise RecipeError(f"{where(('slices',))}: 'slices' must be a non-empty list of {{sources: [{{model, "
+                          f"layer_range}}]}} (mergekit's slices are not supported in any other form), got "
+                          f"{quoted(slices, 80)}.")
+    out = []
+    for i, entry in enumerate(slices):
+        at = ("slices", i)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+            raise RecipeError(f"{where(at)}: each slice needs 'sources', a non-empty list of {{model, layer_range}}; "
+                              f"got {quoted(entry, 80)}.")
+        for key in entry:
+            if key not in ("sources", "parameters"):
+                raise RecipeError(f"{where(at + (key,))}: '{key}' in a slice is not supported (fmerge reads "
+                                  f"'sources' and 'parameters'){_hint(key, ['sources', 'parameters'])}.")
+        sources = []
+        for j, src in enumerate(entry["sources"]):
+            sat = at + ("sources", j)
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise RecipeError(f"{where(sat)}: a slice source needs 'model' and 'layer_range' ([start, end), "
+                                  f"end excluded), got {quoted(src, 80)}.")
+            for key in src:
+                if key not in ("model", "layer_range", "parameters"):
+                    raise RecipeError(f"{where(sat + (key,))}: unknown key"
+                                      f"{_hint(key, ['model', 'layer_range', 'parameters'])}.")
+            lr = src["layer_range"]
+            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                   for v in lr) and 0 <= lr[0] < lr[1]):
+                raise RecipeError(f"{where(sat + ('layer_range',))}: layer_range is [start, end) with 0 ≤ start < "
+                                  f"end, got {quoted(lr, 80)}.")
+            sources.append((src, sat))
+        out.append(sources)
+    return out
+
+
+def _layers_of(path: str, where: str) -> int:
+    from .slices import layer_count
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise RecipeError(f"{where}: slices need the model's layer count from {config}, which does not exist "
+                          f"(a hub id must be downloaded first).")
+    return layer_count(config, where)
+
+
+def _one_full_slice(slices, where, config_dir: Path, method: str) -> list[dict]:
+    """The `models:` list equal to one slice whose sources each cover all their model's layers."""
+    sliced = _slice_list(slices, where)
+    if len(sliced) == 1 and "parameters" not in slices[0]:
+        models = []
+        for src, sat in sliced[0]:
+            path = _resolve_model_path(src["model"], where(sat + ("model",)), config_dir)
+            if src["layer_range"] != [0, _layers_of(path, where(sat))]:
+                break
+            models.append({k: v for k, v in src.items() if k != "layer_range"})
+        else:
+            return models
+    raise RecipeError(f"{where(('slices',))}: with merge_method {method}, slices are supported only as one slice whose "
+                      f"sources each cover all of their model's layers (the same merge as a 'models:' list); "
+                      f"merging some layer ranges only is not supported. Use passthrough to stack layers, or "
+                      f"'models:' to merge whole models.")
+
+
+def _stacked_recipe(data: dict, where, file: Path | None, config_dir: Path) -> dict:
+    """A passthrough frankenmerge as a `stack_layers` step (fmerge/slices.py)."""
+    for key in ("base_model", "models"):
+        if data.get(key) is not None:
+            raise RecipeError(f"{where((key,))}: passthrough slices take every tensor from the slices' models; "
+                              f"remove '{key}'.")
+    global_params = data.get("parameters") or {}
+    if not isinstance(global_params, dict) or set(global_params) - {"scale"}:
+        raise RecipeError(f"{where(('parameters',))}: passthrough takes only 'scale' as a parameter, got "
+                          f"{quoted(global_params, 80)}.")
+    taken: set[str] = set()
+    models: dict[str, str] = {}
+    names_by_path: dict[str, str] = {}
+    stack = []
+    for i, sources in enumerate(_slice_list(data["slices"], where)):
+        if len(sources) != 1:
+            raise RecipeError(f"{where(('slices', i, 'sources'))}: passthrough takes one source per slice "
+                              f"(it copies layers, it merges nothing); this slice has {len(sources)}.")
+        src, sat = sources[0]
+        path = _resolve_model_path(src["model"], where(sat + ("model",)), config_dir)
+        if path not in names_by_path:
+            names_by_path[path] = _model_name(src["model"], taken)
+            models[names_by_path[path]] = path
+        start, end = src["layer_range"]
+        if end > _layers_of(path, where(sat)):
+            raise RecipeError(f"{where(sat + ('layer_range',))}: layer_range {[start, end]} goes past the model's "
+                              f"{_layers_of(path, where(sat))} layers.")
+        params = {**global_params, **(data["slices"][i].get("parameters") or {}), **(src.get("parameters") or {})}
+        if set(params) - {"scale"}:
+            raise RecipeError(f"{where(sat + ('parameters',))}: passthrough takes only 'scale' as a parameter, got "
+                              f"{', '.join(sorted(set(params) - {'scale'}))}.")
+        entry = {"model": names_by_path[path], "layers": [start, end]}
+        if "scale" in params:
+            entry["scale"] = _spec(params["scale"], where(sat + ("parameters", "scale")))
+        stack.append(entry)
+    step: dict[str, Any] = {"kind": "stack_layers", "slices": stack}
+    out_dtype = data.get("out_dtype") or data.get("dtype")
+    if out_dtype:
+        step["out_dtype"] = str(out_dtype)
+    step["export"] = f"{file.stem if file else 'mergekit'}-merged"
+    return {"name": "mergekit passthrough" + (f" ({file.name})" if file else ""),
+            "base": models[stack[0]["model"]], "models": models, "steps": {"merge": step}}
 
 
 def recipe_from_mergekit(data: dict, lines, file: Path | None) -> dict:
@@ -167,8 +311,20 @@ def _convert(data: dict, lines, file: Path | None) -> dict:
 
     tok = data.get("tokenizer_source")
     if tok not in (None, "base") and tok != data.get("base_model"):
-        raise RecipeError(f"{where(('tokenizer_source',))}: fmerge copies the base model's tokenizer; "
-                          f"tokenizer_source {quoted(tok, 80)} (vocabulary union or another model's) is not supported.")
+        raise RecipeError(f"{where(('tokenizer_source',))}: tokenizer_source {quoted(tok, 80)} is not supported. "
+                          + TOKENIZER_REFUSAL)
+    if data.get("tokenizer") is not None:
+        raise RecipeError(f"{where(('tokenizer',))}: a 'tokenizer' block is not supported. " + TOKENIZER_REFUSAL)
+    if "slices" in data:
+        if "models" in data:
+            raise RecipeError(f"{where(('slices',))}: 'slices' together with 'models' is not supported: give one of "
+                              f"them (slices for layer ranges, models for whole models).")
+        if method == "passthrough":
+            return _stacked_recipe(data, where, file, config_dir)
+        data = {**data, "models": _one_full_slice(data["slices"], where, config_dir, method)}
+    elif method == "passthrough":
+        raise RecipeError(f"{where(('merge_method',))}: passthrough stacks layers given by 'slices' (a "
+                          f"frankenmerge); this config has no 'slices'.")
 
     global_params = data.get("parameters") or {}
     if not isinstance(global_params, dict):
@@ -180,7 +336,7 @@ def _convert(data: dict, lines, file: Path | None) -> dict:
                               f"{_hint(key, spec)} (mergekit would silently ignore it).")
 
     base_ref = data.get("base_model")
-    if base_ref is None and method != "linear":
+    if base_ref is None and method not in ("linear", "nuslerp"):
         raise RecipeError(f"{file or '<config>'}: merge_method {method} needs 'base_model'.")
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
@@ -205,7 +361,7 @@ def _convert(data: dict, lines, file: Path | None) -> dict:
         if not isinstance(params, dict):
             raise RecipeError(f"{where(at + ('parameters',))}: a model's 'parameters' must be a mapping of "
                               f"parameter: value (e.g. {{weight: 0.5}}), got {quoted(params, 80)}.")
-        if method != "linear" and path == base_path:
+        if method != "linear" and base_path is not None and path == base_path:
             continue  # mergekit treats the base model listed among the models as the base
         for key in params:
             if key not in spec:
@@ -254,11 +410,12 @@ def _convert(data: dict, lines, file: Path | None) -> dict:
 
     if "int8_mask" in spec:
         flag("int8_mask")  # accepted for compatibility: a memory option of mergekit's, no effect on the result
-    weights = model_values("weight")
     lam = _spec(global_params["lambda"], where(("parameters", "lambda"))) if "lambda" in global_params else 1.0
+    listed = f"{len(models)} ({', '.join(models)})"
     if method == "linear":
-        fmerge_method, params = "weighted_average", {"weights": weights, "normalize": flag("normalize")}
+        fmerge_method, params = "weighted_average", {"weights": model_values("weight"), "normalize": flag("normalize")}
     elif method == "task_arithmetic":
+        weights = model_values("weight")
         if flag("normalize"):
             weights = scalar_weights_normalized(weights, where(("parameters", "normalize")))
         fmerge_method, params = "task_arithmetic", {"lambda": lam, "weight": weights}
@@ -267,12 +424,13 @@ def _convert(data: dict, lines, file: Path | None) -> dict:
             raise RecipeError(f"{where(('parameters', 'rescale'))}: rescale: true (L1 rescaling after the "
                               f"magnitude trim) is not supported for ties.")
         fmerge_method = "ties"
-        params = {"density": model_values("density"), "weight": weights, "lambda": lam,
+        params = {"density": model_values("density"), "weight": model_values("weight"), "lambda": lam,
                   "merge": "mean" if flag("normalize") else "sum", "rule": "mergekit"}
-    else:  # dare_ties, dare_linear
+    elif method in ("dare_ties", "dare_linear"):
         p = {n: _map(d, lambda v: 1.0 - v) for n, d in model_values("density").items()}
         fmerge_method = "dare"
         params = {"p": p, "rescale": flag("rescale"), "lambda": lam}
+        weights = model_values("weight")
         if method == "dare_ties":
             params.update(combine="ties", merge="mean" if flag("normalize") else "sum", weight=weights,
                           rule="mergekit")
@@ -280,6 +438,33 @@ def _convert(data: dict, lines, file: Path | None) -> dict:
             if flag("normalize"):
                 weights = scalar_weights_normalized(weights, where(("parameters", "normalize")))
             params.update(combine="task_arithmetic", weight=weights)
+    elif method in ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
+        fmerge_method = method.split("_")[0]
+        params = {"density": model_values("density"), "weight": model_values("weight"), "lambda": lam,
+                  "combine": "task_arithmetic" if method in ("breadcrumbs", "della_linear") else "ties",
+                  "merge": "mean" if flag("normalize") else "sum", "rescale": flag("rescale"), "rule": "mergekit"}
+        extra = "gamma" if fmerge_method == "breadcrumbs" else "epsilon"
+        params[extra] = model_values(extra)
+    elif method == "slerp":
+        if len(models) != 1:
+            raise RecipeError(f"{where(('models',))}: slerp interpolates base_model and exactly one other model; "
+                              f"this config has {listed} besides the base.")
+        if "t" not in global_params:
+            raise RecipeError(f"{where(('parameters',))}: slerp needs 't' under 'parameters' (0 = base_model, 1 = "
+                              f"the other model; a list is interpolated over layer depth).")
+        fmerge_method, params = "slerp", {"t": _spec(global_params["t"], where(("parameters", "t")))}
+    elif method == "nuslerp":
+        if len(models) != 2:
+            raise RecipeError(f"{where(('models',))}: nuslerp interpolates exactly two models besides the base; "
+                              f"this config has {listed}.")
+        over = "tensor" if flag("nuslerp_flatten") else "columns" if flag("nuslerp_row_wise") else "rows"
+        fmerge_method = "nuslerp"
+        params = {"weight": model_values("weight"), "over": over, "task_vectors": base_path is not None}
+    else:  # model_stock
+        if len(models) < 2:
+            raise RecipeError(f"{where(('models',))}: model_stock needs at least two models besides the base; "
+                              f"this config has {listed}.")
+        fmerge_method, params = "model_stock", {"filter_wise": flag("filter_wise")}
 
     step: dict[str, Any] = {"kind": "merge", "method": fmerge_method, "params": params}
     out_dtype = data.get("out_dtype") or data.get("dtype")

@@ -11,9 +11,11 @@ taken from the base in a model's place unless the recipe says `missing_tensors: 
 
 from __future__ import annotations
 
+import queue
 import re
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -218,7 +220,8 @@ def merge_stream(
     on_tensor: Callable[[str], None] | None = None,
     tensor_params: Callable[[str], MethodParams] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (reference name, output tensor) in reference order, one tensor in memory per model.
+    """Yield (reference name, output tensor) in reference order, two tensors in memory per model:
+    the one merging and the next, read meanwhile in a second thread (`readahead`).
 
     `tensor_params(name)`, where given, supplies the parameters of each merged tensor (values
     that depend on the tensor, resolved by `TensorParams`); `params` then serves only `prepare`.
@@ -270,12 +273,18 @@ def merge_stream(
 
     state = None
     if method.needs_prepare(params):
-        state = method.prepare(params, (group(r) for r in plan.merge), ctx)
+        state = method.prepare(params, readahead(group(r) for r in plan.merge), ctx)
     to_merge = set(plan.merge)
-    for r in plan.reference:
+
+    def inputs() -> Iterator[tuple[str, TensorGroup | torch.Tensor]]:
+        for r in plan.reference:
+            yield r, group(r) if r in to_merge else reference.get(r)
+
+    # the next tensor's inputs are read (and widened to fp32) in a second thread while this one merges
+    for r, loaded in readahead(inputs()):
         if r in to_merge:
             try:
-                out = method.merge(group(r), tensor_params(r) if tensor_params else params, ctx, state)
+                out = method.merge(loaded, tensor_params(r) if tensor_params else params, ctx, state)
             except RuntimeError as exc:  # torch: a scale like λ·w beyond float32 ("cannot be converted ... overflow")
                 if "overflow" not in str(exc):
                     raise
@@ -296,7 +305,7 @@ def merge_stream(
                     f"in float32 or bfloat16 (--out-dtype float32, or out_dtype: float32 in the recipe's merge "
                     f"step), or use smaller parameters.")
         else:
-            out = reference.get(r)
+            out = loaded
             if out.is_floating_point() and not all_finite(out):
                 bad = int((~torch.isfinite(out)).sum())
                 raise ModelError(f"Tensor '{r}' of the base model, copied unchanged into the output, holds {bad} "
@@ -312,6 +321,82 @@ def merge_stream(
         if on_tensor:
             on_tensor(r)
         yield r, out
+
+
+T = TypeVar("T")
+
+
+def readahead(items: Iterator[T]) -> Iterator[T]:
+    """What `items` yields, in order, the next item produced in a second thread while the caller
+    works on this one, so that reading overlaps arithmetic (file reads and torch ops release the
+    GIL). At most two items exist at once: the next one is started only when this one is taken. An
+    exception raised by `items` is raised here at its place in the sequence."""
+    ready: queue.Queue = queue.Queue()
+    may_produce = threading.Semaphore(1)  # released each time the caller takes an item
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            while True:
+                while not may_produce.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                try:
+                    item = next(items)
+                except StopIteration:
+                    ready.put((False, None))
+                    return
+                ready.put((True, item))
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put((False, exc))
+
+    thread = threading.Thread(target=produce, name="fmerge-readahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = ready.get()
+            if not more:
+                if item is None:
+                    return
+                raise item
+            may_produce.release()
+            yield item
+            del item  # not held while the next one is awaited
+    finally:  # also when the consumer stops early: the producer ends after its current item
+        stop.set()
+        thread.join()
+
+
+def write_behind(items: Iterable[tuple[str, torch.Tensor]], write: Callable[[str, torch.Tensor], None],
+                 depth: int = 1) -> None:
+    """Hand every (name, tensor) of `items` to `write` in a second thread, at most `depth` waiting,
+    so that writing overlaps producing the next one; the first failure of either side is raised."""
+    pending: queue.Queue = queue.Queue(maxsize=depth)
+    failed: list[BaseException] = []
+
+    def drain() -> None:
+        while (entry := pending.get()) is not None:
+            if not failed:  # after a failure, only empty the queue so the producer never blocks
+                try:
+                    write(*entry)
+                except BaseException as exc:
+                    failed.append(exc)
+
+    thread = threading.Thread(target=drain, name="fmerge-write-behind", daemon=True)
+    thread.start()
+    try:
+        for entry in items:
+            if failed:
+                getattr(items, "close", lambda: None)()  # a generator's own threads end now
+                break
+            pending.put(entry)
+    finally:
+        pending.put(None)
+        thread.join()
+    if failed:
+        raise failed[0]
 
 
 # ---------------------------------------------------------------------------------------------

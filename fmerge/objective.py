@@ -4,6 +4,10 @@ One classifier module per task; the body's tensors are substituted with
 `torch.func.functional_call`, so a chunk of examples costs one forward and one backward pass
 (FusionBench backpropagates one example at a time). The network runs in eval mode (no dropout),
 so the gradient is deterministic and the same however the examples are chunked.
+
+For causal LMs the loss is token-level (`next_token_losses`, `token_loss_sum`): the next token's
+cross-entropy or the entropy of the next-token distribution, over the positions that count,
+normalised per token rather than per sequence.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .fisher import next_token_targets
+
 Body = dict[str, torch.Tensor]
 LOSSES = ("cross_entropy", "entropy")
 
@@ -25,6 +31,32 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor | None, loss: st
     if loss == "cross_entropy":
         return F.nll_loss(logp, labels, reduction="none")
     return -(logp.exp() * logp).sum(dim=-1)
+
+
+def next_token_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor], loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's loss at each predicted position, (n, T − 1), and which positions count
+    (`fisher.next_token_targets`: real context and target tokens, not prompt tokens labelled -100):
+    the next token's cross-entropy, or the entropy of the next-token distribution (needs no
+    target, but counts the same positions). Positions that do not count hold 0."""
+    targets, valid = next_token_targets(batch)
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    if loss == "cross_entropy":
+        per_token = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    else:
+        per_token = -(logp.exp() * logp).sum(dim=-1)
+    return per_token * valid, valid
+
+
+def token_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor], loss: str) -> tuple[torch.Tensor, int]:
+    """The summed per-token loss of a batch and its number of counted tokens: a mean over tokens
+    is the sum over chunks divided by the total count (`predicted_tokens` gives it up front)."""
+    per_token, valid = next_token_losses(logits, batch, loss)
+    return per_token.sum(), int(valid.sum())
+
+
+def predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many positions of a causal-LM batch a token-level loss counts."""
+    return int(next_token_targets(batch)[1].sum())
 
 
 @dataclass

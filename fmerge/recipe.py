@@ -90,7 +90,16 @@ DEFAULT_PARTITION = (0.8, 0.1, 0.1)  # shares of train_split, validation_split, 
 
 
 class DataSpec(Strict):
-    """A task's labelled data: local csv/json/jsonl/parquet files or a hub dataset id.
+    """A task's data: local csv/json/jsonl/parquet files or a hub dataset id.
+
+    What the task is (`task`, see fmerge/tasks.py): `classification` (`text`, `text_pair`,
+    `label`); `causal_lm`, language modelling: per-token loss over `text`, with the tokens of
+    `prompt` (if given; the text follows it directly) masked from the loss, and no labels;
+    `multiple_choice`: `text` is the context, `choices` a list of strings per row (each scored
+    after the context and one space, as lm-evaluation-harness does), `label` the index of the
+    right one. Left out,
+    an entry with `choices` is multiple choice, otherwise the model's config decides (a causal
+    LM's config makes it `causal_lm`, any other `classification`).
 
     Where each split's rows come from, so that no split ever stands in for another:
     - `path` naming one file: the file is cut into disjoint splits by a seeded partition
@@ -106,6 +115,13 @@ class DataSpec(Strict):
     text_pair: str | None = None
     label: str | None = "label"
     label_names: list[str] | None = None
+    task: Literal["classification", "causal_lm", "multiple_choice"] | None = Field(
+        None, description="classification, causal_lm (language modelling) or multiple_choice (default: "
+        "multiple_choice if 'choices' is given, else from the model's config)")
+    prompt: str | None = Field(None, description="causal_lm: column of a prompt that each text directly follows "
+                               "(a separating space or newline is the data's), whose tokens are not scored")
+    choices: str | None = Field(None, description="multiple_choice: column holding each row's choices (a list "
+                                "of strings); 'text' is the context, 'label' the right choice's index")
     config: str | None = None
     train_split: str = "train"
     validation_split: str = "validation"
@@ -154,6 +170,15 @@ class DataSpec(Strict):
         if self.splits is not None and (self.partition is not None or "partition_seed" in self.model_fields_set):
             raise ValueError("'partition' and 'partition_seed' cut the single file given as 'path'; with 'splits' "
                              "each split has its own file: remove them")
+        if self.task == "multiple_choice" and self.choices is None:
+            raise ValueError("a multiple_choice task needs 'choices', the column holding each row's list of choices")
+        if self.choices is not None and self.task not in (None, "multiple_choice"):
+            raise ValueError(f"'choices' is for multiple_choice data, but task is '{self.task}': remove one of them")
+        if self.prompt is not None and (self.task not in (None, "causal_lm") or self.choices is not None):
+            raise ValueError("'prompt' is for causal_lm (language-modelling) data; a multiple-choice context is "
+                             "'text' and a classifier reads 'text' and 'text_pair'")
+        if self.image is not None and (self.task is not None or self.choices is not None or self.prompt is not None):
+            raise ValueError("'image' makes a CLIP zero-shot task: remove 'task', 'choices' and 'prompt'")
         if self.image is None and (self.classnames is not None or self.templates is not None):
             raise ValueError("'classnames' and 'templates' are for image (CLIP) tasks: set 'image' too")
         for key in ("classnames", "templates"):
@@ -316,6 +341,11 @@ class Recipe:
         self.base = spec.base if isinstance(spec.base, ModelSpec) else ModelSpec(path=spec.base)
         self.models = {n: m if isinstance(m, ModelSpec) else ModelSpec(path=m) for n, m in spec.models.items()}
         self.sweeps: dict[str, list] = {}  # swept step -> its variants (fmerge.sweep.Variant)
+        # swept step -> (eval step choosing its variant, export path): the chosen variant is exported there
+        self.chosen_exports: dict[str, tuple[str, str]] = {}
+        self.text: str | None = None  # the recipe as read, quoted by model cards
+        self.mergekit = False  # read from a mergekit config (a card quotes it as such)
+        self.sets: list[str] = []  # --set items applied over the text
 
     def step_names(self, name: str) -> list[str]:
         """The steps a recipe-level step name stands for: itself, or a swept step's variants."""

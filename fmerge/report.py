@@ -7,19 +7,24 @@ from rich.table import Table
 
 
 def results_table(results: list[dict], title: str) -> Table:
+    """Accuracy per task; a language-modelling task shows perplexity instead (marked, and left
+    out of the averages, which are over accuracies)."""
     tasks = list(dict.fromkeys(r["task"] for r in results))
     variants = list(dict.fromkeys(r["variant"] for r in results))
-    acc = {(r["variant"], r["task"]): r["accuracy"] for r in results}
+    metric = {r["task"]: r.get("metric", "accuracy") for r in results}
+    value = {(r["variant"], r["task"]): r[metric[r["task"]]] for r in results}
+    acc = {key: a for key, a in value.items() if metric[key[1]] == "accuracy"}
     chosen = {r["variant"]: r["selected_on"] for r in results if r.get("selected_on")}
     split = results[0]["split"] if results else ""
     caption = None
     if chosen:
         caption = (f"* chosen among a sweep's variants by average accuracy on split "
                    f"'{', '.join(sorted(set(chosen.values())))}', reported on '{split}'")
-    table = Table(title=f"{title}: accuracy on split '{split}'", caption=caption)
+    what = "accuracy" + ("; perplexity (lower is better) where marked" if "perplexity" in metric.values() else "")
+    table = Table(title=f"{title}: {what} on split '{split}'", caption=caption)
     table.add_column("model")
     for t in tasks:
-        table.add_column(t, justify="right")
+        table.add_column(escape(t) + (" (perplexity)" if metric[t] == "perplexity" else ""), justify="right")
     table.add_column("avg", justify="right")
     table.add_column("normalized", justify="right")
     for v in variants:
@@ -28,7 +33,8 @@ def results_table(results: list[dict], title: str) -> Table:
         avg = sum(have) / len(have) if have else None
         norm = [a / acc[("individual", t)] for a, t in zip(row, tasks)
                 if a is not None and acc.get(("individual", t))]
-        table.add_row(escape(v) + (" *" if v in chosen else ""), *[f"{a:.3f}" if a is not None else "-" for a in row],
+        cells = [value.get((v, t)) for t in tasks]
+        table.add_row(escape(v) + (" *" if v in chosen else ""), *[f"{a:.3f}" if a is not None else "-" for a in cells],
                       f"{avg:.3f}" if avg is not None else "-",
                       f"{sum(norm) / len(norm):.3f}" if norm else "-")
     return table

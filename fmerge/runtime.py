@@ -15,6 +15,7 @@ from . import distributed
 from .errors import ModelError, RecipeError
 from .fingerprint import FileHashes
 from .io import HashCache, ModelDir, TensorSource
+from .lora import LoraMerged, adapter_refusal, is_adapter_dir
 from .recipe import BASE, ModelSpec, Recipe
 from .store import Store
 
@@ -78,6 +79,11 @@ class Runtime:
             if spec.from_step is not None:
                 key = self.output_of(spec.from_step)
                 self._sources[name] = self.store.open(key).view("weights/")
+            elif is_adapter_dir(self.model_dir(name)):  # a PEFT LoRA adapter: the base with ΔW added (fmerge/lora.py)
+                if name == BASE:
+                    raise ModelError(adapter_refusal(self.model_dir(name), self.label(name)))
+                self._sources[name] = LoraMerged(self.source(BASE), ModelDir(self.model_dir(name), label=self.label(name)),
+                                                 self.label(name))
             else:
                 self._sources[name] = ModelDir(self.model_dir(name), allow_pickle=self.recipe.spec.allow_pickle,
                                                label=self.label(name))
@@ -96,6 +102,9 @@ class Runtime:
             else:
                 src = self.source(name)
                 src = getattr(src, "inner", src)  # a CLIP vision tower: hash the whole checkpoint
+                if isinstance(src, LoraMerged):
+                    self._hashes[name] = src.content_key(self.hashes.hash_model(src.adapter), self.model_hash(BASE))
+                    return self._hashes[name]
                 assert isinstance(src, ModelDir)
                 self._hashes[name] = self.hashes.hash_model(src)
         return self._hashes[name]

@@ -11,10 +11,24 @@ other command refuses a directory without the marker, so no command of fmerge ev
 deletes from a directory it did not create. Deletions touch only what fmerge names itself
 (`objects/xx/KEY`, `tmp/KEY.PID.RANDOM`, `quarantine/KEY.PID.RANDOM`).
 
+A merge's weights are not zarr arrays but the files they leave in: sharded safetensors under the
+artifact's `safetensors/` folder (`ArtifactWriter.safetensors`), each file's xxh3-128 and SHA-256
+and each tensor's place recorded in the attributes, so an export hard-links them (`Artifact.files`)
+instead of writing the weights a second time. Statistics (Fisher, Grams, task vectors) stay zarr.
+
 Nothing is served unchecked: every tensor read through `Artifact.get` is hashed and compared with
 the checksum recorded when it was written, an artifact's attributes carry a checksum of their own,
 and `Store.has_intact` (asked by the executor before it reuses an artifact) verifies a whole
 artifact and moves a bad one to `quarantine/` so that it is recomputed.
+
+Verified once, trusted while unchanged: after an artifact is verified whole (or written), the stat
+stamp of each of its files (device, inode, size, mtime_ns, ctime_ns) is kept in
+`cache/verified/KEY.json`; while every stamp still matches, `has_intact` trusts the artifact without
+reading it again, so a cached run costs a few `stat` calls per artifact. Any change to a file
+through the file system (a write, `touch`, a copy, a new hard link) moves its ctime, which no user
+command can set back, so the artifact is verified whole again. Tensors are still checked as they
+are read. What this cannot see: bytes that rot on the disk under an unchanged inode; `fmerge
+verify` reads everything.
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ import xxhash
 
 from . import __version__
 from .errors import FmergeError, StoreError, quoted
+from .io import WeightFilesWriter
 
 if TYPE_CHECKING:  # imported where a lock is taken: status, validate and ls take none
     from filelock import FileLock
@@ -72,6 +87,7 @@ _WHAT_A_STORE_IS = ("An artifact store is the directory where `fmerge run`, `mer
 # algorithm in attrs["checksum_algorithm"]; those without it (written before it was recorded) were
 # checksummed with blake2b-128, and are still read and checked.
 CHECKSUM_ALGORITHM = "xxh3_128"
+SAFETENSORS_DIR = "safetensors"  # in an artifact: tensors kept as the safetensors files they leave in
 LEGACY_CHECKSUM_ALGORITHM = "blake2b_128"
 
 
@@ -131,6 +147,46 @@ def _attrs_checksum(attrs: dict) -> str:
     body = {k: v for k, v in attrs.items() if k != "attrs_checksum"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
     return xxhash.xxh3_128(text.encode()).hexdigest()
+
+
+def _hash_file(path: Path) -> str:
+    """xxh3-128 of a whole file, read in 16 MiB blocks."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _read_range(file: Path, start: int, arr: np.ndarray) -> None:
+    """Fill `arr` with the bytes of `file` from `start` on (pread; no mapping stays behind)."""
+    view = memoryview(arr.reshape(-1).view(np.uint8))
+    with open(file, "rb", buffering=0) as fh:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fh.fileno(), [view[done:]], start + done)
+            if got == 0:
+                raise ValueError(f"{file.name} ends before the tensor's last byte (truncated)")
+            done += got
+
+
+def file_stamps(path: Path) -> list[list]:
+    """[relative path, device, inode, size, mtime_ns, ctime_ns] of every file under `path`, sorted:
+    what must stay the same for a verified artifact to be trusted without reading it."""
+    stamps, folders = [], [("", str(path))]
+    while folders:
+        rel, folder = folders.pop()
+        with os.scandir(folder) as entries:
+            for e in entries:
+                name = rel + e.name
+                if e.is_dir(follow_symlinks=False):
+                    folders.append((name + "/", e.path))
+                else:
+                    st = e.stat(follow_symlinks=False)
+                    stamps.append([name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return sorted(stamps)
 
 
 def _read_single_chunk(array_dir: Path) -> np.ndarray | None:
@@ -261,7 +317,22 @@ class Artifact:
     def dtype(self, name: str) -> torch.dtype:
         return _TORCH_DTYPES[self.attrs["dtypes"][name]]
 
+    @property
+    def placement(self) -> dict[str, list]:
+        """{tensor: [file, start, end, shape]} of tensors kept in safetensors files."""
+        return self.attrs.get("placement", {})
+
+    def files(self, prefix: str) -> dict[str, tuple[Path, dict]]:
+        """{file name: (path, record with size, sha256 and xxh3_128)} of the safetensors files (and
+        index) holding the tensors under `prefix`; empty when they are zarr arrays (an artifact
+        written before merges kept safetensors, or a statistic)."""
+        folder = SAFETENSORS_DIR + "/" + prefix.rstrip("/")
+        return {rel.rsplit("/", 1)[1]: (self.path / rel, rec) for rel, rec in self.attrs.get("files", {}).items()
+                if rel.rsplit("/", 1)[0] == folder}
+
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.placement:
+            return tuple(int(n) for n in self.placement[name][3])
         try:  # from the array's zarr.json, without importing zarr
             return tuple(int(n) for n in json.loads((self.path / name / "zarr.json").read_text())["shape"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -270,6 +341,13 @@ class Artifact:
     def read(self, name: str) -> np.ndarray:
         """The stored array, unchecked (`get` checks it): straight from its one chunk file when it
         has the layout fmerge writes, else through zarr."""
+        if name in self.placement:
+            rel, start, end, shape = self.placement[name]
+            arr = np.empty(tuple(shape), _to_numpy(torch.empty(0, dtype=self.dtype(name))).dtype)
+            if arr.nbytes != end - start:
+                raise ValueError(f"its recorded place in {rel} does not fit its shape")
+            _read_range(self.path / rel, start, arr)
+            return arr
         arr = _read_single_chunk(self.path / name)
         return arr if arr is not None else np.asarray(self.group[name][...])
 
@@ -302,7 +380,18 @@ class Artifact:
         """Names of arrays whose bytes no longer match the checksum recorded at write time."""
         checksums = self.attrs.get("checksums", {})
         bad = [n for n in self.attrs.get("tensors", []) if n not in checksums]  # no checksum: untrusted
+        for rel, record in self.attrs.get("files", {}).items():  # whole files: headers and tensors at once
+            try:
+                ok = (os.path.getsize(self.path / rel) == record["size"]
+                      and _hash_file(self.path / rel) == record["xxh3_128"])
+            except (OSError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                bad.append(rel)
+        placed = self.placement
         for name, expected in checksums.items():
+            if name in placed:
+                continue  # checked with its file
             try:
                 if _checksum(self.read(name), self.checksum_algorithm) != expected:
                     bad.append(name)
@@ -368,6 +457,18 @@ class ArtifactWriter:
         self.attrs["dtypes"][name] = str(tensor.dtype)
         self.attrs["checksums"][name] = _checksum(data)
 
+    def safetensors(self, prefix: str, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                    metadata: dict[str, str], max_shard_bytes: int) -> "SafetensorsPayload":
+        """A writer of the tensors `prefix + name` of `layout` (in that order) into safetensors files
+        under SAFETENSORS_DIR/prefix (the files an export links), checksummed as they are written."""
+        folder = self.tmp / SAFETENSORS_DIR / prefix.rstrip("/")
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            self.abort()
+            raise _write_error(exc, self.store.root, f"artifact {self.key[:12]} ({self.attrs['kind']})") from exc
+        return SafetensorsPayload(self, prefix, folder, WeightFilesWriter(folder, layout, metadata, max_shard_bytes))
+
     def commit(self, meta: dict | None = None) -> Artifact:
         self.attrs["meta"] = meta or {}
         self.attrs["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -387,6 +488,9 @@ class ArtifactWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if not self.store.has(self.key):
                 raise _write_error(exc, self.store.root, f"artifact {self.key[:12]} ({self.attrs['kind']})") from exc
+            return Artifact(final)
+        # its checksums were computed from the bytes as they were written: trusted as verified
+        self.store._remember_intact(self.key)
         return Artifact(final)
 
     def abort(self) -> None:
@@ -399,6 +503,56 @@ class ArtifactWriter:
         """Whatever fails (or interrupts) before `commit` leaves nothing behind."""
         if exc_type is not None:
             self.abort()
+
+
+class SafetensorsPayload:
+    """Tensors of one artifact written as sharded safetensors files (see `ArtifactWriter.safetensors`)."""
+
+    def __init__(self, writer: ArtifactWriter, prefix: str, folder: Path, files: WeightFilesWriter):
+        self.writer, self.prefix, self.folder, self.files = writer, prefix, folder, files
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        w = self.writer
+        data = _to_numpy(tensor)
+        try:
+            self.files.write(name, tensor)
+        except OSError as exc:
+            self.files.abandon()
+            w.abort()
+            raise _write_error(exc, w.store.root, f"tensor '{self.prefix + name}' of artifact {w.key[:12]} "
+                                                  f"({w.attrs['kind']})") from exc
+        full = self.prefix + name
+        w.attrs["tensors"].append(full)
+        w.attrs["dtypes"][full] = str(tensor.dtype)
+        w.attrs["checksums"][full] = _checksum(data)
+
+    def close(self) -> None:
+        """Finish the files and record them (with where each tensor lies) in the artifact."""
+        w = self.writer
+        try:
+            self.files.close()
+        except OSError as exc:
+            self.files.abandon()
+            w.abort()
+            raise _write_error(exc, w.store.root, f"artifact {w.key[:12]} ({w.attrs['kind']})") from exc
+        rel = self.folder.relative_to(w.tmp).as_posix()
+        w.attrs.setdefault("files", {}).update({f"{rel}/{f}": record for f, record in self.files.files.items()})
+        placement = w.attrs.setdefault("placement", {})
+        for name, (f, start, end) in self.files.placement.items():
+            placement[self.prefix + name] = [f"{rel}/{f}", start, end, list(self.shape_of[name])]
+
+    @property
+    def shape_of(self) -> dict[str, tuple[int, ...]]:
+        return {n: s for shard in self.files.shards for n, _, s in shard}
+
+    def __enter__(self) -> "SafetensorsPayload":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.files.abandon()
 
 
 def check_key(key: str, root: Path | str) -> None:
@@ -435,7 +589,7 @@ class Store:
         self.provenance: dict[str, Any] = {}
         self.writable = create   # artifacts may be written (a store opened by a writing command)
         self.exists = True       # False only for open_existing(missing_ok=True) of a missing directory
-        self._verified: dict[str, tuple] = {}  # key -> file stamp of artifacts checked whole this process
+        self._verified: dict[str, list] = {}  # key -> file stamps of artifacts checked whole this process
         self.unreadable: list[Path] = []  # entries of objects/ the last `list()` could not read
         if create:
             self._create_or_adopt()
@@ -684,17 +838,17 @@ class Store:
 
     # -- verification -------------------------------------------------------------------------
 
-    @staticmethod
-    def _stamp(path: Path) -> tuple | None:
+    def _current_stamps(self, key: str) -> list[list] | None:
         try:
-            d, meta = path.stat(), (path / "zarr.json").stat()
+            return file_stamps(self.path(key))
         except OSError:
             return None
-        return d.st_ino, meta.st_ino, meta.st_mtime_ns, meta.st_size
 
     def _is_verified(self, key: str) -> bool:
-        stamp = self._verified.get(key)
-        return stamp is not None and stamp == self._stamp(self.path(key))
+        """Verified whole by this process, and its files unchanged since (their tensors are then
+        served without hashing them again)."""
+        stamps = self._verified.get(key)
+        return stamps is not None and stamps == self._current_stamps(key)
 
     def _examine(self, path: Path) -> BadArtifact | None:
         """What is wrong with the entry `path` of objects/, or None when it is a complete artifact
@@ -721,18 +875,72 @@ class Store:
         """'' when artifact `key` is committed and intact (attributes readable and matching their
         checksum, naming this key; every tensor listed has a checksum its bytes match), else what is
         wrong. An intact artifact is remembered for the rest of this process (while its files stay
-        the same ones), so that reading its tensors afterwards does not hash them again."""
+        the same ones), so that reading its tensors afterwards does not hash them again, and its
+        files' stamps are kept in the store: while they match, later runs trust it unread
+        (`get` still checks each tensor it reads)."""
         if not self.has(key):
             return "it is not in the store"
-        if self._is_verified(key):
+        stamps = self._current_stamps(key)
+        if stamps is not None and (stamps == self._verified.get(key) or stamps == self._recorded_stamps(key)):
             return ""
-        path = self.path(key)
-        stamp = self._stamp(path)
-        bad = self._examine(path)
+        bad = self._examine(self.path(key))
         if bad is None:
-            self._verified[key] = stamp
+            self._verified[key] = stamps
+            self._save_stamps(key, stamps)
             return ""
         return bad.problem
+
+    def _stamps_file(self, key: str) -> Path:
+        return self.root / "cache" / "verified" / f"{key}.json"
+
+    def _recorded_stamps(self, key: str) -> list | None:
+        """The stamps kept when `key` was last verified whole (by any run), if any."""
+        try:
+            return json.loads(self._stamps_file(key).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _save_stamps(self, key: str, stamps: list | None) -> None:
+        """Keep the stamps of a verified artifact's files (best effort: a store that cannot be
+        written only verifies again next time)."""
+        if not self.writable or stamps is None:
+            return
+        target = self._stamps_file(key)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(stamps))
+            os.replace(tmp, target)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+    def _forget_stamps(self, key: str) -> None:
+        self._verified.pop(key, None)
+        try:
+            self._stamps_file(key).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def _remember_intact(self, key: str) -> None:
+        """An artifact this process has just written, checksummed as its bytes went out."""
+        self._verified[key] = stamps = self._current_stamps(key)
+        self._save_stamps(key, stamps)
+
+    def restamp(self, key: str, change: Callable[[], Any]) -> Any:
+        """Run `change` (which links the artifact's files elsewhere: that moves their ctime) and
+        keep trusting the artifact if it was trusted right before; returns what `change` returns."""
+        before = self._current_stamps(key)
+        in_process = before is not None and before == self._verified.get(key)
+        trusted = in_process or (before is not None and before == self._recorded_stamps(key))
+        result = change()
+        if trusted:
+            after = self._current_stamps(key)
+            only_ctimes_moved = after is not None and [s[:5] for s in after] == [s[:5] for s in before]
+            if only_ctimes_moved and after != before:
+                if in_process:
+                    self._verified[key] = after
+                self._save_stamps(key, after)
+        return result
 
     def has_intact(self, key: str, on_bad: Callable[[BadArtifact], None] | None = None,
                    locked: bool = False) -> bool:
@@ -778,7 +986,7 @@ class Store:
                              f"{dest.parent} failed: {exc.strerror or exc}. Nothing was removed; `fmerge verify "
                              f"--repair --store {self.root}` removes bad artifacts, or move {path} away, then run "
                              f"again.") from None
-        self._verified.pop(key, None)
+        self._forget_stamps(key)
         try:
             (dest / "fmerge-quarantine.json").write_text(json.dumps(
                 {"key": key, "kind": bad.kind, "step": bad.step, "problem": bad.problem,
@@ -815,7 +1023,7 @@ class Store:
                 or path.parent.is_symlink() or objects.is_symlink()):  # a link could lead out of the store
             raise StoreError(f"Refusing to remove {path}: fmerge removes only artifacts, entries objects/xx/KEY "
                               f"of the store {self.root}.")
-        self._verified.pop(path.name, None)
+        self._forget_stamps(path.name)
         trash = self.root / "tmp" / f"{path.name}.{os.getpid()}.deleted-{uuid.uuid4().hex[:8]}"
         trash.parent.mkdir(exist_ok=True)
         os.rename(path, trash)

@@ -1,23 +1,105 @@
-"""A model's task: its data, tokenizer and a runnable classifier, for the data-aware steps."""
+"""A model's task: its data, tokenizer and a runnable model, for the data-aware steps.
+
+Task kinds (`task_kind`): `image` (a CLIP zero-shot task), `classification` (a sequence
+classifier), `causal_lm` (language modelling: per-token loss over a text column) and
+`multiple_choice` (a causal LM scoring each choice's log-likelihood). A data entry's `task` says
+which; without it, an entry with `choices` is multiple choice, and otherwise the model's
+config decides (`config_is_causal_lm`).
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .data import DataSpec, encode_batches, label_names_for, load_dataset_split, select_examples
+from .data import (DataSpec, encode_batches, encode_choice_batches, encode_lm_batches, label_names_for,
+                   load_dataset_split, select_examples)
 from .errors import FmergeError, ModelError, RecipeError
 from .io import ModelDir
 from .recipe import BASE
 
 
+# Decoder-only model types, for a config that names no architecture (or only the bare body).
+DECODER_ONLY_TYPES = frozenset({
+    "bloom", "falcon", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj",
+    "llama", "mistral", "mixtral", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
+    "qwen3_moe", "smollm3", "stablelm", "starcoder2"})
+
+
+def config_is_causal_lm(config: dict) -> bool:
+    """Whether a config.json (as a dict) describes a causal LM: an architecture ending in ForCausalLM
+    or LMHeadModel; or, naming no architecture with a head, a decoder-only model type."""
+    archs = config.get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    headless = all(a.endswith("Model") and not a.endswith("LMHeadModel") for a in archs)
+    return headless and config.get("model_type") in DECODER_ONLY_TYPES
+
+
+def raw_config(rt, model: str) -> dict:
+    """A model's config as plain JSON, read without transformers (cheap enough for planning)."""
+    spec = rt.recipe.base if model == BASE else rt.recipe.models[model]
+    if spec.from_step is not None:
+        return dict(rt.store.open(rt.output_of(spec.from_step)).meta["config"])
+    local = rt.recipe.resolve(spec.path)
+    file = (local if local.is_dir() else rt.model_dir(model)) / "config.json"
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        name = "base" if model == BASE else model
+        raise ModelError(f"Model '{name}': cannot read {file} ({exc}); a model directory needs the transformers "
+                         f"config.json saved with its weights.") from exc
+
+
+def task_kind(rt, model: str) -> str:
+    """'image', 'classification', 'causal_lm' or 'multiple_choice': the data entry's `task`, else
+    multiple choice if it names `choices`, else what the model's config is (see module doc)."""
+    data = rt.recipe.models[model].data if model in rt.recipe.models else None
+    entry = rt.recipe.spec.data[data] if data is not None else None
+    if entry is not None and entry.image is not None:
+        return "image"
+    if entry is not None and entry.task is not None:
+        return entry.task
+    if entry is not None and entry.choices is not None:
+        return "multiple_choice"
+    return "causal_lm" if config_is_causal_lm(raw_config(rt, model)) else "classification"
+
+
+def model_kind(rt, model: str) -> str:
+    """How `build_task_model` builds the model: 'clip', 'causal_lm' (also for multiple choice) or 'classifier'."""
+    kind = task_kind(rt, model)
+    return {"image": "clip", "classification": "classifier"}.get(kind, "causal_lm")
+
+
+def data_task(rt, data_name: str) -> str:
+    """The task kind of a data entry: its own say (`task`, `choices`, `image`), else what
+    `task_kind` says for the first model using it that is a directory (a model a step makes, e.g.
+    by fine-tuning, may not exist yet: the base's config stands for it)."""
+    d = rt.recipe.spec.data[data_name]
+    if d.image is not None or d.task is not None or d.choices is not None:
+        return "image" if d.image else d.task or "multiple_choice"
+    users = [m for m, spec in rt.recipe.models.items() if spec.data == data_name]
+    models = rt.recipe.models
+    judged = next((m for m in users if models[m].from_step is None), BASE if users else None)
+    if judged is None or (models[judged] if judged != BASE else rt.recipe.base).from_step is not None:
+        return "classification"
+    try:
+        config = raw_config(rt, judged)
+    except ModelError:  # said when the model is built, by the step that needs it
+        return "classification"
+    return "causal_lm" if config_is_causal_lm(config) else "classification"
+
+
 def data_spec(rt, data_name: str, split: str) -> DataSpec:
     """The loader's spec of one split of a data entry: its own file (`splits`), a block of a
-    partitioned file, or a split of a directory or hub dataset. A split the entry lacks is an error."""
+    partitioned file, or a split of a directory or hub dataset. A split the entry lacks is an error.
+    Language-modelling data has no label column (an entry's `label` default is not asked for)."""
     recipe = rt.recipe
     d = recipe.spec.data[data_name]
+    task = data_task(rt, data_name)
     d.rows_of(recipe, data_name, split)  # raises, naming the recipe key, if the entry has no such split
     partition = d.partition_for(recipe)
     if d.splits is not None:
@@ -25,9 +107,11 @@ def data_spec(rt, data_name: str, split: str) -> DataSpec:
     else:
         local = recipe.resolve(d.path)
         path = str(local) if local.exists() else d.path
-    return DataSpec(path=path, text_column=d.image or d.text, text_pair_column=d.text_pair, label_column=d.label,
-                    split=split, config=d.config, partition=tuple(sorted(partition.items())) if partition else None,
-                    partition_seed=d.partition_seed)
+    return DataSpec(path=path, text_column=d.image or d.text, text_pair_column=d.text_pair,
+                    label_column=None if task == "causal_lm" else d.label, split=split, config=d.config,
+                    partition=tuple(sorted(partition.items())) if partition else None,
+                    partition_seed=d.partition_seed, prompt_column=d.prompt if task == "causal_lm" else None,
+                    choices_column=d.choices if task == "multiple_choice" else None)
 
 
 def task_data(rt, model: str, where: tuple) -> str:
@@ -141,22 +225,60 @@ def is_image_task(rt, model: str) -> bool:
     return data is not None and rt.recipe.spec.data[data].image is not None
 
 
+def build_causal_lm(rt, model: str, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The model as a runnable causal LM (its own LM head; a head tied to the input embeddings, as
+    saved without a copy of its own, is taken from them); `weights` (model naming) override its own."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(rt, model)
+    config._attn_implementation = "eager"
+    try:
+        net = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:  # a config of no causal-LM architecture
+        raise ModelError(f"Model '{rt.label(model)}': its config (model_type '{config.model_type}') has no causal "
+                         f"language-model architecture in transformers, so it cannot be run as a causal LM; set "
+                         f"the data entry's task to 'classification' if it is a classifier.") from exc
+    src = rt.source(model)
+    state = {n: src.get(n) for n in src.names()}
+    state.update(weights or {})
+    params = dict(net.named_parameters(remove_duplicate=False))
+    loaded = {id(params[n]) for n in state if n in params}
+    missing, _ = net.load_state_dict(state, strict=False)
+    # A missing name that is the same parameter as a loaded one is a tied copy (lm_head = embeddings).
+    missing = [m for m in missing if not m.endswith("position_ids") and id(params.get(m)) not in loaded]
+    if missing:
+        raise ModelError(f"Model '{rt.label(model)}': its weights lack {len(missing)} tensor(s) a causal LM of its "
+                         f"config needs, e.g. {', '.join(missing[:3])}; is it a causal LM (or a classifier, whose "
+                         f"data entry should say task: classification)?")
+    return net.eval().to(rt.device)
+
+
 def build_task_model(rt, model: str, weights: dict[str, torch.Tensor] | None = None,
                      head: str | None = None) -> torch.nn.Module:
-    """The runnable classifier of a model's task: a sequence classifier, or for a CLIP task the
-    model's vision tower with the task's zero-shot head (artifact key `head`, a dependency the
-    executor computed). `weights` (model naming) override its own."""
-    if is_image_task(rt, model):
+    """The runnable model of a model's task (see `model_kind`): a sequence classifier, a causal LM,
+    or for a CLIP task the model's vision tower with the task's zero-shot head (artifact key
+    `head`, a dependency the executor computed). `weights` (model naming) override its own."""
+    kind = model_kind(rt, model)
+    if kind == "clip":
         if head is None:
             raise FmergeError(f"Task '{model}' is a CLIP task but no zero-shot head was planned for it.")
         return build_clip_classifier(rt, model, rt.store.open(head), weights)
+    if kind == "causal_lm":
+        return build_causal_lm(rt, model, weights)
     return build_classifier(rt, model, weights)
 
 
 def task_batches(rt, model: str, rows, spec: DataSpec, batch_size: int, max_length: int, labels=None):
     """Batches of `rows` for the model's task model: tokenized text, or CLIP-processed images
-    (`pixel_values`), with `labels` and `example_ids` as `data.encode_batches` gives them."""
-    if not is_image_task(rt, model):
+    (`pixel_values`), with `labels` and `example_ids` as `data.encode_batches` gives them; for a
+    causal LM, next-token `labels` (`data.encode_lm_batches`, or one row per choice with
+    `choice_ids` for multiple choice: `data.encode_choice_batches`)."""
+    kind = task_kind(rt, model)
+    if kind == "causal_lm":
+        return encode_lm_batches(load_tokenizer(rt, model), rows, spec, batch_size, max_length)
+    if kind == "multiple_choice":
+        return encode_choice_batches(load_tokenizer(rt, model), rows, spec, batch_size, max_length)
+    if kind != "image":
         return encode_batches(load_tokenizer(rt, model), rows, spec, batch_size, max_length, labels)
     from .clip import image_batches
     from .data import EXAMPLE_ID_COLUMN, _label_values

@@ -94,5 +94,10 @@ def test_step_learns_stores_coefficients_and_records_the_split(project):
                                   for i, m in enumerate(meta["models"]))
     torch.testing.assert_close(art.view("weights/").get(name), expect, rtol=1e-5, atol=1e-6)
     assert {r["variant"] for r in rt.results["eval"]} == {"ada"}
+    # the task vectors were read from their cached artifacts, computed first as the step's deps
+    deps = [d for d in rt.planned["ada"][0].deps if d.kind == "task_vectors"]
+    assert [d.label for d in deps] == meta["models"] and all(rt.store.has(d.key) for d in deps)
+    tau = rt.store.open(deps[0].key).view("tau/").get(name)
+    torch.testing.assert_close(tau, rt.source(meta["models"][0]).get("bert." + name) - base.get(name))
     _, states, _ = run(recipe)
     assert states == {"ada": "cached", "eval": "cached"}

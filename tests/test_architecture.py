@@ -16,12 +16,15 @@ LAYERS = [
     ["fmerge.graph"],
     ["fmerge.recipe", "fmerge.sweep", "fmerge.mergekit"],
     ["fmerge.export", "fmerge.merging", "fmerge.store", "fmerge.io", "fmerge.data", "fmerge.fingerprint",
-     "fmerge.distributed", "fmerge.progress", "fmerge.report", "fmerge.plots", "fmerge.clip"],
-    ["fmerge.methods", "fmerge.fisher", "fmerge.gram", "fmerge.objective", "fmerge.finetune"],
+     "fmerge.distributed", "fmerge.progress", "fmerge.report", "fmerge.plots", "fmerge.clip",
+     "fmerge.model_card", "fmerge.slices", "fmerge.lora"],
+    ["fmerge.methods", "fmerge.fisher", "fmerge.gram", "fmerge.kfac", "fmerge.objective", "fmerge.finetune",
+     "fmerge.lm_scoring"],
     ["fmerge.errors", "fmerge"],
 ]
 # Algorithms are pure functions on tensors: besides each other they may import only these.
-ALGORITHMS = ("fmerge.methods", "fmerge.fisher", "fmerge.gram", "fmerge.objective", "fmerge.finetune")
+ALGORITHMS = ("fmerge.methods", "fmerge.fisher", "fmerge.gram", "fmerge.kfac", "fmerge.objective", "fmerge.finetune",
+              "fmerge.lm_scoring")
 ALGORITHM_MAY_IMPORT = ("fmerge.errors",) + ALGORITHMS
 
 

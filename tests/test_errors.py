@@ -328,36 +328,36 @@ def enospc(*args, **kwargs):
 
 
 def test_full_disk_during_artifact_write(tmp_path, zoo, monkeypatch):
-    import zarr
+    from fmerge.io import StreamingSafetensorsWriter  # a merge writes its weights as safetensors files
 
     calls = {"n": 0}
-    real = zarr.Array.__setitem__
+    real = StreamingSafetensorsWriter.write
 
-    def fill_up(self, key, value):  # the disk fills on the fifth tensor written
+    def fill_up(self, name, tensor):  # the disk fills on the fifth tensor written
         calls["n"] += 1
         if calls["n"] == 5:
             enospc()
-        return real(self, key, value)
+        return real(self, name, tensor)
 
-    monkeypatch.setattr(zarr.Array, "__setitem__", fill_up)
+    monkeypatch.setattr(StreamingSafetensorsWriter, "write", fill_up)
     msg = run_error(write_recipe(tmp_path, ZOO_RECIPE))
     assert "Writing tensor 'weights/" in msg and "(merge) to artifact store" in msg
     assert "No space left on device" in msg and "Nothing was committed" in msg and "Free some space" in msg
     store = tmp_path / "store"
     assert list(Store(store).list()) == [] and list((store / "tmp").iterdir()) == []
-    monkeypatch.setattr(zarr.Array, "__setitem__", real)
+    monkeypatch.setattr(StreamingSafetensorsWriter, "write", real)
     _, reports = run_recipe(tmp_path / "recipe.yaml")  # space freed: the next run completes
     assert [r.state for r in reports] == ["computed"] * 3
 
 
 def test_full_disk_during_export_keeps_the_previous_export(tmp_path, zoo, monkeypatch):
-    from fmerge import io
+    from fmerge import export
 
     recipe = write_recipe(tmp_path, ZOO_RECIPE)
     run_recipe(recipe)
     before = (tmp_path / "out" / "ties" / "model.safetensors").read_bytes()
     (tmp_path / "recipe.yaml").write_text(ZOO_RECIPE.replace("density: 0.5", "density: 0.4"))
-    monkeypatch.setattr(io.StreamingSafetensorsWriter, "write", enospc)
+    monkeypatch.setattr(export, "place_file", enospc)  # the merge's files copied to another file system
     msg = run_error(recipe)
     assert f"Exporting the model to {tmp_path / 'out' / 'ties'} failed: No space left on device" in msg
     assert "previous one kept" in msg

@@ -142,15 +142,16 @@ def test_a_user_file_the_new_export_would_overwrite_is_refused(recipe_path, tmp_
     run_ties(recipe_path)
     out = tmp_path / "out" / "ties"
     key = read_manifest(out)["key"]
-    (out / "vocab.txt").write_text("my vocabulary\n")
-    (zoo["base"] / "vocab.txt").write_text("[PAD]\n[UNK]\n")  # the base gains a side file
+    (out / "generation_config.json").write_text("my settings\n")
+    (zoo["base"] / "generation_config.json").write_text("{}\n")  # the base gains a side file
     recipe_path.write_text(recipe_path.read_text().replace("density: 0.5", "density: 0.3"))
     with pytest.raises(FmergeError) as exc:
         run_ties(recipe_path)
     msg = str(exc.value)
-    assert f"{out / 'vocab.txt'} was not written by fmerge" in msg and "the new export writes a file of that name" in msg
-    assert f"move or rename {out / 'vocab.txt'}" in msg
-    assert (out / "vocab.txt").read_text() == "my vocabulary\n" and read_manifest(out)["key"] == key
+    mine = out / "generation_config.json"
+    assert f"{mine} was not written by fmerge" in msg and "the new export writes a file of that name" in msg
+    assert f"move or rename {mine}" in msg
+    assert mine.read_text() == "my settings\n" and read_manifest(out)["key"] == key
     assert leftovers(out.parent) == []
 
 
@@ -459,11 +460,10 @@ def test_exports_inside_or_around_the_store_are_refused(zoo, tmp_path):
         check_exports(around, around.resolve(around.spec.store))
 
 
-def test_a_swept_step_with_an_export_is_refused(zoo, tmp_path):
+def test_a_swept_step_without_a_choosing_eval_exports_each_variant_apart(zoo, tmp_path):
     r = load_recipe(write_recipe(tmp_path, ZOO_RECIPE + "sweep:\n  ties.params.density: [0.2, 0.4]\n"))
-    with pytest.raises(FmergeError, match=r"recipe.yaml:20: steps.ties.export: step 'ties' is swept into 2 variants "
-                                          r"that would all export to .*out/ties, each replacing the last"):
-        check_exports(r, tmp_path / "store")
+    assert [r.steps[v.name].export for v in r.sweeps["ties"]] == ["out/ties/density=0.2", "out/ties/density=0.4"]
+    check_exports(r, tmp_path / "store")  # sibling directories: no collision (tests/test_export_hf.py runs them)
 
 
 def test_fmerge_run_refuses_colliding_exports_before_computing(zoo, tmp_path):

@@ -198,58 +198,6 @@ def test_regression_gaussian_fisher_matches_loop():
         assert_fisher_close(fs.sums, reference)
 
 
-def tiny_causal_lm(arch: str):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(4)
-    if arch == "gpt2":  # tied input and output embeddings, Conv1D layers
-        config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                            bos_token_id=0, eos_token_id=0)
-        return GPT2LMHeadModel(config)
-    # RMSNorm: the generic torch.func path
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return LlamaForCausalLM(config)
-
-
-def lm_terms(estimator: str, samples: int = 1, seed: int = 0):
-    """One squared gradient per sequence of its summed next-token log-likelihoods."""
-    def terms(logits, e):
-        log_p = torch.log_softmax(logits[:-1], -1)
-        positions = torch.arange(len(log_p))
-        if estimator == "empirical":
-            return [(1.0, log_p[positions, e["input_ids"][1:]].sum())]
-        draws = torch.rand(samples, len(log_p), generator=example_generator(seed, e["id"]))
-        cdf = log_p.exp().detach().cumsum(-1)
-        out = []
-        for row in draws:
-            y = torch.tensor([first_at_least(cdf[t], float(row[t])) for t in positions])
-            out.append((1.0 / samples, log_p[positions, y].sum()))
-        return out
-
-    return terms
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_causal_lm_matches_loop(arch):
-    model = tiny_causal_lm(arch)
-    examples = make_examples()
-    tokens = sum(n - 1 for n in LENGTHS)
-    for estimator, samples in (("empirical", 1), ("sampled", 2)):
-        reference = loop_fisher(model, examples, lm_terms(estimator, samples, seed=3), token_types=False)
-        for batch_size, chunk_size, extra in LAYOUTS[:2]:
-            batches = pad_batches(examples, batch_size, extra, token_types=False)
-            fs = fisher_diagonal(model, batches, estimator, samples=samples, seed=3, chunk_size=chunk_size)
-            assert (fs.count, fs.count_unit, fs.examples) == (tokens, "tokens", len(examples))
-            assert_fisher_close(fs.sums, reference)
-
-
-def test_causal_lm_exact_is_refused():
-    with pytest.raises(FmergeError, match="sampled"):
-        fisher_diagonal(tiny_causal_lm("gpt2"), pad_batches(make_examples(), 3, token_types=False), "exact")
-
-
 def test_fusionbench_matches_its_definition(classifier, examples):
     """Per batch: square Σ_n Σ_c sqrt(p_nc)·∇log p_nc, built here from unpadded per-example grads."""
     params = dict(classifier.named_parameters())

@@ -120,6 +120,29 @@ def test_oracles_guard_zero_norms_and_pick_the_first_on_ties():
     assert trace[0]["chosen"] == "a" and trace[0]["grad_norm"] == 0
 
 
+def test_noise_gradients_do_not_vote():
+    """w2's true gradient is exactly 0 and only float noise remains: it scores 0 for every candidate,
+    so the task scores are the sums over w1 and w3 alone, computed here by hand."""
+    x, c = body(0), body(1)
+    g = {n: x[n] - c[n] for n in NAMES}
+    g["w2"] = 1e-9 * torch.randn(SHAPES["w2"], generator=torch.Generator().manual_seed(5))
+    cands = [body(10 + k) for k in range(3)]
+    cands[1]["w2"] = g["w2"] * 1e6            # aligned with the noise: cosine 1, the full vote it must not get
+    for oracle in ("cosine", "linear"):
+        plain = plain_scores(g, x, cands, oracle)
+        expect = torch.tensor([[row[0], 0.0, row[2]] for row in plain], dtype=torch.float64)
+        torch.testing.assert_close(oracle_scores(g, x, cands, cands, NAMES, oracle), expect)
+        torch.testing.assert_close(oracle_scores(g, x, cands, cands, NAMES, oracle, grad_noise_rtol=0.0),
+                                   torch.tensor(plain, dtype=torch.float64))
+    noisy = oracle_scores(g, x, cands, cands, NAMES, "cosine", grad_noise_rtol=0.0)
+    assert noisy[1, 1] == pytest.approx(1.0)  # without the threshold the noise casts a full vote
+    # the threshold is relative to the largest tensor gradient norm, and a norm equal to it is noise
+    largest = max(float(g[n].double().norm()) for n in NAMES)
+    rtol = float(g["w2"].double().norm()) / largest
+    assert (oracle_scores(g, x, cands, cands, NAMES, "cosine", grad_noise_rtol=rtol)[:, 1] == 0).all()
+    assert (oracle_scores(g, x, cands, cands, NAMES, "cosine", grad_noise_rtol=rtol * 0.99)[:, 1] != 0).all()
+
+
 def test_layer_granularity_picks_per_tensor_and_respects_taken():
     scores = torch.tensor([[0.5, -1.0, 0.0], [-0.2, 0.3, 0.0], [0.1, 0.1, -3.0]], dtype=torch.float64)
     assert select(scores, "layer") == [1, 0, 2]
@@ -280,6 +303,11 @@ def test_steps_run_evaluate_export_and_rerun_only_what_changed(project):
         expect = 0.5 * base.get(name) + 0.5 * model.get("bert." + name)
         torch.testing.assert_close(one.view("weights/").get(name), expect)
 
+    # TIES vertices read τ from cached task-vector artifacts (deps); task-arithmetic vertices need none
+    assert not [d for d in rt.planned["fw"][0].deps if d.kind == "task_vectors"]
+    tau_deps = [d for d in rt.planned["fw_soft"][0].deps if d.kind == "task_vectors"]
+    assert {d.label for d in tau_deps} == {"sentiment", "animal", "color"} and all(rt.store.has(d.key) for d in tau_deps)
+
     soft = rt.store.open(rt.planned["fw_soft"][0].key).meta["trace"]
     assert len(soft) == 1 and soft[0]["chosen"].count("->") == 2
 
@@ -313,6 +341,9 @@ def test_user_errors_name_the_key(project):
         load_recipe(bad)
     bad.write_text(HEADER + "  fw: {kind: frank_wolfe, oracle: dot}\n")
     with pytest.raises(FmergeError, match="oracle"):
+        load_recipe(bad)
+    bad.write_text(HEADER + "  fw: {kind: frank_wolfe, grad_noise_rtol: 1.5}\n")
+    with pytest.raises(FmergeError, match="grad_noise_rtol"):
         load_recipe(bad)
 
 

@@ -326,11 +326,15 @@ def _artifact(store: Path, key: str) -> Path:
 
 
 def _chunk(art: Path) -> Path:
-    return max((p for p in art.rglob("c/*") if p.is_file()), key=lambda p: p.stat().st_size)
+    """The largest file of tensor bytes: a zarr chunk, or the safetensors file a merge keeps."""
+    files = [p for p in art.rglob("c/*") if p.is_file()] or list(art.rglob("*.safetensors"))
+    return max(files, key=lambda p: p.stat().st_size)
 
 
 def _tensor_meta(art: Path) -> Path:
-    return _chunk(art).parent.parent / "zarr.json"
+    """What describes a tensor's bytes: its zarr array's zarr.json, or the safetensors file (header first)."""
+    chunk = _chunk(art)
+    return chunk if chunk.suffix == ".safetensors" else chunk.parent.parent / "zarr.json"
 
 
 def _write(path: Path, data: bytes | str) -> None:

@@ -565,7 +565,7 @@ MERGEKIT_CASES = {
                           ["recipe.yaml:8", "parameters", "mapping"]),
     "parameters-list": (edit("parameters:\n  normalize: true\n", "parameters: [normalize]\n", MERGEKIT),
                         ["recipe.yaml:8", "parameters", "mapping"]),
-    "method-unshared": (edit("merge_method: ties", "merge_method: slerp", MERGEKIT), ["recipe.yaml:1", "merge_method", "slerp"]),
+    "method-unshared": (edit("merge_method: ties", "merge_method: sce", MERGEKIT), ["recipe.yaml:1", "merge_method", "sce"]),
     "method-typo": (edit("merge_method: ties", "merge_method: tiess", MERGEKIT), ["recipe.yaml:1", "did you mean 'ties'"]),
     "method-list": (edit("merge_method: ties", "merge_method: [ties]", MERGEKIT), ["recipe.yaml:1", "merge_method"]),
     "method-null": (edit("merge_method: ties", "merge_method:", MERGEKIT), ["recipe.yaml:1", "merge_method"]),

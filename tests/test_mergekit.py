@@ -251,8 +251,8 @@ def test_misspelt_parameter_is_an_error_with_did_you_mean(tmp_path, llama_zoo):
 @pytest.mark.parametrize("edit, expected", [
     (("  int8_mask: true\n", "  normalise: true\n"), "did you mean 'normalize'"),
     (("merge_method: ties", "merge_method: tise"), "did you mean 'ties'"),
-    (("merge_method: ties", "merge_method: slerp"), "does not share"),
-    (("dtype: bfloat16", "dtype: bfloat16\nslices: []"), "'slices' is not supported"),
+    (("merge_method: ties", "merge_method: sce"), "does not share"),
+    (("dtype: bfloat16", "dtype: bfloat16\nslices: []"), "'slices' together with 'models' is not supported"),
     (("dtype: bfloat16", "dtipe: bfloat16"), "did you mean 'dtype'"),
     (("      weight: 1.0\n", "      weight: 1.0\n      lambda: 2\n"), "top-level 'parameters'"),
     (("      density: 0.5\n", "      density: 1.5\n"), "less than or equal to 1"),

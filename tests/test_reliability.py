@@ -143,7 +143,7 @@ def test_verify_reports_and_repair_removes_bad_artifacts(tmp_path, zoo):
     fmerge_cli("run", recipe)
     store = Store(tmp_path / "store")
     keys = {info.attrs["meta"]["step"]: info.key for info in store.list()}
-    chunk = next(p for p in (store.path(keys["ta"]) / "weights").rglob("c/*") if p.is_file())
+    chunk = next((store.path(keys["ta"]) / "safetensors" / "weights").glob("*.safetensors"))  # the merge's weights
     chunk.write_bytes(b"\0" * len(chunk.read_bytes()))            # silent corruption of one tensor
     (store.path(keys["avg"]) / "zarr.json").write_text("{truncated")  # an unreadable artifact
 

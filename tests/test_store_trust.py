@@ -287,17 +287,18 @@ def ran_project(tmp_path_factory) -> Path:
 
 def corrupt(store: Path, key: str, other: str, how: str) -> None:
     obj = lambda k: store / "objects" / k[:2] / k  # noqa: E731
-    weights = obj(key) / "weights"
+    weights = obj(key) / "safetensors" / "weights"  # a merge's weights: the safetensors files it exports
+    largest = max((p for p in weights.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     if how == "flipped byte":
-        flip_byte(max((p for p in weights.rglob("c/*") if p.is_file()), key=lambda p: p.stat().st_size), 100)
+        flip_byte(largest, 100)
     elif how == "deleted chunk":
-        max((p for p in weights.rglob("c/*") if p.is_file()), key=lambda p: p.stat().st_size).unlink()
+        largest.unlink()
     elif how == "another key's artifact":
         shutil.rmtree(obj(key))
         shutil.copytree(obj(other), obj(key))
     elif how == "another artifact's tensors":
         shutil.rmtree(weights)
-        shutil.copytree(obj(other) / "weights", weights)
+        shutil.copytree(obj(other) / "safetensors" / "weights", weights)
 
 
 @pytest.mark.parametrize("how", ["flipped byte", "deleted chunk", "another key's artifact", "another artifact's tensors"])

@@ -37,11 +37,14 @@ class TensorGroup:
 @dataclass
 class MergeContext:
     """What a method may know beyond the tensors: model names (for per-model parameters),
-    per-model scalar summaries of statistics (e.g. {"fisher_mean": [..]}) and the run's seed."""
+    per-model scalar summaries of statistics (e.g. {"fisher_mean": [..]}) and the run's seed;
+    and where it may leave diagnostics for the artifact's metadata."""
 
     model_names: list[str]
     seed: int = 0
     summaries: dict[str, list[float]] = field(default_factory=dict)
+    # What a method reports per tensor for the artifact's metadata, e.g. {"mats": {tensor: residuals}}.
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:

@@ -4,6 +4,9 @@ The coefficients are stored with the merged weights (`coefficients`, shape (N,) 
 order of meta `models` and `tensors`), so evaluating or exporting again never retrains. The split
 adapted on is explicit (default: each task's validation split, never silently the test split the
 `eval` step scores) and recorded in the params and meta.
+
+Memory: the base, the merged body and its gradient; the task vectors come from their cached
+artifacts (deps of the plan) one tensor at a time, and the task classifiers share the base's tensors.
 """
 
 from __future__ import annotations
@@ -48,12 +51,8 @@ class AdaMergingStep(IterativeStep):
         models = self.candidates(cfg, rt.recipe)
         tasks = self.task_names(cfg, rt.recipe)
         base = self.weights(rt, BASE, plan)
-        vectors = []
-        for m in models:
-            w = self.weights(rt, m, plan)
-            vectors.append({r: w[r] - base[r] for r in plan.merge})
-            del w
-        objective = self.objective(rt, cfg, p, plan, (cfg.loss,), cfg.batch_size)
+        vectors = self.task_vectors(rt, p, models, plan)  # read from the store each step, never all held
+        objective = self.objective(rt, cfg, p, plan, (cfg.loss,), cfg.batch_size, shared=base)
         with tensor_progress(rt.console, f"{name}: adamerging", cfg.steps) as advance:
             result = adamerging(base, vectors, objective, names=plan.merge, tasks=tasks, granularity=cfg.granularity,
                                 steps=cfg.steps, lr=cfg.lr, init=cfg.init, clamp=cfg.clamp, on_step=advance)

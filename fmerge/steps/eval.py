@@ -1,4 +1,7 @@
-"""The `eval` step: accuracy and macro-F1 per task for the base, each fine-tuned model and merges.
+"""The `eval` step: per task, for the base, each fine-tuned model and merges, accuracy and
+macro-F1 (classification), per-token loss and perplexity (language modelling), or acc and
+acc_norm by log-likelihood (multiple choice, lm-evaluation-harness's convention); see
+fmerge/lm_scoring.py.
 
 Each (weights, task, settings) result is its own artifact, so re-evaluating an unchanged model is
 free. A merged body is evaluated on each task through that task's own head. A swept merge (see
@@ -18,13 +21,15 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from ..errors import RecipeError
+from ..data import EXAMPLE_ID_COLUMN
+from ..errors import DataError, RecipeError
+from ..lm_scoring import choice_accuracy, nll_sum, perplexity, sequence_logliks
 from ..merging import align_names
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict
 from ..store import make_key
 from ..sweep import swept_values
-from ..tasks import build_task_model, data_inputs, data_spec, load_subset, task_batches, task_data
+from ..tasks import build_task_model, data_inputs, data_spec, load_subset, task_batches, task_data, task_kind
 from .base import Planned, StepKind, register
 from .zeroshot_head import head_dependency
 
@@ -33,6 +38,10 @@ VERSION = 1
 
 class EvalConfig(Strict):
     merges: list[str] = Field([], description="merge steps to evaluate")
+    artifacts: list[str] = Field([], description="merged weights in the store (full artifact keys) to evaluate, "
+                                 "each through the task model's config, tokenizer and head (fmerge eval KEY)")
+    head_file: str | None = Field(None, description="a .safetensors file whose tensors replace the task model's "
+                                  "classification head (fmerge eval --head)")
     individual: bool = Field(True, description="also evaluate each fine-tuned model on its own task")
     base: bool = Field(True, description="also evaluate the base body with each task's head")
     split: str | None = Field(None, description="data split reported (default: each task's test split)")
@@ -61,6 +70,76 @@ def macro_f1(pred: torch.Tensor, gold: torch.Tensor, classes: int) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+# The figure a results table shows per task kind (multiple choice and classification: `accuracy`).
+METRIC = {"classification": "accuracy", "image": "accuracy", "multiple_choice": "accuracy",
+          "causal_lm": "perplexity"}
+
+
+def read_head_file(path: Path, model_names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a head file, each of which must name a tensor of the task model (a file
+    meant for another architecture would otherwise be ignored, silently)."""
+    from safetensors.torch import load_file
+
+    from ..io import read_safetensors_header
+
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise RecipeError(f"Head file {path} is not a .safetensors file; give the head's tensors (e.g. "
+                          f"classifier.weight, classifier.bias) saved with safetensors.")
+    names = [t[0] for t in read_safetensors_header(path, "Head file").tensors]  # checked before it is read
+    unknown = [n for n in names if n not in model_names]
+    if unknown:
+        heads = ", ".join(n for n in model_names if "classifier" in n or "score" in n)
+        raise RecipeError(f"Head file {path}: tensor(s) {', '.join(unknown[:3])} are not tensors of the task model "
+                          f"(its head is e.g. {heads}); "
+                          f"name the head's tensors as the model names them.")
+    tensors = load_file(path)
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise RecipeError(f"Head file {path}: tensor {bad[0]} holds NaN or infinite values; fix the head.")
+    return tensors
+
+
+def _inputs(rt, batch: dict) -> dict:
+    return {k: v.to(rt.device) for k, v in batch.items() if k not in ("labels", "example_ids", "choice_ids")}
+
+
+def classification_scores(rt, model, batches) -> dict:
+    preds, golds = [], []
+    for batch in batches:
+        preds.append(model(**_inputs(rt, batch)).logits.argmax(-1).cpu())
+        golds.append(batch["labels"])
+    pred, gold = torch.cat(preds), torch.cat(golds)
+    return {"accuracy": float((pred == gold).float().mean()), "macro_f1": macro_f1(pred, gold, model.config.num_labels),
+            "n": int(gold.numel())}
+
+
+def language_model_scores(rt, model, batches, spec) -> dict:
+    """Per-token loss and perplexity over every scored token of the rows (not a mean over rows)."""
+    total, tokens, rows = 0.0, 0, set()
+    for batch in batches:
+        nll, count = nll_sum(model(**_inputs(rt, batch)).logits.cpu(), batch["labels"])
+        total, tokens = total + nll, tokens + count
+        rows.update(batch["example_ids"].tolist())
+    if tokens == 0:
+        raise DataError(f"Dataset '{spec.path}': its texts (column '{spec.text_column}') hold no token to score; "
+                        f"a perplexity needs text after the prompt.")
+    return {"loss": total / tokens, "perplexity": perplexity(total, tokens), "tokens": tokens, "n": len(rows)}
+
+
+def multiple_choice_scores(rt, model, batches, rows, spec) -> dict:
+    """acc and acc_norm (lm_scoring.choice_accuracy) over the rows; `accuracy` is acc."""
+    choices = rows[spec.choices_column]
+    logliks = [[0.0] * len(c) for c in choices]
+    position = {int(e): i for i, e in enumerate(rows[EXAMPLE_ID_COLUMN])} if EXAMPLE_ID_COLUMN in rows.column_names \
+        else None
+    for batch in batches:
+        scores = sequence_logliks(model(**_inputs(rt, batch)).logits.cpu(), batch["labels"])
+        for e, c, x in zip(batch["example_ids"].tolist(), batch["choice_ids"].tolist(), scores.tolist()):
+            logliks[position[e] if position else e][c] = x
+    result = choice_accuracy(logliks, choices, rows[spec.label_column])
+    return {**result, "accuracy": result["acc"], "n": len(choices)}
+
+
 @register
 class EvalStep(StepKind):
     kind = "eval"
@@ -87,6 +166,11 @@ class EvalStep(StepKind):
         tasks = self.models_used(cfg, rt.recipe)
         plain = [("base", "base:" + rt.model_hash(BASE))] if cfg.base else []
         plain += [(m, upstream[m][0].key) for m in cfg.merges if m not in sweeps]
+        for key in cfg.artifacts:
+            if not rt.store.has(key) or rt.store.open(key).kind != "merge":
+                raise RecipeError(f"{rt.recipe.where('steps', name, 'artifacts')}: store {rt.store.root} holds no "
+                                  f"merge artifact '{key}'; `fmerge ls` lists the merges it holds.")
+            plain.append((f"merge {key[:12]}", key))
         planned = []
         for task in tasks:
             rows = [*plain, *([("individual", "model:" + rt.model_hash(task))] if cfg.individual else [])]
@@ -115,6 +199,12 @@ class EvalStep(StepKind):
         params = {"split": split, "limit": limit, "max_length": cfg.max_length, "seed": seed}
         head, head_deps = head_dependency(rt, task)
         inputs = {**weights, "task_model": rt.model_hash(task), "data": data_inputs(rt, data, split), **head}
+        if cfg.head_file:
+            head_file = rt.recipe.resolve(cfg.head_file)
+            if not head_file.is_file():
+                raise RecipeError(f"{rt.recipe.where('steps', name, 'head_file')}: head file {head_file} does not "
+                                  f"exist or is not a file; give a .safetensors file of the head's tensors.")
+            inputs["head_file"] = rt.data_hashes.tree(head_file)
         extra = {"data": data, "variant": variant, "task": task, "role": role, "group": group, "variants": variants}
         return Planned(name, f"{variant or group}|{task}|{split}", "eval", make_key("eval", params, inputs, VERSION),
                        inputs, params, VERSION, extra, [*head_deps, *deps])
@@ -143,18 +233,26 @@ class EvalStep(StepKind):
     def _evaluate(self, rt, name, cfg, p) -> None:
         task = p.extra["task"]
         variant, weights = winner(rt, p) if "choice" in p.inputs else (p.extra["variant"], p.inputs["weights"])
-        model = build_task_model(rt, task, self._body(rt, variant, weights, task), head=p.inputs.get("head"))
+        body = self._body(rt, variant, weights, task)
+        if cfg.head_file:
+            body = {**(body or {}), **read_head_file(rt.recipe.resolve(cfg.head_file), rt.source(task).names())}
+        model = build_task_model(rt, task, body, head=p.inputs.get("head"))
         spec = data_spec(rt, p.extra["data"], p.params["split"])
         sub = load_subset(rt, p.extra["data"], p.params["split"], p.params["limit"], p.params["seed"])
-        preds, golds = [], []
+        kind = task_kind(rt, task)
+        # An LM reads at most its position table's length at once; longer texts are scored in windows.
+        positions = getattr(model.config, "max_position_embeddings", None) if kind == "causal_lm" else None
+        length = min(cfg.max_length, positions or cfg.max_length)
+        batches = task_batches(rt, task, sub.rows, spec, cfg.batch_size, length, sub.labels)
         with torch.no_grad():
-            for batch in task_batches(rt, task, sub.rows, spec, cfg.batch_size, cfg.max_length, sub.labels):
-                inputs = {k: v.to(rt.device) for k, v in batch.items() if k not in ("labels", "example_ids")}
-                preds.append(model(**inputs).logits.argmax(-1).cpu())
-                golds.append(batch["labels"])
-        pred, gold = torch.cat(preds), torch.cat(golds)
-        result = {"accuracy": float((pred == gold).float().mean()), "macro_f1": macro_f1(pred, gold, model.config.num_labels),
-                  "n": int(gold.numel()), "variant": variant, "task": task, "split": p.params["split"]}
+            if kind == "causal_lm":
+                scores = language_model_scores(rt, model, batches, spec)
+            elif kind == "multiple_choice":
+                scores = multiple_choice_scores(rt, model, batches, sub.rows, spec)
+            else:
+                scores = classification_scores(rt, model, batches)
+        result = {**scores, "metric": METRIC[kind], "task_kind": kind, "variant": variant, "task": task,
+                  "split": p.params["split"]}
         writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
         writer.commit({"step": name, **result})
 
@@ -181,16 +279,18 @@ class EvalStep(StepKind):
         rt.results[name] = results
         sweeps = summarize_sweeps(rt, planned, selection)
         rt.sweep_results[name] = sweeps
+        notes = export_chosen(rt, name, planned)
         if not cfg.output:
-            return None
+            return "; ".join(notes) or None
         out = rt.recipe.resolve(cfg.output)
         out.mkdir(parents=True, exist_ok=True)
         # Each file is written only when its content changes, so a run that changes nothing leaves
         # their mtimes alone and Make sees no newer file (README: "Make and fmerge").
         write_if_changed(out / "results.json", json.dumps(results, indent=2))
         table = io.StringIO(newline="")
-        w = csv.DictWriter(table, fieldnames=["variant", "task", "split", "accuracy", "macro_f1", "n", "selected_on"],
-                           extrasaction="ignore")
+        lm_columns = [c for c in ("acc", "acc_norm", "loss", "perplexity", "tokens") if any(c in r for r in results)]
+        w = csv.DictWriter(table, fieldnames=["variant", "task", "split", "accuracy", "macro_f1", "n", *lm_columns,
+                                              "selected_on"], extrasaction="ignore")
         w.writeheader()
         w.writerows(results)
         write_if_changed(out / "results.csv", table.getvalue())
@@ -202,7 +302,24 @@ class EvalStep(StepKind):
                     from ..plots import sweep_plot  # matplotlib: only when a plot is drawn
 
                     sweep_plot(s, plot)
-        return f"results in {out}"
+        return "; ".join([f"results in {out}", *notes])
+
+
+def export_chosen(rt, name: str, planned: list[Planned]) -> list[str]:
+    """Export the variant this eval step chose of each swept step whose `export` names one
+    directory (graph: sweep exports), through that step's own export; returns what was done."""
+    from ..graph import kind_of
+
+    notes = []
+    for p in planned:
+        group = p.extra["group"]
+        if p.kind != "sweep_choice" or rt.recipe.chosen_exports.get(group, (None,))[0] != name:
+            continue
+        variant = p.extra["variants"][rt.store.open(p.key).meta["winner_index"]]
+        cfg = rt.recipe.steps[variant].model_copy(update={"export": rt.recipe.chosen_exports[group][1]})
+        note = rt.recipe.kinds[kind_of(rt.recipe, variant)].export(rt, variant, cfg, rt.planned[variant])
+        notes.append(f"{note} (variant {variant}, chosen on validation)")
+    return notes
 
 
 def write_if_changed(path: Path, text: str) -> bool:

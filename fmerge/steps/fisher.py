@@ -4,6 +4,11 @@ The n-row subset is the first n rows of one seeded permutation, so asking for mo
 extends the largest cached estimate of the same model, data, seed and settings (its mean × count
 is the sum over its rows) with the missing rows only. Under torchrun the rows are sharded across
 ranks and the sums all-reduced; rank 0 writes.
+
+A causal LM's task (the data entry's `task`, else the model's config) gets the per-token Fisher
+of fisher.py on its text (prompt tokens and padding not counted; `count_unit` tokens); an
+`exact` Fisher of an LM whose vocabulary makes it impractical is refused while planning, before
+any data is read.
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ from pydantic import Field
 
 from .. import distributed
 from ..data import EXAMPLE_ID_COLUMN, check_labels, shard_by_rank
-from ..fisher import ESTIMATORS, FisherSums, allreduce_sums, fisher_diagonal
+from ..fisher import ESTIMATORS, FisherSums, allreduce_sums, check_exact_vocabulary, fisher_diagonal
 from ..errors import ModelError, RecipeError
 from ..progress import tensor_progress
 from ..store import make_key
-from ..tasks import build_task_model, data_spec, load_subset, task_batches
+from ..tasks import build_task_model, data_spec, load_subset, raw_config, task_batches, task_kind
 from .base import PerModelStep, Planned, StatisticsConfig, register
 from .zeroshot_head import head_dependency
 
@@ -50,6 +55,8 @@ class FisherStep(PerModelStep):
     def plan(self, rt, name, cfg, upstream):
         planned = []
         for m, data, split, seed, data_in in self.subsets(rt, name, cfg):
+            if cfg.estimator == "exact" and task_kind(rt, m) in ("causal_lm", "multiple_choice"):
+                self._check_exact_vocabulary(rt, name, m)
             params = {"estimator": cfg.estimator, "examples": cfg.examples, "samples": cfg.samples,
                       "split": split, "max_length": cfg.max_length, "seed": seed}
             head, deps = head_dependency(rt, m)
@@ -59,6 +66,16 @@ class FisherStep(PerModelStep):
             planned.append(Planned(name, m, "fisher", make_key("fisher", params, inputs, VERSION), inputs,
                                    params, VERSION, {"data": data, "family": family}, deps))
         return planned
+
+    @staticmethod
+    def _check_exact_vocabulary(rt, name, model) -> None:
+        """Refuse an impractical exact Fisher of a causal LM before any data is read."""
+        config = raw_config(rt, model)
+        vocab = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+        try:
+            check_exact_vocabulary(vocab)
+        except RecipeError as exc:
+            raise RecipeError(f"{rt.recipe.where('steps', name, 'estimator')}: model '{rt.label(model)}': {exc}") from None
 
     def compute(self, rt, name, cfg, todo):
         for p in todo:

@@ -11,13 +11,13 @@ from ..errors import FmergeError, ModelError, RecipeError
 from ..io import ModelDir
 from ..merging import TensorParams, align_names
 from ..methods import MergeContext, TensorGroup, get_method, per_model
-from ..methods.frank_wolfe import frank_wolfe_hard, frank_wolfe_soft
+from ..methods.frank_wolfe import GRAD_NOISE_RTOL, frank_wolfe_hard, frank_wolfe_soft
 from ..methods.ties import trim_to_top_k
 from ..objective import Objective
 from ..progress import tensor_progress
 from ..recipe import BASE, format_validation_error
 from .base import register
-from .iterative import IterativeConfig, IterativeStep, Loss
+from .iterative import IterativeConfig, IterativeStep, Loss, Streamed
 
 
 class FrankWolfeCommon(IterativeConfig):
@@ -34,6 +34,10 @@ class FrankWolfeCommon(IterativeConfig):
         "cosine", description="cosine: Σ_p cos(g_p, θ_s,p) (FusionBench); linear: ⟨g, v_s − x_t⟩ (textbook)")
     loss: Loss = Field("cross_entropy", description="cross_entropy (needs labels) or entropy")
     max_num_models: int = Field(100, ge=1, description="candidates: the first this many models")
+    grad_noise_rtol: float = Field(
+        GRAD_NOISE_RTOL, ge=0, lt=1, allow_inf_nan=False,
+        description="a tensor whose gradient norm is at most this times the largest one's does not vote in the "
+                    "oracle (rounding noise; default float32's epsilon; 0: every nonzero gradient votes)")
 
 
 class FrankWolfeConfig(FrankWolfeCommon):
@@ -55,7 +59,7 @@ class FrankWolfeStep(IterativeStep):
     Config = FrankWolfeConfig
     description = ("Frank-Wolfe merging (hard): each iteration moves toward the candidate model the loss "
                    "gradient's oracle picks, with step 2/(t+2)·step_size.")
-    VERSION = 2  # 2: TIES merge_fn keeps exactly k entries per tensor
+    VERSION = 3  # 2: TIES merge_fn keeps exactly k entries per tensor; 3: noise gradients do not vote
 
     def candidates(self, cfg, recipe):
         return (cfg.models or list(recipe.models))[: cfg.max_num_models]
@@ -97,41 +101,48 @@ class FrankWolfeStep(IterativeStep):
         resolve = tparams.resolver(plan.merge, ctx)
         return method, ctx, (resolve or (lambda r: tparams.params))
 
-    def initial_point(self, rt, cfg, name, plan, base, raw):
+    def reads_task_vectors(self, cfg) -> bool:
+        return cfg.merge_fn == "ties"  # task-arithmetic vertices are the models themselves
+
+    def initial_point(self, rt, cfg, name, plan, base, raw) -> Streamed:
+        """x_0, made tensor by tensor as the algorithm copies it into its iterate."""
         if cfg.init == "base":
-            return {r: t.clone() for r, t in base.items()}
+            return Streamed(plan.merge, lambda r: base[r])
         if cfg.init == "merge":
             method, ctx, params = self.merge_params(rt, cfg, name, plan)
-            return {r: method.merge(TensorGroup(r, base[r], [w[r] for w in raw]), params(r), ctx) for r in plan.merge}
+            return Streamed(plan.merge, lambda r: method.merge(TensorGroup(r, base[r], [w[r] for w in raw]),
+                                                               params(r), ctx))
         src = ModelDir(rt.recipe.resolve(cfg.init), label=f"init of step {name}")
         names = align_names(plan.merge, src.names())
         missing = [r for r in plan.merge if r not in names]
         if missing:
             raise ModelError(f"{rt.recipe.where('steps', name, 'init')}: {cfg.init} lacks {len(missing)} merged "
                               f"tensor(s), e.g. '{missing[0]}'.")
-        return {r: src.get(names[r]).to(rt.device, torch.float32) for r in plan.merge}
+        return Streamed(plan.merge, lambda r: src.get(names[r]).to(rt.device, torch.float32))
 
-    def vertices(self, rt, cfg, name, plan, base, raw):
-        """θ_s (task arithmetic), or θ_0 + τ_s trimmed at s's density for that tensor (TIES)."""
+    def vertices(self, rt, cfg, name, p, plan, base, raw):
+        """θ_s (task arithmetic), or θ_0 + τ_s trimmed at s's density for that tensor (TIES), τ_s
+        read from its cached artifact; each made when the algorithm asks for it."""
         if cfg.merge_fn == "task_arithmetic":
             return raw
         _, ctx, params = self.merge_params(rt, cfg, name, plan)
         density = {r: per_model(params(r).density, ctx, "density") for r in plan.merge}
-        return [{r: base[r] + trim_to_top_k(w[r] - base[r], density[r][i]) for r in plan.merge}
-                for i, w in enumerate(raw)]
+        taus = self.task_vectors(rt, p, self.candidates(cfg, rt.recipe), plan)
+        return [Streamed(plan.merge, lambda r, i=i, tau=tau: base[r] + trim_to_top_k(tau[r], density[r][i]))
+                for i, tau in enumerate(taus)]
 
     def compute(self, rt, name, cfg, todo):
         (p,) = todo
         plan = self.tensor_plan(rt, cfg)
         models = self.candidates(cfg, rt.recipe)
         tasks = self.task_names(cfg, rt.recipe)
-        base = self.weights(rt, BASE, plan)
-        raw = [self.weights(rt, m, plan) for m in models]
+        base = self.weights(rt, BASE, plan)  # the one body held besides the iterate and its gradient
+        raw = [self.streamed_weights(rt, m, plan) for m in models]
         x0 = self.initial_point(rt, cfg, name, plan, base, raw)
-        vertices = self.vertices(rt, cfg, name, plan, base, raw)
-        objective = self.objective(rt, cfg, p, plan, self.losses(cfg), cfg.dataset_size)
+        vertices = self.vertices(rt, cfg, name, p, plan, base, raw)
+        objective = self.objective(rt, cfg, p, plan, self.losses(cfg), cfg.dataset_size, shared=base)
         common = dict(names=plan.merge, model_names=models, tasks=tasks, max_iters=cfg.max_iters,
-                      oracle=cfg.oracle, granularity=cfg.granularity)
+                      oracle=cfg.oracle, granularity=cfg.granularity, grad_noise_rtol=cfg.grad_noise_rtol)
         with tensor_progress(rt.console, f"{name}: {self.kind}", cfg.max_iters) as advance:
             body, trace = self.run(rt, cfg, x0, vertices, raw, objective, p, common, advance)
         meta = {"models": models, "tasks": tasks, "splits": p.params["splits"], "trace": trace}
@@ -150,7 +161,7 @@ class FrankWolfeSoftStep(FrankWolfeStep):
     Config = FrankWolfeSoftConfig
     description = ("Frank-Wolfe merging (soft): each iteration, every task picks a candidate and layer-wise "
                    "AdaMerging learns how much of each pick to add.")
-    VERSION = 2  # 2: TIES merge_fn keeps exactly k entries per tensor
+    VERSION = 3  # 2: TIES merge_fn keeps exactly k entries per tensor; 3: noise gradients do not vote
 
     def losses(self, cfg) -> tuple[str, ...]:
         return (cfg.loss, cfg.ada_loss)

@@ -4,6 +4,10 @@ task data (labels are not needed).
 Tensor groups, keyed by the weight's name in the model's own naming: `gram/<name>` (nn.Linear,
 weight out × in), `gram_in_out/<name>` (Conv1D, weight in × out) and `gram_rows/<name>` (rows
 summed, shape [1]). The merge step serves each group as a statistic of that name.
+
+A causal LM's Grams cover every real token of its text, prompt tokens included (they are inputs
+the layers see); an LM head tied to the input embeddings has none (gram.py), so RegMean takes
+their plain mean.
 """
 
 from __future__ import annotations

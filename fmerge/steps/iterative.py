@@ -7,18 +7,21 @@ naming, fp32 on `rt.device`), and an `Objective` running each task's own classif
 classifier, or a CLIP vision tower with its task's zero-shot head, whose key enters the plan). The result
 is an artifact like a merge's: `weights/<name>` for every base tensor (learned where merged, the
 base's elsewhere), so `eval` evaluates it and `export` writes it as a model directory.
+
+Memory: task vectors come from cached `task_vectors` artifacts (listed as the plan's deps) and
+candidate models from their files, one tensor at a time (`Streamed`); the task classifiers share
+one body (the base) for the parameters the loss substitutes anyway.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any, ClassVar, Literal
+from collections.abc import Mapping
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
 from pydantic import Field
 
-from .. import __version__
 from ..data import check_labels, encode_batches
 from ..errors import ModelError, RecipeError
 from ..export import export_model_dir
@@ -29,8 +32,9 @@ from ..store import make_key
 from ..tasks import (build_task_model, data_inputs, data_spec, is_image_task, load_subset, load_tokenizer, task_batches,
                      task_data)
 from .base import Planned, StepKind
+from .task_vectors import task_vector_planned
 from .zeroshot_head import head_dependency
-from .merge import from_base_section, write_heads
+from .merge import model_card, write_heads
 
 
 class IterativeConfig(Strict):
@@ -48,6 +52,10 @@ class IterativeStep(StepKind):
     """Subclasses set kind, Config, VERSION and implement `learn`."""
 
     VERSION: ClassVar[int]
+
+    def reads_task_vectors(self, cfg) -> bool:
+        """Whether computing reads the models' task vectors (then cached artifacts, listed as deps)."""
+        return True
 
     def pool_size(self, cfg) -> int | None:
         """Rows per task drawn from (None: the whole split, in seeded order)."""
@@ -100,6 +108,8 @@ class IterativeStep(StepKind):
             splits[t] = split
             task_in[t] = {"model": rt.model_hash(t), "data": data_inputs(rt, data, split), **head}
             deps += head_deps
+        if self.reads_task_vectors(cfg):
+            deps += [task_vector_planned(rt, m, name) for m in self.candidates(cfg, rt.recipe)]
         spec = rt.recipe.spec
         inputs = {"base": rt.model_hash(BASE),
                   "models": {m: rt.model_hash(m) for m in self.candidates(cfg, rt.recipe)},
@@ -124,9 +134,24 @@ class IterativeStep(StepKind):
             return {r: src.get(r).to(rt.device, torch.float32) for r in plan.merge}
         return {r: src.get(names[r]).to(rt.device, torch.float32) for r in plan.merge}
 
-    def objective(self, rt, cfg, p: Planned, plan: TensorPlan, losses: tuple[str, ...], per_draw: int) -> Objective:
+    def streamed_weights(self, rt, model: str, plan: TensorPlan) -> "Streamed":
+        """A model's mergeable tensors as `weights` gives them, each read from its file when asked."""
+        src, names = rt.source(model), plan.name_maps[model]
+        return Streamed(plan.merge, lambda r: src.get(names[r]).to(rt.device, torch.float32))
+
+    def task_vectors(self, rt, p: Planned, models: list[str], plan: TensorPlan) -> list["Streamed"]:
+        """Each model's τ = θ − θ_0 over the plan's mergeable tensors, read from its cached artifact
+        (the plan's deps) one tensor at a time."""
+        views = {d.label: rt.store.open(d.key).view("tau/") for d in p.deps if d.kind == "task_vectors"}
+        return [Streamed(plan.merge, lambda r, v=views[m]: v.get(r).to(rt.device, torch.float32)) for m in models]
+
+    def objective(self, rt, cfg, p: Planned, plan: TensorPlan, losses: tuple[str, ...], per_draw: int,
+                  shared: dict[str, torch.Tensor]) -> Objective:
         """The loss losses[0] (labels checked if any of `losses` needs them) of each task's
-        classifier, with the base's copied tensors in place as `eval` will run it."""
+        classifier, with the base's copied tensors in place as `eval` will run it.
+
+        The loss always substitutes the body, so each classifier's own body parameters are replaced
+        by the tensors of `shared` (e.g. the base, already in memory): T tasks hold no T copies."""
         base = rt.source(BASE)
         head = [re.compile(h) for h in rt.recipe.spec.heads]
         tasks = {}
@@ -147,6 +172,8 @@ class IterativeStep(StepKind):
                 check_labels(info["rows"], spec, net.config.num_labels, info["labels"])
             own = dict(net.named_parameters())
             params = {r: names[r] for r in plan.merge if names[r] in own}
+            for r, n in params.items():
+                own[n].data = shared[r]
             tasks[t] = TaskModel(net, params, self._draws(rt, cfg, t, info, spec, per_draw))
         return Objective(tasks, losses[0], plan.merge)
 
@@ -188,14 +215,31 @@ class IterativeStep(StepKind):
         if not cfg.export:
             return None
         (p,) = planned
-        card = (f"---\ntags: [fmerge, merge, {self.kind}]\n---\n# Merged with fmerge {__version__}\n\n"
-                f"Step `{name}` ({self.kind}) of recipe `{rt.recipe.file or '(command line)'}`; artifact key "
-                f"`{p.key}`. Parameters:\n\n```json\n{json.dumps(p.params, indent=2)}\n```\n\nTask heads, never "
-                f"averaged, are in `heads/<model>.safetensors`; the weights here use the base model's names.\n"
-                + from_base_section(rt.store.open(p.key).meta))
         return export_model_dir(rt.store, rt.recipe.resolve(cfg.export), p.key, rt.store.open(p.key).view("weights/"),
-                                step=name, where=rt.recipe.where("steps", name, "export"), readme=card,
-                                side_files_from=rt.model_dir(BASE), finish=lambda tmp: write_heads(rt, cfg, tmp))
+                                step=name, where=rt.recipe.where("steps", name, "export"),
+                                readme=model_card(rt, name, cfg, p), side_files_from=rt.model_dir(BASE),
+                                finish=lambda tmp: write_heads(rt, name, cfg, p, tmp))
 
 
 Loss = Literal["cross_entropy", "entropy"]
+
+
+class Streamed(Mapping):
+    """A body whose tensors are made when asked (`load(name)`) and never kept: what the iterative
+    methods read each step (task vectors, candidate models) without holding N copies in memory."""
+
+    def __init__(self, names: Iterable[str], load: Callable[[str], torch.Tensor]):
+        self._names = list(names)
+        self._known = set(self._names)
+        self._load = load
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._load(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

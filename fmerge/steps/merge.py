@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,15 +12,15 @@ import torch
 import yaml
 from pydantic import Field, ValidationError
 
-from .. import __version__
 from ..errors import FmergeError, ModelError, RecipeError
-from ..export import export_model_dir
-from ..io import ModelDir, parse_dtype
-from ..merging import TensorParams, align_names, all_finite, merge_stream, plan_tensors
+from ..export import copy_side_files, export_model_dir
+from ..io import DEFAULT_SHARD_SIZE, ModelDir, parse_byte_size, parse_dtype, write_weight_files
+from ..merging import TensorParams, align_names, all_finite, merge_stream, plan_tensors, write_behind
 from ..methods import MergeContext, get_method
+from ..model_card import CardFacts, clip_section, render_card, task_dirs_section
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict, format_validation_error
-from ..store import library_versions, make_key
+from ..store import make_key
 from .base import Planned, StepKind, register
 
 # Bumped when the streaming driver (not a method) changes what a merge writes.
@@ -34,9 +36,12 @@ class MergeConfig(Strict):
     models: list[str] | None = Field(None, description="models to merge (default: all)")
     fisher: str | None = Field(None, description="fisher step supplying the Fisher diagonals")
     gram: str | None = Field(None, description="gram step supplying the layer-input Gram matrices (RegMean)")
+    kfac: str | None = Field(None, description="kfac step supplying the K-FAC factors of linear layers (MaTS)")
     base_fisher: str | None = Field(None, description="fisher step of one model whose Fisher is the prior F_0 "
                                     "of fisher merging with base_prior (e.g. the base LM on generic text)")
     out_dtype: str | None = Field(None, description="dtype of the merged tensors (default: the base's)")
+    out_shard_size: str | int | None = Field(None, description="largest weight file of the output, e.g. 2GB "
+                                             "(GB = 10^9 bytes, GiB = 2^30; default 5GB, as save_pretrained)")
     seed: int | None = Field(None, description="seed for stochastic methods (default: the recipe's)")
     export: str | None = Field(None, description="write the merged model here as a Hugging Face directory")
 
@@ -47,7 +52,7 @@ class MergeStep(StepKind):
     Config = MergeConfig
 
     def step_refs(self, cfg: MergeConfig) -> list[tuple[str, str]]:
-        return [(f, getattr(cfg, f)) for f in ("fisher", "gram", "base_fisher") if getattr(cfg, f)]
+        return [(f, getattr(cfg, f)) for f in ("fisher", "gram", "kfac", "base_fisher") if getattr(cfg, f)]
 
     def model_refs(self, cfg: MergeConfig) -> list[tuple[str, str]]:
         return [("models", m) for m in cfg.models or []]
@@ -78,8 +83,16 @@ class MergeStep(StepKind):
         if cfg.gram and "gram" not in needed:
             raise RecipeError(f"{recipe.where('steps', name, 'gram')}: method '{cfg.method}' does not use "
                               f"Gram matrices; remove 'gram' (or use method 'regmean').")
+        if "kfac" in needed and not cfg.kfac:
+            raise RecipeError(f"{recipe.where('steps', name)}: method '{cfg.method}' needs K-FAC factors: "
+                              f"add 'kfac: <name of a kfac step>'.")
+        if cfg.kfac and "kfac" not in needed:
+            raise RecipeError(f"{recipe.where('steps', name, 'kfac')}: method '{cfg.method}' does not use "
+                              f"K-FAC factors; remove 'kfac' (or use method 'mats' with curvature: kfac).")
         if cfg.out_dtype:
             parse_dtype(cfg.out_dtype, recipe.where("steps", name, "out_dtype"))
+        if cfg.out_shard_size is not None:
+            parse_byte_size(cfg.out_shard_size, recipe.where("steps", name, "out_shard_size"))
         models = self.models_used(cfg, recipe)
         try:
             tparams.validate(MergeContext(models, seed=cfg.seed or recipe.spec.seed))
@@ -92,7 +105,8 @@ class MergeStep(StepKind):
         params = tparams.params
         models = self.models_used(cfg, rt.recipe)
         hashes = rt.model_hashes([*models, BASE])
-        inputs: dict[str, Any] = {"models": {m: hashes[m] for m in models}}
+        # The order too: per-model lists (weights, λ) follow it, and so does the sum's rounding.
+        inputs: dict[str, Any] = {"models": {m: hashes[m] for m in models}, "order": [hashes[m] for m in models]}
         if method.base_needed(params):
             inputs["base"] = rt.model_hash(BASE)
         else:
@@ -107,11 +121,14 @@ class MergeStep(StepKind):
             inputs["base_fisher"] = prior[0].key
         if cfg.gram:
             inputs["gram"] = statistics_keys(rt, name, "gram", upstream[cfg.gram], models, "Gram matrices")
+        if cfg.kfac:
+            inputs["kfac"] = statistics_keys(rt, name, "kfac", upstream[cfg.kfac], models, "K-FAC factors")
         spec = rt.recipe.spec
         key_params = {
             "method": cfg.method, "params": tparams.key(),
             "exclude": spec.exclude, "heads": spec.heads, "out_dtype": cfg.out_dtype,
             **({"missing_tensors": "base"} if spec.missing_tensors == "base" else {}),  # keys unchanged by default
+            **({"out_shard_size": shard_bytes(cfg)} if cfg.out_shard_size is not None else {}),  # the files' layout
             "seed": cfg.seed if cfg.seed is not None else spec.seed,
         }
         version = (OUT_DTYPE_DRIVER_VERSION if cfg.out_dtype else DRIVER_VERSION) * 1000 + method.version
@@ -137,31 +154,50 @@ class MergeStep(StepKind):
         if cfg.base_fisher:
             prior = rt.store.open(p.inputs["base_fisher"]).view("fisher/")
             stats["fisher"][BASE] = Renamed(prior, align_names(plan.reference, prior.names()))
-        if cfg.gram:
-            grams = {m: rt.store.open(p.inputs["gram"][m]) for m in models}
-            for group in sorted({n.split("/")[0] for a in grams.values() for n in a.names()}):
-                stats[group] = {m: a.view(group + "/") for m, a in grams.items()}  # gram, gram_in_out, gram_rows
+        for field in ("gram", "kfac"):
+            if getattr(cfg, field):
+                arts = {m: rt.store.open(p.inputs[field][m]) for m in models}
+                for group in sorted({n.split("/")[0] for a in arts.values() for n in a.names()}):
+                    stats[group] = {m: a.view(group + "/") for m, a in arts.items()}  # e.g. gram, gram_rows, kfac_a
         tparams.validate(ctx)  # again, now with the statistics' summaries
         if cfg.export:  # refused before anything is written, not after the merge is stored
             check_heads(plan.per_model, sources)
         out_dtype = parse_dtype(cfg.out_dtype, "out_dtype") if cfg.out_dtype else None
+        # the output's layout, known before any tensor is merged: each file's header is written first
+        layout = [(r, out_dtype if out_dtype is not None and base.dtype(r).is_floating_point else base.dtype(r),
+                   tuple(base.shape(r))) for r in plan.reference]
         with rt.store.writer(p.key, "merge", p.inputs, p.params, p.version) as writer:
-            with tensor_progress(rt.console, f"{name}: {cfg.method}", len(plan.reference)) as advance:
+            # the weights go straight into the safetensors files an export links: written once
+            with writer.safetensors("weights/", layout, {"format": "pt", "fmerge_key": p.key},
+                                    shard_bytes(cfg)) as files, \
+                    tensor_progress(rt.console, f"{name}: {cfg.method}", len(plan.reference)) as advance:
                 stream = merge_stream(method, params, ctx, plan, base, sources, with_base=method.base_needed(params),
                                       stats=stats, device=rt.device, out_dtype=out_dtype, on_tensor=advance,
                                       tensor_params=tparams.resolver(plan.merge, ctx))
-                for ref_name, tensor in stream:
-                    writer.write("weights/" + ref_name, tensor)
-            writer.commit({"step": name, "method": cfg.method, "models": models, "plan": plan.summary()})
+                write_behind(stream, files.write)  # the next tensor is merged while this one is written
+            writer.commit({"step": name, "method": cfg.method, "models": models, "plan": plan.summary(),
+                           **({"diagnostics": ctx.diagnostics} if ctx.diagnostics else {})})
 
     def export(self, rt, name: str, cfg: MergeConfig, planned: list[Planned]) -> str | None:
         if not cfg.export:
             return None
         (p,) = planned
-        return export_model_dir(rt.store, rt.recipe.resolve(cfg.export), p.key, rt.store.open(p.key).view("weights/"),
-                                step=name, where=rt.recipe.where("steps", name, "export"),
-                                readme=model_card(rt, name, cfg, p), side_files_from=rt.model_dir(BASE),
-                                finish=lambda tmp: (write_heads(rt, cfg, tmp), config_dtype(tmp, cfg.out_dtype)))
+        artifact = rt.store.open(p.key)
+        # the merge's own safetensors files, hard-linked into the export (an artifact written before
+        # merges kept them has none: its tensors are written out); linking moves the files' ctime,
+        # so the store is told to keep trusting them
+        return rt.store.restamp(p.key, lambda: export_model_dir(
+            rt.store, rt.recipe.resolve(cfg.export), p.key, artifact.view("weights/"),
+            step=name, where=rt.recipe.where("steps", name, "export"),
+            readme=model_card(rt, name, cfg, p), side_files_from=rt.model_dir(BASE),
+            finish=lambda tmp: (write_heads(rt, name, cfg, p, tmp), config_dtype(tmp, cfg.out_dtype)),
+            weight_files=artifact.files("weights/"), max_shard_bytes=shard_bytes(cfg)))
+
+
+def shard_bytes(cfg: MergeConfig) -> int:
+    """The largest weight file the merge writes (out_shard_size, default 5GB)."""
+    return parse_byte_size(cfg.out_shard_size if cfg.out_shard_size is not None else DEFAULT_SHARD_SIZE,
+                           "out_shard_size")
 
 
 def config_dtype(directory: Path, out_dtype: str | None) -> None:
@@ -209,25 +245,85 @@ def get_method_at(recipe, name: str, method: str):
         raise RecipeError(f"{recipe.where('steps', name, 'method')}: {exc}")
 
 
-def write_heads(rt, cfg: MergeConfig, out: Path) -> None:
-    """Each model's own tensors (task heads), never averaged, saved beside the merged body."""
-    from safetensors.torch import save_file
-
-    models = cfg.models or list(rt.recipe.models)
+def task_heads(rt, models: list[str]) -> tuple[dict[str, list[str]], dict]:
+    """({model: its own tensors (task head), model naming}, sources) of the models that have one."""
     sources = {m: rt.source(m) for m in models}
     plan = plan_tensors(rt.source(BASE), sources, rt.recipe.spec.exclude, rt.recipe.spec.heads,
                         rt.recipe.spec.missing_tensors)
-    heads = {m: names for m, names in plan.per_model.items() if names}
+    return {m: names for m, names in plan.per_model.items() if names}, sources
+
+
+def write_heads(rt, name: str, cfg, p: Planned, out: Path) -> None:
+    """Each classifier's own head, never averaged: `heads/<model>.safetensors` (the head alone) and
+    `<model>/`, a directory that loads through AutoModelForSequenceClassification as that task's
+    classifier: the merged body, the model's own head and config (labels from the data entry),
+    the tokenizer and a card. The weights are exactly those eval scores the task with."""
+    from safetensors.torch import save_file
+
+    heads, sources = task_heads(rt, cfg.models or list(rt.recipe.models))
     if not heads:
         return
     check_heads(heads, sources)
+    merged = rt.store.open(p.key).view("weights/")
+    out_dtype = getattr(cfg, "out_dtype", None)  # an iterative merge has none
+    shard = shard_bytes(cfg) if isinstance(cfg, MergeConfig) else parse_byte_size(DEFAULT_SHARD_SIZE, "out_shard_size")
     heads_dir = (out / "heads").resolve()
     heads_dir.mkdir(exist_ok=True)
     for m, names in heads.items():
         file = (heads_dir / f"{m}.safetensors").resolve()
-        if file.parent != heads_dir:  # model names are checked at load; never write outside the export
+        task_dir = (out / m).resolve()
+        if file.parent != heads_dir or task_dir.parent != out.resolve():  # never write outside the export
             raise RecipeError(f"Model name '{m}' cannot name a head file inside {heads_dir}.")
         save_file({n: sources[m].get(n).contiguous() for n in names}, str(file))
+        os.chmod(file, 0o644)  # readable like every file save_pretrained writes
+        write_task_dir(rt, m, merged, task_dir, card_facts_for(rt, name, cfg, p, task=m), out_dtype, shard)
+
+
+def write_task_dir(rt, task: str, merged, out: Path, card: CardFacts, out_dtype: str | None,
+                   max_shard_bytes: int) -> None:
+    """`out`: the task's classifier, its own tensors with the merged body in place of its body."""
+    from ..tasks import model_config, tokenizer_dir
+
+    if os.path.lexists(out):
+        raise RecipeError(f"Model name '{task}' is also the name of a file of the export ({out}); rename the "
+                          f"model in the recipe's models, then run again.")
+    src = rt.source(task)
+    body = align_names(merged.names(), src.names())  # merged (base naming) -> the task model's names
+    from_merge = {n: r for r, n in body.items() if not any(re.search(h, n) for h in rt.recipe.spec.heads)}
+    dtype = parse_dtype(out_dtype, "out_dtype") if out_dtype else None
+
+    def tensor(n: str) -> torch.Tensor:
+        t = merged.get(from_merge[n]) if n in from_merge else src.get(n)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    out.mkdir()
+    names = src.names()
+    layout = [(n, dtype if dtype is not None and src.dtype(n).is_floating_point else src.dtype(n), src.shape(n))
+              for n in names]
+    write_weight_files(out, layout, ((n, tensor(n)) for n in names), {"format": "pt", "fmerge_key": card.key},
+                       max_shard_bytes)
+    notes: list[str] = []
+    try:
+        side = tokenizer_dir(rt, task)
+    except ModelError:
+        side = None
+    if side is not None:
+        copy_side_files(side, out, notes)
+    config = model_config(rt, task)
+    data = rt.recipe.models[task].data
+    labels = rt.recipe.spec.data[data].label_names if data else None
+    if labels:
+        if len(labels) != config.num_labels:
+            raise ModelError(f"Data '{data}' names {len(labels)} labels (label_names), but model '{task}' has "
+                             f"{config.num_labels} classes; fix label_names in the recipe's data entry, then run "
+                             f"again.")
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+    if dtype is not None:
+        config.dtype = dtype
+    (out / "config.json").unlink(missing_ok=True)  # the tokenizer directory's copy, not this task's
+    config.save_pretrained(out)
+    (out / "README.md").write_text(render_card(card) + "".join(notes))
 
 
 def check_heads(heads: dict[str, list[str]], sources) -> None:
@@ -245,19 +341,67 @@ def check_heads(heads: dict[str, list[str]], sources) -> None:
                     f"that model (a diverged fine-tune?) and fetch or save it again.")
 
 
-def model_card(rt, name: str, cfg: MergeConfig, p: Planned) -> str:
-    step_yaml = yaml.safe_dump({name: {"kind": "merge", **cfg.model_dump(exclude_none=True)}}, sort_keys=False)
-    inputs = json.dumps(p.inputs, indent=2)
-    recipe_file = rt.recipe.file or "(command line)"
-    return (
-        f"---\ntags: [fmerge, merge, {cfg.method}]\n---\n# Merged with fmerge {__version__}\n\n"
-        f"Step `{name}` of recipe `{recipe_file}`, method `{cfg.method}`.\n\n"
-        f"```yaml\n{step_yaml}```\n\nArtifact key `{p.key}`. Inputs (content hashes):\n\n```json\n{inputs}\n```\n\n"
-        f"Library versions:\n\n```json\n{json.dumps(library_versions(), indent=2)}\n```\n\n"
-        f"Task-specific heads, never averaged, are in `heads/<model>.safetensors` (the model's own "
-        f"tensor names); the weights here use the base model's names.\n"
-        + from_base_section(rt.store.open(p.key).meta)
-    )
+def model_card(rt, name: str, cfg, p: Planned) -> str:
+    return render_card(card_facts_for(rt, name, cfg, p))
+
+
+def card_facts_for(rt, name: str, cfg, p: Planned, task: str | None = None) -> CardFacts:
+    """What the card of a merge (or an iterative merge, whose method is its kind) says; with
+    `task`, the card of that task's classifier directory inside the export."""
+    merge = p.kind == "merge"
+    method = cfg.method if merge else p.kind
+    params = cfg.params if merge else cfg.model_dump(mode="json", exclude_none=True, exclude={"export", "models"})
+    models = cfg.models or list(rt.recipe.models)
+    recipe = rt.recipe
+    base = recipe.base
+    sections = []
+    heads = {} if task else task_heads(rt, models)[0]
+    if task:
+        sections.append(f"## Task `{task}`\n\nThis directory is task `{task}`'s classifier: the merged body with the "
+                        f"model's own classification head (never averaged) and config. Load it with "
+                        f"`AutoModelForSequenceClassification.from_pretrained`. The merged model, every task's "
+                        f"directory included, is the directory above.")
+    elif heads:
+        sections.append(task_dirs_section({m: labels_of(rt, m) for m in heads}))
+    elif recipe.is_clip:
+        sections.append(clip_section(base.path or "path/to/base"))
+    sections += [sweep_section(rt, name), from_base_section(rt.store.open(p.key).meta)]
+    return CardFacts(
+        step=name, method=method, params=params, base=given(rt, BASE),
+        base_hub_id=base.path if base.path and recipe.is_hub_id(base.path) else None,
+        models={m: given(rt, m) for m in models}, key=p.key, inputs=p.inputs,
+        recipe_file=str(recipe.file) if recipe.file else None, recipe_text=recipe.text,
+        mergekit=recipe.mergekit, sets=recipe.sets, sections=[s for s in sections if s])
+
+
+def given(rt, model: str) -> str:
+    """How the recipe gives a model: a hub id (and revision), a local path, or a step's output."""
+    spec = rt.spec(model)
+    if spec.from_step:
+        return f"the output of step `{spec.from_step}`"
+    if rt.recipe.is_hub_id(spec.path):
+        return f"hub model `{spec.path}`" + (f" (revision `{spec.revision}`)" if spec.revision else "")
+    return f"local directory `{spec.path}`"
+
+
+def labels_of(rt, model: str) -> list[str] | None:
+    data = rt.recipe.models[model].data
+    return rt.recipe.spec.data[data].label_names if data else None
+
+
+def sweep_section(rt, name: str) -> str:
+    """Which variant of a swept step this is, and how it was chosen (README: sweeps and exports)."""
+    group = next((g for g, vs in rt.recipe.sweeps.items() if any(v.name == name for v in vs)), None)
+    if group is None:
+        return ""
+    variant = next(v for v in rt.recipe.sweeps[group] if v.name == name)
+    values = yaml.safe_dump(variant.values, sort_keys=False).strip()
+    chooser = rt.recipe.chosen_exports.get(group)
+    how = (f"the variant eval step `{chooser[0]}` chose on the selection split (highest mean accuracy over its tasks; "
+           f"the test split never influences the choice)" if chooser else
+           "one of its variants; each variant is exported to its own directory, named by its swept values")
+    return (f"## Sweep\n\nStep `{group}` is swept over {len(rt.recipe.sweeps[group])} variants; this is {how}. "
+            f"Its swept values:\n\n```yaml\n{values}\n```")
 
 
 # -- tensors taken from the base (recipe `missing_tensors: base`) ------------------------------

@@ -1,4 +1,9 @@
-"""The `task_vectors` step: τ_i = θ_i − θ_0 per model, stored for inspection and iterative methods."""
+"""The `task_vectors` step: τ_i = θ_i − θ_0 per model, stored for inspection and iterative methods.
+
+The iterative steps (AdaMerging, Frank-Wolfe with TIES vertices) list these artifacts as deps
+(`task_vector_planned`) and read τ_i one tensor at a time from the store, instead of holding N task
+vectors in memory.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,18 @@ class TaskVectorsConfig(Strict):
     models: list[str] | None = Field(None, description="models (default: all)")
 
 
+def task_vector_planned(rt, model: str, step: str) -> Planned:
+    """Model's task vector artifact: keyed by the base's and the model's content and the tensor plan's
+    settings only, so every step asking for it shares one artifact. Its kind names this step kind, so
+    the executor can compute it as another step's dep."""
+    spec = rt.recipe.spec
+    params = {"exclude": spec.exclude, "heads": spec.heads,
+              **({"missing_tensors": "base"} if spec.missing_tensors == "base" else {})}
+    inputs = {"base": rt.model_hash(BASE), "model": rt.model_hash(model)}
+    return Planned(step, model, TaskVectorsStep.kind, make_key("task_vector", params, inputs, VERSION),
+                   inputs, params, VERSION)
+
+
 @register
 class TaskVectorsStep(StepKind):
     kind = "task_vectors"
@@ -31,15 +48,7 @@ class TaskVectorsStep(StepKind):
         return cfg.models or list(recipe.models)
 
     def plan(self, rt, name: str, cfg: TaskVectorsConfig, upstream) -> list[Planned]:
-        spec = rt.recipe.spec
-        params = {"exclude": spec.exclude, "heads": spec.heads,
-                  **({"missing_tensors": "base"} if spec.missing_tensors == "base" else {})}
-        planned = []
-        for m in self.models_used(cfg, rt.recipe):
-            inputs = {"base": rt.model_hash(BASE), "model": rt.model_hash(m)}
-            planned.append(Planned(name, m, "task_vector", make_key("task_vector", params, inputs, VERSION),
-                                   inputs, params, VERSION))
-        return planned
+        return [task_vector_planned(rt, m, name) for m in self.models_used(cfg, rt.recipe)]
 
     def compute(self, rt, name: str, cfg: TaskVectorsConfig, todo: list[Planned]) -> None:
         base = rt.source(BASE)

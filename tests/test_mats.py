@@ -1,0 +1,143 @@
+"""MaTS against the closed forms it generalises and a dense Kronecker solve written here.
+
+Diagonal curvature must give Fisher merging, Gram-only curvature RegMean's closed form, and K-FAC
+curvature the solution of Σ_i (A_i ⊗ G_i) vec(W) = Σ_i (A_i ⊗ G_i) vec(W_i) that
+torch.linalg.solve finds on the dense Kronecker matrix (vec stacks columns).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fmerge.errors import FmergeError
+from fmerge.methods import MergeContext, TensorGroup, get_method
+from fmerge.methods.fisher import FisherParams
+from fmerge.methods.mats import MatsParams
+from fmerge.methods.regmean import RegMeanParams
+
+CTX_NAMES = ["a", "b", "c"]
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def psd(n: int, seed: int, rows: int = 12) -> torch.Tensor:
+    x = randn(rows, n, seed=seed)
+    return x.T @ x
+
+
+def models(shape, seed=0):
+    base = randn(*shape, seed=seed)
+    return base, [base + 0.1 * randn(*shape, seed=seed + 1 + i) for i in range(len(CTX_NAMES))]
+
+
+def mats(group, **params):
+    ctx = MergeContext(CTX_NAMES)
+    p = MatsParams.model_validate(params)
+    method = get_method("mats")
+    method.validate(p, ctx)
+    return method.merge(group, p, ctx), ctx.diagnostics.get("mats", {}).get(group.name)
+
+
+def test_diagonal_curvature_is_fisher_merging():
+    base, thetas = models((4, 5))
+    fishers = [randn(4, 5, seed=20 + i).abs() + 0.01 for i in range(3)]
+    group = TensorGroup("w", base, thetas, {"fisher": fishers})
+    expect = get_method("fisher").merge(group, FisherParams(floor=0.0), MergeContext(CTX_NAMES))
+    got, record = mats(group, curvature="diagonal", damping=0.0)
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
+    assert record["iterations"] == 1 and record["residual"] < 1e-6 < record["residual_init"]  # Jacobi: exact at once
+
+
+@pytest.mark.parametrize("layout", ["gram", "gram_in_out"])
+def test_gram_curvature_is_regmean(layout):
+    base, thetas = models((5, 4) if layout == "gram" else (4, 5))   # nn.Linear out × in; Conv1D in × out
+    grams = [psd(4, seed=30 + i) for i in range(3)]
+    group = TensorGroup("w", base, thetas, {layout: grams})
+    expect = get_method("regmean").merge(group, RegMeanParams(alpha=0.6, jitter=0.0), MergeContext(CTX_NAMES))
+    got, record = mats(group, curvature="gram", alpha=0.6, damping=0.0, iterations=50, tolerance=1e-12)
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
+    assert record["residual"] < 1e-10
+
+
+def dense_kfac_solve(inputs, outputs, weights):
+    """W (out × in) solving Σ (A_i ⊗ G_i) vec(W) = Σ (A_i ⊗ G_i) vec(W_i), vec stacking columns."""
+    vec = lambda w: w.T.reshape(-1)  # noqa: E731
+    m = sum(torch.kron(a, g) for a, g in zip(inputs, outputs))
+    rhs = sum(torch.kron(a, g) @ vec(w) for a, g, w in zip(inputs, outputs, weights))
+    out_dim, in_dim = weights[0].shape
+    return torch.linalg.solve(m, rhs).reshape(in_dim, out_dim).T, m, rhs
+
+
+@pytest.mark.parametrize("layout", ["kfac", "kfac_in_out"])
+def test_kfac_conjugate_gradient_reaches_the_dense_kronecker_solve(layout):
+    out_dim, in_dim = 5, 4
+    base, thetas = models((out_dim, in_dim) if layout == "kfac" else (in_dim, out_dim))
+    a = [psd(in_dim, seed=40 + i).double() for i in range(3)]
+    g = [psd(out_dim, seed=50 + i).double() for i in range(3)]
+    weights = [(t if layout == "kfac" else t.T).double() for t in thetas]
+    expect, m, rhs = dense_kfac_solve(a, g, weights)
+    suffix = "" if layout == "kfac" else "_in_out"
+    group = TensorGroup("w", base, thetas, {"kfac_a" + suffix: [x.float() for x in a],
+                                            "kfac_g" + suffix: [x.float() for x in g]})
+    got, record = mats(group, curvature="kfac", damping=0.0, iterations=200, tolerance=1e-13)
+    got = got if layout == "kfac" else got.T
+    torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5)
+    assert record["residual"] < 1e-6
+
+    # a few iterations: the recorded residual is the dense one at the returned weights
+    few, record = mats(group, curvature="kfac", damping=0.0, iterations=3)
+    few = (few if layout == "kfac" else few.T).double()
+    dense = float((rhs - m @ few.T.reshape(-1)).norm() / rhs.norm())
+    assert record["iterations"] == 3 and record["residual"] == pytest.approx(dense, rel=1e-3)
+    assert record["residual"] < record["residual_init"]
+
+
+def test_zero_iterations_return_the_initial_merge_and_damping_is_relative():
+    base, thetas = models((5, 4))
+    stats = {"kfac_a": [psd(4, seed=60 + i) for i in range(3)], "kfac_g": [psd(5, seed=70 + i) for i in range(3)]}
+    group = TensorGroup("w", base, thetas, stats)
+    got, record = mats(group, curvature="kfac", iterations=0, init_params={"lambda": 0.5})
+    torch.testing.assert_close(got, base + 0.5 * sum(t - base for t in thetas))
+    assert record["iterations"] == 0 and record["residual"] == record["residual_init"]
+    # damping δ: A + δ·mean(diag A)·I, so scaling every factor by 1000 leaves the merge unchanged
+    scaled = TensorGroup("w", base, thetas, {k: [1000 * x for x in v] for k, v in stats.items()})
+    one, _ = mats(group, curvature="kfac", damping=0.1, iterations=200, tolerance=1e-13)
+    other, _ = mats(scaled, curvature="kfac", damping=0.1, iterations=200, tolerance=1e-13)
+    torch.testing.assert_close(one, other, rtol=1e-5, atol=1e-6)
+
+
+def test_tensors_without_curvature_fall_back():
+    base, thetas = models((6,))
+    plain = TensorGroup("bias", base, thetas)
+    got, record = mats(plain, curvature="kfac")
+    torch.testing.assert_close(got, base + 0.3 * sum(t - base for t in thetas))  # task arithmetic, λ = 0.3
+    assert record is None
+    fishers = [randn(6, seed=80 + i).abs() + 0.01 for i in range(3)]
+    with_fisher = TensorGroup("bias", base, thetas, {"fisher": fishers})
+    expect = get_method("fisher").merge(with_fisher, FisherParams(), MergeContext(CTX_NAMES, summaries={
+        "fisher_mean": [float(f.mean()) for f in fishers]}))
+    got, _ = mats(with_fisher, curvature="kfac", fallback="fisher", fallback_params={"floor": 0.0})
+    torch.testing.assert_close(got, expect)
+    got, _ = mats(plain, curvature="gram", fallback="simple_average")
+    torch.testing.assert_close(got, sum(thetas) / 3)
+
+
+def test_user_errors_are_clear():
+    method = get_method("mats")
+    ctx = MergeContext(CTX_NAMES)
+    with pytest.raises(FmergeError, match="'init' cannot be 'mats'"):
+        method.validate(MatsParams(init="mats"), ctx)
+    with pytest.raises(FmergeError, match="unknown merge method 'tas'"):
+        method.validate(MatsParams(fallback="tas"), ctx)
+    with pytest.raises(FmergeError, match="'init_params' is not valid for method 'task_arithmetic'"):
+        method.validate(MatsParams(init_params={"lamda": 0.3}), ctx)
+    with pytest.raises(FmergeError, match="fallback_params"):
+        method.validate(MatsParams(fallback_params={"lambda": 0.3}), ctx)
+    assert method.stats_needed(MatsParams(curvature="kfac", init="regmean")) == ("kfac", "gram")
+    base, thetas = models((5, 4))
+    bad = TensorGroup("w", base, thetas, {"kfac_a": [psd(3, seed=1)] * 3, "kfac_g": [psd(5, seed=2)] * 3})
+    with pytest.raises(FmergeError, match="input factor is \\[3, 3\\] but the weight has 4 inputs"):
+        mats(bad, curvature="kfac")
