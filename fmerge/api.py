@@ -399,22 +399,29 @@ def fisher_recipe(models: Sequence[PathLike] | Mapping[str, PathLike], data: Pat
     return parse_recipe(yaml.safe_dump(recipe), None)
 
 
-def checked_label_names(names: Sequence[str], label_column: str | None) -> list[str]:
-    """label_names as a list, refusing what cannot map labels to head indices."""
+# How the API's and the CLI's messages name the label names, the label column and an example.
+LABEL_NAMES_WORDS = {"api": ("label_names", "the label column", "label_names=['neg', 'neu', 'pos']"),
+                     "cli": ("--label-names", "--label-column", "--label-names neg,neu,pos")}
+
+
+def checked_label_names(names: Sequence[str], label_column: str | None, given: str | None = None,
+                        words: str = "api") -> list[str]:
+    """label_names as a list, refusing what cannot map labels to head indices; messages quote
+    `given` (default: the names) in the API's or the CLI's words (LABEL_NAMES_WORDS)."""
+    option, column, example = LABEL_NAMES_WORDS[words]
+    shown = given or f"{option}={quoted(names, 80)}"
     if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-        raise RecipeError(f"label_names={quoted(names, 80)}: give the class names in head order as a list of "
-                          f"strings, e.g. label_names=['neg', 'neu', 'pos'].")
+        raise RecipeError(f"{shown}: give the class names in head order as a list of strings, e.g. {example}.")
     names = list(names)
     if not label_column:
-        raise RecipeError("label_names maps the label column's strings to head indices, but the label column is "
-                          "empty (unlabelled data); give the label column, or drop label_names.")
+        raise RecipeError(f"{option} maps the label column's strings to head indices, but {column} is empty "
+                          f"(unlabelled data); give the label column, or drop {option}.")
     if any(not n.strip() for n in names):
-        raise RecipeError(f"label_names={quoted(names, 80)} has an empty name; give the class names in head order, "
-                          f"e.g. label_names=['neg', 'neu', 'pos'].")
+        raise RecipeError(f"{shown} has an empty name; give the class names in head order, e.g. {example}.")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise RecipeError(f"label_names={quoted(names, 80)} names {', '.join(map(repr, repeated[:5]))} more than "
-                          f"once; each class name must map to one head index.")
+        raise RecipeError(f"{shown} names {', '.join(map(repr, repeated[:5]))} more than once; each class name "
+                          f"must map to one head index.")
     return names
 
 
@@ -527,7 +534,7 @@ def evaluate(model: PathLike, data: PathLike | None = None, task: str | None = N
         out = Path(recipe.steps["eval"].output) if output is not None else None
         planned = {p.extra["task"]: p for p in rt.planned["eval"]}
         data_name = Path(str(data)).stem if Path(str(data)).exists() else str(data)
-        for row in rt.results["eval"]:
+        for row in rt.results.get("eval", []):  # under torchrun only rank 0 gathers the results
             scores.append(TaskScores(data_name, row.get("task_kind", "classification"), row["split"], row.get("n"),
                                      {m: row[m] for m in METRIC_NAMES if row.get(m) is not None},
                                      planned[row["task"]].key))

@@ -294,20 +294,11 @@ def fisher(
 
 def _label_names(text: str, label_column: Optional[str]) -> list[str]:
     """--label-names a,b,c as a list, refusing what cannot map labels to head indices."""
-    from .errors import RecipeError, quoted
+    from .api import checked_label_names
+    from .errors import quoted
 
-    names = [n.strip() for n in text.split(",")]
-    if not label_column:
-        raise RecipeError("--label-names maps the label column's strings to head indices, but --label-column is "
-                          "empty (unlabelled data); give the label column, or drop --label-names.")
-    if any(not n for n in names):
-        raise RecipeError(f"--label-names {quoted(text)} has an empty name; give the class names in head order, "
-                          f"comma-separated, e.g. --label-names neg,neu,pos.")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise RecipeError(f"--label-names {quoted(text)} names {', '.join(map(repr, repeated[:5]))} more than once; "
-                          f"each class name must map to one head index.")
-    return names
+    return checked_label_names([n.strip() for n in text.split(",")], label_column, f"--label-names {quoted(text)}",
+                               "cli")
 
 
 def _params(items: list[str]) -> dict:
@@ -588,7 +579,10 @@ def eval_command(
     as_json: bool = JsonOpt,
 ):
     """Evaluate a model, a merge or a hub model on task data (cached): accuracy, perplexity or
-    multiple-choice accuracy by log-likelihood (acc, and acc_norm per character as lm-eval)."""
+    multiple-choice accuracy by log-likelihood (acc, and acc_norm per character as lm-eval).
+
+    Under `torchrun --nproc_per_node K -m fmerge eval ...` the rows are sharded across ranks."""
+    from . import distributed
     from .api import evaluate
     from .report import results_table
 
@@ -596,6 +590,8 @@ def eval_command(
                       choices_column, _label_names(label_names, label_column) if label_names else None, head, like,
                       batch_size, max_length, seed, [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval
                       else None, output, store, device, allow_pickle, err, _report_line)
+    if not distributed.is_main():  # under torchrun rank 0 alone reports
+        return
     if as_json:
         _emit_json(result.as_json())
         return

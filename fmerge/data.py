@@ -243,9 +243,21 @@ def _check_columns(ds, spec: DataSpec, where: str) -> None:
         _check_choices(ds, spec, where)
 
 
+def answer_index(gold) -> int | None:
+    """A multiple-choice answer as the index of the right choice: an integer, or a string of ASCII
+    digits (HellaSwag stores "2"); None for anything else."""
+    if isinstance(gold, bool):
+        return None
+    if isinstance(gold, int):
+        return gold
+    if isinstance(gold, str) and re.fullmatch(r"[0-9]+", gold):
+        return int(gold)
+    return None
+
+
 def _check_choices(ds, spec: DataSpec, where: str) -> None:
     """Every row's choices are a non-empty list of non-empty strings, and its answer (label) an
-    integer index into them; rows counted from 1 in the file's order."""
+    index into them (see answer_index); rows counted from 1 in the file's order."""
     column, answer = spec.choices_column, spec.label_column
     for row, (choices, gold) in enumerate(zip(ds[column], ds[answer]), 1):
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
@@ -253,10 +265,12 @@ def _check_choices(ds, spec: DataSpec, where: str) -> None:
                 f"Dataset {where}: row {row} of choices column '{column}' holds {quoted(choices, 80)}, not a "
                 f"non-empty list of non-empty strings. Each row's choices must be a list such as "
                 f'["Paris", "Rome"]; fix or remove the row, then run again.')
-        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+        index = answer_index(gold)
+        if index is None or not 0 <= index < len(choices):
             raise DataError(
                 f"Dataset {where}: row {row} of answer column '{answer}' holds {quoted(gold, 60)}, but the answer "
-                f"of a multiple-choice row is the index of the right choice, 0..{len(choices) - 1} for its "
+                f"of a multiple-choice row is the index of the right choice (a number or a string of digits), "
+                f"0..{len(choices) - 1} for its "
                 f"{len(choices)} choices. Fix the row (or set the data entry's label to the answer column).")
 
 
@@ -743,6 +757,7 @@ __all__ = [
     "encode_choice_batches",
     "encode_lm_batches",
     "encode_pair",
+    "answer_index",
     "label_names_for",
     "load_dataset_split",
     "partition_indices",

@@ -116,3 +116,26 @@ def broadcast(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def sum_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    """Sum each tensor over the ranks in place, in name order so every rank enters the same
+    collectives (no-op outside torchrun)."""
+    import torch.distributed as dist
+
+    if not active():
+        return
+    for name in sorted(tensors):
+        dist.all_reduce(tensors[name])
+
+
+def gather(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (plain data from our own code
+    only; no-op outside torchrun). For per-row results whose metric needs all rows at once."""
+    import torch.distributed as dist
+
+    if not active():
+        return items
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -193,28 +194,36 @@ def fisher_diagonal(
     )
     accepted = set(inspect.signature(model.forward).parameters)
     device = next(iter(selected.values())).device
+    with gradients_in_eval_mode(model):
+        if estimator == "fusionbench":
+            _fusionbench(model, batches, selected, accepted, device, result)
+        else:
+            with _PerExampleSquares(model, selected, sums, live_span_only=kind == "causal_lm") as squares:
+                _per_example(model, batches, kind, estimator, samples, seed, chunk_size, accepted, device, squares, result)
+    return result
+
+
+@contextmanager
+def gradients_in_eval_mode(model: nn.Module):
+    """Autograd on and the model in eval mode (no dropout noise in the gradients); its training
+    mode and every parameter's requires_grad flag are restored afterwards, whatever the body set."""
     was_training = model.training
     flags = {p: p.requires_grad for p in model.parameters()}
     model.eval()
     try:
         with torch.enable_grad():
-            if estimator == "fusionbench":
-                _fusionbench(model, batches, selected, accepted, device, result)
-            else:
-                with _PerExampleSquares(model, selected, sums, live_span_only=kind == "causal_lm") as squares:
-                    _per_example(model, batches, kind, estimator, samples, seed, chunk_size, accepted, device, squares, result)
+            yield
     finally:
         model.train(was_training)
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return result
 
 
-def _per_example(model, batches, kind, estimator, samples, seed, chunk_size, accepted, device, squares, result):
-    """Forward each chunk once, then one backward pass per cotangent (C − 1 for exact, k for
-    sampled; for a causal LM, that many per predicted column)."""
+def example_chunks(batches: Iterable[dict], chunk_size: int, device) -> Iterable[tuple[dict, list[int]]]:
+    """(chunk, its examples' ids) for every run of at most `chunk_size` examples of `batches`, moved
+    to `device` with the attention mask defaulting to all ones; an example's id is its
+    `example_ids` entry, else its position in the stream (the id seeds its label draws)."""
     position = 0
-    seen: set[int] = set()  # example ids: an LM text cut into windows is one example, not several
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         if "input_ids" in batch:
@@ -224,24 +233,28 @@ def _per_example(model, batches, kind, estimator, samples, seed, chunk_size, acc
         ids = ids.tolist() if ids is not None else list(range(position, position + n))
         position += n
         for start in range(0, n, chunk_size):
-            chunk = {k: v[start : start + chunk_size] for k, v in batch.items() if torch.is_tensor(v)}
-            chunk_ids = ids[start : start + chunk_size]
-            squares.begin(len(chunk_ids))
-            logits = _forward(model, chunk, accepted, kind)
-            if kind == "causal_lm":
-                cotangents, units = _causal_lm_cotangents(logits, chunk, estimator, samples, seed, chunk_ids)
-            elif kind == "regression":
-                cotangents, units = _regression_cotangents(logits, chunk, estimator, samples, seed, chunk_ids)
-            else:
-                cotangents, units = _classification_cotangents(logits, chunk, estimator, samples, seed, chunk_ids)
-            for cotangent in cotangents:
-                squares.backward(logits, cotangent)
-            result.count += units
-            result.examples += len(set(chunk_ids) - seen)
-            seen.update(chunk_ids)
+            yield ({k: v[start : start + chunk_size] for k, v in batch.items() if torch.is_tensor(v)},
+                   ids[start : start + chunk_size])
 
 
-def _forward(model, batch, accepted, kind) -> torch.Tensor:
+def _per_example(model, batches, kind, estimator, samples, seed, chunk_size, accepted, device, squares, result):
+    """Forward each chunk once, then one backward pass per cotangent (C − 1 for exact, k for
+    sampled; for a causal LM, that many per predicted column)."""
+    seen: set[int] = set()  # example ids: an LM text cut into windows is one example, not several
+    for chunk, chunk_ids in example_chunks(batches, chunk_size, device):
+        squares.begin(len(chunk_ids))
+        logits = model_logits(model, chunk, accepted, kind)
+        cotangents, units = output_cotangents(kind, logits, chunk, estimator, samples, seed, chunk_ids)
+        for cotangent in cotangents:
+            squares.backward(logits, cotangent)
+        result.count += units
+        result.examples += len(set(chunk_ids) - seen)
+        seen.update(chunk_ids)
+
+
+def model_logits(model, batch, accepted, kind) -> torch.Tensor:
+    """The model's logits for `batch`, given only the inputs its forward `accepted` (a causal LM
+    also its position ids for padding, causal_lm_extras)."""
     inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch and k in accepted}
     if kind == "causal_lm":
         inputs.update(causal_lm_extras(batch, accepted))
@@ -295,6 +308,13 @@ def _classification_labels(batch, num_classes: int) -> torch.Tensor:
             "check the dataset's label column and the model's num_labels."
         )
     return labels
+
+
+def output_cotangents(kind, logits, batch, estimator, samples, seed, ids):
+    """The cotangents of the logits whose backward passes give the per-example (for a causal LM,
+    per-token) gradients of log p(y|x) of a model of this kind, and how many units they cover."""
+    cotangents = {"causal_lm": _causal_lm_cotangents, "regression": _regression_cotangents}
+    return cotangents.get(kind, _classification_cotangents)(logits, batch, estimator, samples, seed, ids)
 
 
 def _classification_cotangents(logits, batch, estimator, samples, seed, ids):
@@ -423,7 +443,7 @@ def _fusionbench(model, batches, selected, accepted, device, result):
         p.requires_grad_(True)
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        log_probs = torch.log_softmax(_forward(model, batch, accepted, "classification").float(), dim=-1)
+        log_probs = torch.log_softmax(model_logits(model, batch, accepted, "classification").float(), dim=-1)
         objective = (log_probs.detach().exp().sqrt() * log_probs).sum()
         grads = torch.autograd.grad(objective, params, allow_unused=True)
         for (name, _), grad in zip(selected.items(), grads):
@@ -707,8 +727,12 @@ __all__ = [
     "example_generator",
     "causal_lm_extras",
     "check_exact_vocabulary",
+    "example_chunks",
     "fisher_diagonal",
+    "gradients_in_eval_mode",
     "is_causal_lm",
     "model_kind",
+    "model_logits",
     "next_token_targets",
+    "output_cotangents",
 ]

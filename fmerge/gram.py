@@ -82,7 +82,7 @@ def gram_matrices(
                           "compute Gram matrices for.")
     device = next(model.parameters()).device
     result = GramSums(
-        grams={n: torch.zeros(_in_features(m, layout), _in_features(m, layout), device=device)
+        grams={n: torch.zeros(input_features(m, layout), input_features(m, layout), device=device)
                for n, (m, layout) in layers.items()},
         rows={n: 0 for n in layers},
         layouts={n: layout for n, (_, layout) in layers.items()},
@@ -95,7 +95,7 @@ def gram_matrices(
     def hook_for(name: str):
         def add_rows(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            rows = _unpadded_rows(x, current["mask"], name)
+            rows = real_token_rows(x, current["mask"], name)
             result.grams[name].addmm_(rows.T, rows)
             result.rows[name] += rows.shape[0]
         return add_rows
@@ -119,11 +119,12 @@ def gram_matrices(
     return result
 
 
-def _in_features(module: nn.Module, layout: str) -> int:
+def input_features(module: nn.Module, layout: str) -> int:
+    """A linear layer's input width, whichever way its weight is laid out."""
     return module.weight.shape[1] if layout == OUT_IN else module.weight.shape[0]
 
 
-def _unpadded_rows(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+def real_token_rows(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
     """The layer input's rows that belong to real tokens, in fp32."""
     if mask is None:
         return x.reshape(-1, x.shape[-1]).float()
@@ -140,4 +141,4 @@ def _unpadded_rows(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tens
     )
 
 
-__all__ = ["IN_OUT", "OUT_IN", "GramSums", "gram_matrices", "linear_layers"]
+__all__ = ["IN_OUT", "OUT_IN", "GramSums", "gram_matrices", "input_features", "linear_layers", "real_token_rows"]

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from .errors import RecipeError
-from .fisher import _classification_cotangents, _forward, _regression_cotangents, model_kind
-from .gram import OUT_IN, _in_features, _unpadded_rows, linear_layers
+from .fisher import example_chunks, gradients_in_eval_mode, model_kind, model_logits, output_cotangents
+from .gram import OUT_IN, input_features, linear_layers, real_token_rows
 
 ESTIMATORS = ("exact", "sampled", "empirical")
 KINDS = ("classification", "regression")
@@ -92,7 +92,7 @@ def kfac_factors(
     device = next(model.parameters()).device
     out_features = {n: (m.weight.shape[0] if layout == OUT_IN else m.weight.shape[1]) for n, (m, layout) in layers.items()}
     result = KfacSums(
-        input_sums={n: torch.zeros(_in_features(m, lay), _in_features(m, lay), device=device)
+        input_sums={n: torch.zeros(input_features(m, lay), input_features(m, lay), device=device)
                     for n, (m, lay) in layers.items()},
         output_sums={n: torch.zeros(out_features[n], out_features[n], device=device) for n in layers},
         rows={n: 0 for n in layers}, layouts={n: lay for n, (_, lay) in layers.items()},
@@ -103,61 +103,43 @@ def kfac_factors(
     def hook_for(name: str):
         def capture(module, args, kwargs, out):
             x = args[0] if args else next(iter(kwargs.values()))
-            rows = _unpadded_rows(x.detach(), current["mask"], name)
+            rows = real_token_rows(x.detach(), current["mask"], name)
             result.input_sums[name].addmm_(rows.T, rows)
             result.rows[name] += rows.shape[0]
             current["outputs"].append((name, out))
         return capture
 
     handles = [m.register_forward_hook(hook_for(n), with_kwargs=True) for n, (m, _) in layers.items()]
-    was_training = model.training
-    flags = {p: p.requires_grad for p in model.parameters()}
-    model.eval()
     try:
-        for p in model.parameters():
-            p.requires_grad_(p.is_floating_point())  # so every layer output is in the graph
-        with torch.enable_grad():
+        with gradients_in_eval_mode(model):
+            for p in model.parameters():
+                p.requires_grad_(p.is_floating_point())  # so every layer output is in the graph
             _accumulate(model, batches, kind, estimator, samples, seed, chunk_size, accepted, device, current, result)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
     return result
 
 
 def _accumulate(model, batches, kind, estimator, samples, seed, chunk_size, accepted, device, current, result):
     """Forward each chunk once, then one backward pass per cotangent, adding Σ_t g gᵀ per layer."""
-    position = 0
-    for batch in batches:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if "input_ids" in batch:
-            batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
-        n = batch["input_ids" if "input_ids" in batch else "pixel_values"].shape[0]
-        ids = batch.get("example_ids")
-        ids = ids.tolist() if ids is not None else list(range(position, position + n))
-        position += n
-        for start in range(0, n, chunk_size):
-            chunk = {k: v[start:start + chunk_size] for k, v in batch.items() if torch.is_tensor(v)}
-            chunk_ids = ids[start:start + chunk_size]
-            mask = chunk.get("attention_mask")
-            current["mask"] = mask.bool() if mask is not None else None
-            current["outputs"] = []
-            logits = _forward(model, chunk, accepted, kind)
-            cotangent_fn = _regression_cotangents if kind == "regression" else _classification_cotangents
-            cotangents, units = cotangent_fn(logits, chunk, estimator, samples, seed, chunk_ids)
-            outputs = [out for _, out in current["outputs"]]
-            for cotangent in cotangents:
-                grads = torch.autograd.grad(logits, outputs, cotangent, retain_graph=True, allow_unused=True)
-                for (name, out), g in zip(current["outputs"], grads):
-                    if g is None:
-                        continue  # this call of the layer does not reach the logits
-                    rows = _unpadded_rows(g, current["mask"], name)
-                    result.output_sums[name].addmm_(rows.T, rows)
-            result.count += units
-            result.examples += len(chunk_ids)
-            current["outputs"] = []
+    for chunk, chunk_ids in example_chunks(batches, chunk_size, device):
+        mask = chunk.get("attention_mask")
+        current["mask"] = mask.bool() if mask is not None else None
+        current["outputs"] = []
+        logits = model_logits(model, chunk, accepted, kind)
+        cotangents, units = output_cotangents(kind, logits, chunk, estimator, samples, seed, chunk_ids)
+        outputs = [out for _, out in current["outputs"]]
+        for cotangent in cotangents:
+            grads = torch.autograd.grad(logits, outputs, cotangent, retain_graph=True, allow_unused=True)
+            for (name, out), g in zip(current["outputs"], grads):
+                if g is None:
+                    continue  # this call of the layer does not reach the logits
+                rows = real_token_rows(g, current["mask"], name)
+                result.output_sums[name].addmm_(rows.T, rows)
+        result.count += units
+        result.examples += len(chunk_ids)
+        current["outputs"] = []
 
 
 __all__ = ["ESTIMATORS", "KfacSums", "kfac_factors"]

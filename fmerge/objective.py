@@ -1,17 +1,19 @@
-"""The loss of a merged body on tasks, each through its own classifier head, and its gradient.
+"""The loss of a merged body on tasks, each through its own model, and its gradient.
 
-One classifier module per task; the body's tensors are substituted with
+One module per task (a classifier with its head, or a causal LM); the body's tensors are substituted with
 `torch.func.functional_call`, so a chunk of examples costs one forward and one backward pass
 (FusionBench backpropagates one example at a time). The network runs in eval mode (no dropout),
 so the gradient is deterministic and the same however the examples are chunked.
 
 For causal LMs the loss is token-level (`next_token_losses`, `token_loss_sum`): the next token's
 cross-entropy or the entropy of the next-token distribution, over the positions that count,
-normalised per token rather than per sequence.
+normalised per token rather than per sequence: a causal-LM task's loss is the mean over the
+predicted tokens of its draw, whatever their split into sequences and chunks.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .fisher import next_token_targets
+from .fisher import causal_lm_extras, next_token_targets
 
 Body = dict[str, torch.Tensor]
 LOSSES = ("cross_entropy", "entropy")
@@ -61,11 +63,14 @@ def predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 @dataclass
 class TaskModel:
-    """A task's classifier (eval mode, its own weights frozen) and where its examples come from."""
+    """A task's model (eval mode, its own weights frozen) and where its examples come from.
+
+    A causal LM (`causal_lm`) is scored per predicted token (`token_loss_sum`), a classifier per example."""
 
     net: torch.nn.Module
     params: dict[str, str]                            # body tensor name -> the net's parameter name
     batches: Callable[[int], list[dict[str, torch.Tensor]]]  # draw -> chunks of that draw's examples
+    causal_lm: bool = False
 
 
 def batch_len(batch: dict[str, torch.Tensor]) -> int:
@@ -74,19 +79,26 @@ def batch_len(batch: dict[str, torch.Tensor]) -> int:
 
 
 def task_loss_and_grad(task: TaskModel, body: Body, draw: int, loss: str) -> tuple[float, Body]:
-    """Mean loss over the draw's examples and its gradient w.r.t. the body tensors the net uses."""
+    """Mean loss over the draw's examples (a causal LM's: over its predicted tokens) and its
+    gradient w.r.t. the body tensors the net uses."""
     batches = task.batches(draw)
-    n = sum(batch_len(b) for b in batches)
+    n = sum(predicted_tokens(b) if task.causal_lm else batch_len(b) for b in batches)
     leaves = {b: body[b].detach().requires_grad_(True) for b in task.params}
     grads = {b: torch.zeros_like(t) for b, t in leaves.items()}
     device = next(iter(leaves.values())).device
+    accepted = set(inspect.signature(task.net.forward).parameters) if task.causal_lm else set()
     total = 0.0
     for batch in batches:
         inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "example_ids")}
+        if task.causal_lm:
+            inputs.update(causal_lm_extras(inputs, accepted))
         substituted = {task.params[b]: t for b, t in leaves.items()}
         logits = functional_call(task.net, substituted, args=(), kwargs=inputs).logits
-        labels = batch["labels"].to(device) if loss == "cross_entropy" else None
-        chunk = per_example_loss(logits, labels, loss).sum() / n
+        if task.causal_lm:  # the next token is the label; prompt and padding positions do not count
+            chunk = token_loss_sum(logits, {k: v.to(device) for k, v in batch.items()}, loss)[0] / n
+        else:
+            labels = batch["labels"].to(device) if loss == "cross_entropy" else None
+            chunk = per_example_loss(logits, labels, loss).sum() / n
         for b, g in zip(leaves, torch.autograd.grad(chunk, list(leaves.values()), allow_unused=True)):
             if g is not None:
                 grads[b].add_(g)

@@ -18,10 +18,10 @@ def sweep_plot(sweep: dict, path: Path) -> None:
     numeric = values is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     xs = list(values) if numeric else list(range(len(sweep["variants"])))
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    tasks = sweep["tasks"]
+    tasks, metric = sweep["tasks"], sweep["metric"]
     for task in tasks:
-        ax.plot(xs, sweep["accuracy"][task], marker="o", linewidth=1, alpha=0.7, label=task)
-    avg = [sum(sweep["accuracy"][t][i] for t in tasks) / len(tasks) for i in range(len(xs))]
+        ax.plot(xs, sweep[metric][task], marker="o", linewidth=1, alpha=0.7, label=task)
+    avg = [sum(sweep[metric][t][i] for t in tasks) / len(tasks) for i in range(len(xs))]
     ax.plot(xs, avg, marker="o", color="black", linewidth=2.5, label="average")
     if sweep["chosen"] in sweep["variants"]:
         i = sweep["variants"].index(sweep["chosen"])
@@ -31,7 +31,7 @@ def sweep_plot(sweep: dict, path: Path) -> None:
         ax.set_xlabel(next(iter(swept)))
     else:
         ax.set_xticks(xs, [v[len(sweep["group"]):] for v in sweep["variants"]], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(f"accuracy ({sweep['split']} split)")
+    ax.set_ylabel(f"{metric} ({sweep['split']} split)")
     ax.set_title(f"sweep of {sweep['group']}: chosen on {sweep['split']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")

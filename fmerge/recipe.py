@@ -293,6 +293,13 @@ class RecipeSpec(Strict):
     store: str | None = Field(None, description="artifact store directory (relative to the recipe)")
     seed: int = 0
     device: str = "cpu"
+    device_map: Literal["auto"] | None = Field(
+        None, description="'auto': spread each model the fisher, gram and eval steps run over the GPUs (then "
+        "the CPU) with accelerate's big-model dispatch, for a model that does not fit one device; needs "
+        "`pip install accelerate`")
+    max_memory: dict[str, str] | None = Field(
+        None, description="with device_map: the most memory each device may hold, e.g. {'0': '20GiB', "
+        "'cpu': '64GiB'} (GPUs by number)")
     base: str | ModelSpec
     models: dict[str, str | ModelSpec] = Field(min_length=1)
     data: dict[str, DataSpec] = {}

@@ -41,15 +41,18 @@ def results_table(results: list[dict], title: str) -> Table:
 
 
 def sweep_table(sweep: dict) -> Table:
-    """A sweep's variants with their selection-split accuracies; the chosen one marked."""
-    tasks = sweep["tasks"]
-    table = Table(title=f"sweep of {sweep['group']}: accuracy on split '{sweep['split']}' (used to choose)")
+    """A sweep's variants with their selection-split scores under the metric that chose; the chosen
+    one marked."""
+    tasks, metric = sweep["tasks"], sweep["metric"]
+    best = "highest" if metric == "accuracy" else "lowest"
+    table = Table(title=f"sweep of {sweep['group']}: {metric} on split '{sweep['split']}' "
+                        f"(chosen by {best} average)")
     table.add_column("variant")
     for t in tasks:
         table.add_column(t, justify="right")
     table.add_column("avg", justify="right")
     for i, v in enumerate(sweep["variants"]):
-        row = [sweep["accuracy"][t][i] for t in tasks]
+        row = [sweep[metric][t][i] for t in tasks]
         mark = " [bold green]← chosen[/]" if v == sweep["chosen"] else ""
         table.add_row(escape(v) + mark, *[f"{a:.3f}" for a in row], f"{sum(row) / len(row):.3f}")
     return table

@@ -17,6 +17,7 @@ import torch
 
 from .data import (DataSpec, encode_batches, encode_choice_batches, encode_lm_batches, label_names_for,
                    load_dataset_split, select_examples)
+from .distributed import launched
 from .errors import FmergeError, ModelError, RecipeError
 from .io import ModelDir
 from .recipe import BASE
@@ -216,7 +217,30 @@ def build_classifier(rt, model: str, weights: dict[str, torch.Tensor] | None = N
         raise ModelError(f"Model '{model}': its weights lack {len(missing)} tensor(s) the architecture "
                           f"needs, e.g. {', '.join(missing[:3])}.")
     del unexpected  # e.g. a pooler a classifier does not use
-    return net.eval().to(rt.device)
+    return placed(rt, net)
+
+
+def placed(rt, net: torch.nn.Module) -> torch.nn.Module:
+    """The model in eval mode on the run's device or, where the recipe sets `device_map`, spread
+    over the devices by accelerate (each layer where `max_memory` leaves room, activations moved
+    between them by hooks), so a model bigger than one GPU still runs."""
+    spec = rt.recipe.spec
+    if spec.device_map is None:
+        return net.eval().to(rt.device)
+    if launched():
+        raise RecipeError(f"{rt.recipe.where('device_map')}: device_map spreads one model over this machine's "
+                          f"devices, but this run is one of several torchrun processes, each with a device of its "
+                          f"own; run without torchrun, or remove device_map.")
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+    except ImportError:
+        raise RecipeError(f"{rt.recipe.where('device_map')}: device_map '{spec.device_map}' spreads models over "
+                          f"devices with accelerate, which is not installed here; `pip install accelerate` (or "
+                          f"`pip install fmerge[big]`), or remove device_map to run each model on {rt.device}.") from None
+    max_memory = {int(k) if k.isdigit() else k: v for k, v in spec.max_memory.items()} if spec.max_memory else None
+    layout = infer_auto_device_map(net, max_memory=max_memory,
+                                   no_split_module_classes=getattr(net, "_no_split_modules", None) or [])
+    return dispatch_model(net.eval(), device_map=layout)
 
 
 def is_image_task(rt, model: str) -> bool:
@@ -250,7 +274,7 @@ def build_causal_lm(rt, model: str, weights: dict[str, torch.Tensor] | None = No
         raise ModelError(f"Model '{rt.label(model)}': its weights lack {len(missing)} tensor(s) a causal LM of its "
                          f"config needs, e.g. {', '.join(missing[:3])}; is it a causal LM (or a classifier, whose "
                          f"data entry should say task: classification)?")
-    return net.eval().to(rt.device)
+    return placed(rt, net)
 
 
 def build_task_model(rt, model: str, weights: dict[str, torch.Tensor] | None = None,
@@ -318,7 +342,7 @@ def build_clip_classifier(rt, model: str, head, weights: dict[str, torch.Tensor]
         raise ModelError(f"Model '{model}': its vision tower lacks {len(missing)} tensor(s) the architecture "
                           f"needs, e.g. {', '.join(VISION_PREFIX + m for m in missing[:3])}.")
     net = ClipClassifier(tower, head.get("visual_projection"), head.get("head"), head.get("logit_scale"))
-    return net.eval().to(rt.device)
+    return placed(rt, net)
 
 
 def is_model_dir(src) -> bool:

@@ -43,6 +43,16 @@ def make_zoo(root: Path, n_models: int = 3, seed: int = 0, num_labels=(2, 3, 4),
     return paths
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread, above all on a shared, busy machine; a module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def zoo(tmp_path: Path) -> dict[str, Path]:
     return make_zoo(tmp_path / "zoo")

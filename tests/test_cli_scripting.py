@@ -13,7 +13,7 @@ import typer
 import hostile
 from conftest import ZOO_RECIPE, fmerge_cli, write_recipe
 from test_fisher_cli import make_classifier
-from test_pipeline import tiny_base, write_task
+from test_pipeline import finetune_steps, two_task_project, two_task_recipe
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 
@@ -205,27 +205,14 @@ def test_fisher_json(tmp_path):
     assert re.search(rf"^{STAMP} fisher: clf: done", result.err, re.M), result.err
 
 
-EVAL_RECIPE = """
-base: base
-store: store
-data:
-  sentiment: {path: data/sentiment, label_names: [pos, neg]}
-  animal: {path: data/animal, label_names: [cat, dog, fish]}
-models:
-  sentiment: {from_step: ft_sentiment, data: sentiment}
-  animal: {from_step: ft_animal, data: animal}
-steps:
-  ft_sentiment: {kind: finetune, data: sentiment, steps: 4, batch_size: 8, max_length: 16}
-  ft_animal: {kind: finetune, data: animal, steps: 4, batch_size: 8, max_length: 16}
+EVAL_RECIPE = two_task_recipe("from_step: ft_{}", finetune_steps("steps: 4, batch_size: 8, max_length: 16") + """\
   ta: {kind: merge, method: task_arithmetic}
   eval: {kind: eval, merges: [ta], max_length: 16, output: results}
-"""
+""")
 
 
 def test_run_json_holds_eval_results_and_sweep_summaries(tmp_path):
-    tiny_base(tmp_path / "base")
-    write_task(tmp_path / "data", "sentiment", [["good", "great", "fine"], ["bad", "awful", "poor"]], 1)
-    write_task(tmp_path / "data", "animal", [["cat"], ["dog"], ["fish"]], 2)
+    two_task_project(tmp_path)
     recipe = write_recipe(tmp_path, EVAL_RECIPE, "tiny.yaml")
     doc = as_json(hostile.run(["run", recipe, "--json", "--set", "ta.params.lambda=0.3,1.0"], cwd=tmp_path))
     rows = doc["results"]["eval"]

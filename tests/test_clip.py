@@ -105,15 +105,21 @@ steps:
 """.replace("TEMPLATES", repr(TEMPLATES))
 
 
+def make_project(root: Path) -> Path:
+    """A CLIP base, two fine-tuned vision towers (one a full CLIPModel) and their image data in
+    `root`, with RECIPE as root/recipe.yaml."""
+    base = save_base(root / "base")
+    save_finetuned(root / "ft_colors", base, 1)
+    save_finetuned(root / "ft_shades", base, 2, full=True)
+    write_images(root / "data" / "colors", 3)
+    write_images(root / "data" / "shades", 4)
+    (root / "recipe.yaml").write_text(RECIPE)
+    return root
+
+
 @pytest.fixture
 def project(tmp_path):
-    base = save_base(tmp_path / "base")
-    save_finetuned(tmp_path / "ft_colors", base, 1)
-    save_finetuned(tmp_path / "ft_shades", base, 2, full=True)
-    write_images(tmp_path / "data" / "colors", 3)
-    write_images(tmp_path / "data" / "shades", 4)
-    (tmp_path / "recipe.yaml").write_text(RECIPE)
-    return tmp_path
+    return make_project(tmp_path)
 
 
 def runtime(project: Path) -> Runtime:

@@ -99,10 +99,12 @@ def test_choices_that_are_not_a_list(tmp_path, lm):
                    "row 2 of choices column 'choices'", "'sat'", "not a non-empty list")
 
 
-def test_answer_out_of_range(tmp_path, lm):
-    data = write_jsonl(tmp_path / "mc.jsonl", [{"text": "the sky is", "choices": ["blue", "red"], "label": 2}])
+@pytest.mark.parametrize("answer,shown", [(2, "holds 2"), ("2", "holds '2'"), ("B", "holds 'B'")])
+def test_answer_out_of_range_or_not_an_index(tmp_path, lm, answer, shown):
+    data = write_jsonl(tmp_path / "mc.jsonl", [{"text": "the sky is", "choices": ["blue", "red"], "label": answer}])
     assert_refused(run(["-q", "eval", lm, "--data", data, "--choices-column", "choices", "--store", tmp_path / "st"]),
-                   "row 1 of answer column 'label' holds 2", "0..1 for its 2 choices")
+                   f"row 1 of answer column 'label' {shown}", "a number or a string of digits",
+                   "0..1 for its 2 choices")
 
 
 def test_hub_model_while_offline(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from conftest import write_recipe
-from test_pipeline import tiny_base, write_task
+from test_pipeline import two_task_project, two_task_recipe
 
 from fmerge import executor
 from fmerge.api import load_recipe
@@ -24,17 +24,7 @@ from fmerge.store import Store
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
 
-PROJECT = """
-base: base
-store: store
-data:
-  sentiment: {path: data/sentiment, label_names: [pos, neg]}
-  animal: {path: data/animal, label_names: [cat, dog, fish]}
-models:
-  sentiment: {path: sentiment, data: sentiment}
-  animal: {path: animal, data: animal}
-steps:
-"""
+PROJECT = two_task_recipe("path: {}", "")
 
 
 def fine_tune(root: Path, task: str, classes: int) -> None:
@@ -62,10 +52,8 @@ def fine_tune(root: Path, task: str, classes: int) -> None:
 def project(tmp_path_factory):
     """Two tiny BERT classifiers fine-tuned from one base (with a chat template), and their data."""
     root = tmp_path_factory.mktemp("hf")
-    tiny_base(root / "base")
+    two_task_project(root)
     (root / "base" / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    write_task(root / "data", "sentiment", [["good", "great", "fine"], ["bad", "awful", "poor"]], 1)
-    write_task(root / "data", "animal", [["cat"], ["dog"], ["fish"]], 2)
     fine_tune(root, "sentiment", 2)
     fine_tune(root, "animal", 3)
     return root
@@ -328,15 +316,9 @@ sweep:
 def test_a_clip_export_says_how_to_attach_the_zero_shot_head(tmp_path):
     from transformers import CLIPModel, CLIPVisionModel
 
-    from test_clip import RECIPE as CLIP_RECIPE
-    from test_clip import save_base, save_finetuned, write_images
+    from test_clip import make_project
 
-    base = save_base(tmp_path / "base")
-    save_finetuned(tmp_path / "ft_colors", base, 1)
-    save_finetuned(tmp_path / "ft_shades", base, 2, full=True)
-    write_images(tmp_path / "data" / "colors", 3)
-    write_images(tmp_path / "data" / "shades", 4)
-    rt = Runtime(load_recipe(write_recipe(tmp_path, CLIP_RECIPE)), Store(tmp_path / "store"), device="cpu")
+    rt = Runtime(load_recipe(make_project(tmp_path) / "recipe.yaml"), Store(tmp_path / "store"), device="cpu")
     executor.run(rt, only=["avg"])
     out = tmp_path / "out" / "avg"
     card = (out / "README.md").read_text()

@@ -111,13 +111,7 @@ def assert_fisher_close(sums: dict[str, torch.Tensor], reference: dict[str, torc
         assert err <= rtol * ref.double().norm() + 1e-7 * total, f"{name}: error {err:.3g}, norm {ref.norm():.3g}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread, above all on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.fixture(scope="module")

@@ -96,12 +96,7 @@ def loop_token_fisher(model, sequences, estimator: str, samples: int = 1, seed: 
     return {name: s / tokens for name, s in sums.items()}, tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

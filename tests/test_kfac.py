@@ -17,12 +17,7 @@ from fmerge.errors import FmergeError
 from fmerge.kfac import kfac_factors
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def loop_kfac(model, examples, terms):
@@ -162,15 +157,14 @@ def test_recipe_errors_name_the_kfac_key(tmp_path):
     from fmerge.api import load_recipe
 
     recipe = build(tmp_path) / "bad.yaml"
-    recipe.write_text(HEADER + "  m: {kind: merge, method: mats, params: {curvature: kfac}}\n")
-    with pytest.raises(FmergeError, match=r"steps.m: method 'mats' needs K-FAC factors: add 'kfac: <name"):
-        load_recipe(recipe)
-    recipe.write_text(HEADER + "  k: {kind: kfac}\n  m: {kind: merge, method: task_arithmetic, kfac: k}\n")
-    with pytest.raises(FmergeError, match=r"steps.m.kfac: method 'task_arithmetic' does not use K-FAC"):
-        load_recipe(recipe)
-    recipe.write_text(HEADER + "  k: {kind: kfac, estimator: exakt}\n")
-    with pytest.raises(FmergeError, match=r"steps.k.estimator: unknown K-FAC estimator 'exakt'; did you mean 'exact'"):
-        load_recipe(recipe)
-    recipe.write_text(HEADER + "  m: {kind: merge, method: mats, params: {curvature: gram, init: mats}}\n")
-    with pytest.raises(FmergeError, match=r"'init' cannot be 'mats'"):
-        load_recipe(recipe)
+    for steps, message in [
+        ("  m: {kind: merge, method: mats, params: {curvature: kfac}}\n",
+         r"steps.m: method 'mats' needs K-FAC factors: add 'kfac: <name"),
+        ("  k: {kind: kfac}\n  m: {kind: merge, method: task_arithmetic, kfac: k}\n",
+         r"steps.m.kfac: method 'task_arithmetic' does not use K-FAC"),
+        ("  k: {kind: kfac, estimator: exakt}\n", r"steps.k.estimator: unknown K-FAC estimator 'exakt'; did you mean 'exact'"),
+        ("  m: {kind: merge, method: mats, params: {curvature: gram, init: mats}}\n", r"'init' cannot be 'mats'"),
+    ]:
+        recipe.write_text(HEADER + steps)
+        with pytest.raises(FmergeError, match=message):
+            load_recipe(recipe)

@@ -168,10 +168,12 @@ CHOICES = [{"question": "the capital of france is", "options": ["paris", "rome c
            {"question": "what ran to the park", "options": ["the dog", "a tree"], "answer": 0}]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_multiple_choice_equals_a_loop_over_tokens(tmp_path, arch):
+@pytest.mark.parametrize("arch,answers", [("llama", "int"), ("gpt2", "int"), ("llama", "digit strings")])
+def test_multiple_choice_equals_a_loop_over_tokens(tmp_path, arch, answers):
+    """Answers are indices, or strings of digits as HellaSwag stores them ("2")."""
     model_dir = make_tiny_lm(tmp_path / arch, arch, seed=3)
-    data = write_jsonl(tmp_path / "mc.jsonl", CHOICES)
+    rows = CHOICES if answers == "int" else [{**r, "answer": str(r["answer"])} for r in CHOICES]
+    data = write_jsonl(tmp_path / "mc.jsonl", rows)
     spec = {"splits": {"test": str(data)}, "text": "question", "choices": "options", "label": "answer"}
     row = run_eval(eval_recipe(tmp_path, model_dir, spec, {"batch_size": 3}))
     model, tokenizer = reference_model(model_dir)
@@ -203,3 +205,78 @@ def test_tied_lm_head_comes_from_the_embeddings(tmp_path):
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(net(ids).logits, reference(ids).logits)
+
+
+# -- sweeps over language models: chosen by the lowest mean per-token loss ------------------------
+
+
+def lm_sweep_recipe(tmp_path: Path, second_task: str = "causal_lm") -> Path:
+    """Base and two fine-tunes (tiny Llamas of different seeds), task arithmetic swept over λ,
+    chosen on each model's validation texts; `second_task: multiple_choice` scores the second
+    model by accuracy instead."""
+    import yaml
+
+    base, one, two = (make_tiny_lm(tmp_path / f"llama{seed}", seed=seed) for seed in (0, 1, 2))
+    texts = {"validation": str(write_jsonl(tmp_path / "val.jsonl", TEXTS[:2])),
+             "test": str(write_jsonl(tmp_path / "test.jsonl", TEXTS[2:]))}
+    data = {"d1": {"splits": texts, "task": "causal_lm", "prompt": "prompt"}}
+    if second_task == "causal_lm":
+        data["d2"] = {"splits": {"validation": str(write_jsonl(tmp_path / "val2.jsonl", TEXTS[2:])),
+                                 "test": str(write_jsonl(tmp_path / "test2.jsonl", TEXTS[:1]))}, "task": "causal_lm"}
+    else:
+        data["d2"] = {"splits": {"validation": str(write_jsonl(tmp_path / "mc_val.jsonl", CHOICES[:2])),
+                                 "test": str(write_jsonl(tmp_path / "mc_test.jsonl", CHOICES[2:]))},
+                      "task": "multiple_choice", "text": "question", "choices": "options", "label": "answer"}
+    recipe = {"base": str(base), "store": str(tmp_path / "store"), "data": data,
+              "models": {"one": {"path": str(one), "data": "d1"}, "two": {"path": str(two), "data": "d2"}},
+              "steps": {"ta": {"kind": "merge", "method": "task_arithmetic"},
+                        "ev": {"kind": "eval", "base": False, "individual": False, "merges": ["ta"],
+                               "output": str(tmp_path / "out")}},
+              "sweep": {"ta.params.lambda": [0.5, 1.0, 2.0]}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_lm_sweep_chooses_the_lowest_mean_loss(tmp_path):
+    from fmerge import executor
+
+    path = lm_sweep_recipe(tmp_path)
+    rt = api.runtime(api.load_recipe(path))
+    executor.run(rt)
+    select = [p for p in rt.planned["ev"] if p.extra["role"] == "select"]
+    loss = {(p.extra["variant"], p.extra["task"]): rt.store.open(p.key).meta["loss"] for p in select}
+    variants = [v.name for v in rt.recipe.sweeps["ta"]]
+    # λ = 0.5 of two task vectors is the plain average of the two models: its stored validation
+    # losses are the loop over tokens of that average
+    average, tokenizer = reference_model(tmp_path / "llama1")
+    two = reference_model(tmp_path / "llama2")[0].state_dict()
+    average.load_state_dict({n: (t + two[n]) / 2 for n, t in average.state_dict().items()})
+    assert loss[(variants[0], "one")] == pytest.approx(hand_perplexity(average, tokenizer, TEXTS[:2], 512, True)[0],
+                                                      rel=1e-5)
+    assert loss[(variants[0], "two")] == pytest.approx(hand_perplexity(average, tokenizer, TEXTS[2:], 512, False)[0],
+                                                      rel=1e-5)
+    mean = {v: (loss[(v, "one")] + loss[(v, "two")]) / 2 for v in variants}
+    assert len(set(mean.values())) == len(variants)  # distinct, so the direction of the choice matters
+    winner = min(variants, key=mean.get)
+    (sweep,) = json.loads((tmp_path / "out" / "sweeps.json").read_text())
+    assert sweep["chosen"] == winner and sweep["metric"] == "loss" and "lowest" in sweep["rule"]
+    assert sweep["loss"] == {t: [loss[(v, t)] for v in variants] for t in ("one", "two")}
+    assert {r["variant"] for r in rt.results["ev"]} == {winner}
+    assert (tmp_path / "out" / "sweep_ta.png").is_file()
+    from rich.console import Console
+
+    from fmerge.report import sweep_table
+
+    console = Console(record=True, width=200)
+    console.print(sweep_table(sweep))
+    text = " ".join(console.export_text().split())
+    assert "loss on split 'validation' (chosen by lowest average)" in text and f"{mean[winner]:.3f}" in text
+
+
+def test_lm_sweep_over_tasks_scored_by_different_metrics_is_refused(tmp_path):
+    from hostile import assert_refused, run
+
+    path = lm_sweep_recipe(tmp_path, second_task="multiple_choice")
+    assert_refused(run(["status", str(path)]), "ev", "different metrics", "loss: one", "accuracy: two",
+                   "separate eval steps")

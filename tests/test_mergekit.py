@@ -28,21 +28,23 @@ from conftest import fmerge_cli, write_recipe
 LAYERS = 3
 
 
-def make_llama_zoo(root: Path) -> dict[str, Path]:
+def make_llama_zoo(root: Path, cfg=None, noise: float = 0.01, dtype: torch.dtype = torch.bfloat16) -> dict[str, Path]:
+    """A random Llama base (`cfg`; default hidden 16, LAYERS layers) and three fine-tunes m1..m3
+    (base + noise·N(0, 1)) in `dtype`, saved under root; {name: directory}."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=LAYERS,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = cfg or LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=LAYERS,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
     torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    base = LlamaForCausalLM(cfg).to(dtype)
     paths = {"base": root / "base"}
     base.save_pretrained(paths["base"])
     for i in range(1, 4):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = LlamaForCausalLM(cfg).to(dtype)
         model.load_state_dict(base.state_dict())
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
+                p.add_(noise * torch.randn_like(p))
         paths[f"m{i}"] = root / f"m{i}"
         model.save_pretrained(paths[f"m{i}"])
     return paths

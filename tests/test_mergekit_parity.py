@@ -22,6 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from test_mergekit import make_llama_zoo
+
 ROOT = Path(__file__).resolve().parents[1]
 VENDORED = ROOT / "bench" / ".venv-mergekit" / "bin" / "mergekit-yaml"
 MERGEKIT_YAML = VENDORED if VENDORED.exists() else (Path(p) if (p := shutil.which("mergekit-yaml")) else None)
@@ -164,18 +166,7 @@ def outputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
-    paths = {"base": root / "base", "zero": root / "zero"}
-    base.save_pretrained(paths["base"])
-    for i in range(1, 4):
-        model = LlamaForCausalLM(cfg)
-        model.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        paths[f"m{i}"] = root / f"m{i}"
-        model.save_pretrained(paths[f"m{i}"])
+    paths = {**make_llama_zoo(root, cfg, noise=0.02, dtype=torch.float32), "zero": root / "zero"}
     # embeddings of more than 2^20 entries: slerp sums norms and dot products over such chunks
     wide = LlamaConfig(**{**cfg.to_dict(), "vocab_size": 40000})
     for i, name in enumerate(("wide_base", "wide_m1")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,30 +51,45 @@ def write_task(root, name, classes, seed):
         (d / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
 
 
-RECIPE = """
+def two_task_project(root: Path) -> None:
+    """A tiny base in root/base and the sentiment (2 classes) and animal (3) data in root/data."""
+    tiny_base(root / "base")
+    write_task(root / "data", "sentiment", [["good", "great", "fine"], ["bad", "awful", "poor"]], 1)
+    write_task(root / "data", "animal", [["cat"], ["dog"], ["fish"]], 2)
+
+
+def two_task_recipe(source: str, steps: str) -> str:
+    """The recipe of a project made by tiny_base and write_task (base, store, the sentiment and
+    animal data): each task's model from `source` ('from_step: ft_{}' or 'path: <dir>/{}', the
+    task's name filled in), then the `steps:` lines given."""
+    models = "".join(f"  {t}: {{{source.format(t)}, data: {t}}}\n" for t in ("sentiment", "animal"))
+    return f"""
 base: base
 store: store
 data:
-  sentiment: {path: data/sentiment, label_names: [pos, neg]}
-  animal: {path: data/animal, label_names: [cat, dog, fish]}
+  sentiment: {{path: data/sentiment, label_names: [pos, neg]}}
+  animal: {{path: data/animal, label_names: [cat, dog, fish]}}
 models:
-  sentiment: {from_step: ft_sentiment, data: sentiment}
-  animal: {from_step: ft_animal, data: animal}
-steps:
-  ft_sentiment: {kind: finetune, data: sentiment, steps: 60, batch_size: 16, lr: 3.0e-3, max_length: 16}
-  ft_animal: {kind: finetune, data: animal, steps: 60, batch_size: 16, lr: 3.0e-3, max_length: 16}
+{models}steps:
+{steps}"""
+
+
+def finetune_steps(settings: str) -> str:
+    """`steps:` lines fine-tuning both tasks' models (ft_sentiment, ft_animal) with these settings."""
+    return "".join(f"  ft_{t}: {{kind: finetune, data: {t}, {settings}}}\n" for t in ("sentiment", "animal"))
+
+
+RECIPE = two_task_recipe("from_step: ft_{}", finetune_steps("steps: 60, batch_size: 16, lr: 3.0e-3, max_length: 16") + """\
   fisher_exact: {kind: fisher, estimator: exact, examples: 32, max_length: 16}
   avg: {kind: merge, method: simple_average}
   fisher: {kind: merge, method: fisher, fisher: fisher_exact, params: {lambda: LAMBDA}}
   eval: {kind: eval, merges: [avg, fisher], max_length: 16, output: results}
-"""
+""")
 
 
 @pytest.fixture
 def project(tmp_path):
-    tiny_base(tmp_path / "base")
-    write_task(tmp_path / "data", "sentiment", [["good", "great", "fine"], ["bad", "awful", "poor"]], 1)
-    write_task(tmp_path / "data", "animal", [["cat"], ["dog"], ["fish"]], 2)
+    two_task_project(tmp_path)
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(RECIPE.replace("LAMBDA", "1.0"))
     return recipe

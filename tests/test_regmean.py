@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_bert_config
+from test_pipeline import two_task_project, two_task_recipe
 from fmerge import executor
 from fmerge.errors import FmergeError
 from fmerge.gram import IN_OUT, OUT_IN, gram_matrices, linear_layers
@@ -245,19 +246,10 @@ def test_all_zero_grams_give_the_average_and_invalid_grams_an_error():
 # Through a recipe: gram step, merge step, reuse of cached Grams
 
 
-RECIPE = """
-base: base
-store: store
-data:
-  sentiment: {path: data/sentiment, label_names: [pos, neg]}
-  animal: {path: data/animal, label_names: [cat, dog, fish]}
-models:
-  sentiment: {path: models/sentiment, data: sentiment}
-  animal: {path: models/animal, data: animal}
-steps:
+RECIPE = two_task_recipe("path: models/{}", """\
   grams: {kind: gram, examples: 24, max_length: 16, batch_size: 5}
   regmean: {kind: merge, method: regmean, gram: grams, params: {alpha: ALPHA}}
-"""
+""")
 
 
 def make_project(tmp_path, arch: str = "bert"):
@@ -266,11 +258,9 @@ def make_project(tmp_path, arch: str = "bert"):
     from transformers import (BertForSequenceClassification, BertModel, GPT2Config,
                               GPT2ForSequenceClassification, GPT2Model)
 
-    from test_pipeline import WORDS, tiny_base, write_task
+    from test_pipeline import WORDS
 
-    tiny_base(tmp_path / "base")
-    write_task(tmp_path / "data", "sentiment", [["good", "great", "fine"], ["bad", "awful", "poor"]], 1)
-    write_task(tmp_path / "data", "animal", [["cat"], ["dog"], ["fish"]], 2)
+    two_task_project(tmp_path)
     vocab = 5 + len(WORDS)
     if arch == "gpt2":
         def config(**kw):

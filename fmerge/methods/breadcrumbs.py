@@ -24,9 +24,8 @@ import torch
 from pydantic import Field
 
 from .base import MergeContext, MergeMethod, MethodParams, PerModel, TensorGroup, per_model, register
-from .sparse_task_vectors import check_mean_divisor, combine, rescale_to_l1
-from .task_arithmetic import scaling_factors
-from .ties import Rule, one_lambda, top_k_count
+from .sparse_task_vectors import check_combination, combine, rescale_to_l1
+from .ties import Rule, top_k_count
 
 Fraction01 = Annotated[float, Field(ge=0, le=1)]
 
@@ -83,13 +82,9 @@ class Breadcrumbs(MergeMethod):
     version = 1
 
     def validate(self, params: BreadcrumbsParams, ctx: MergeContext) -> None:
-        weights = per_model(params.weight, ctx, "weight")
-        lambdas = scaling_factors(params.lambda_, ctx)
+        check_combination(params, ctx)
         per_model(params.density, ctx, "density")
         per_model(params.gamma, ctx, "gamma")
-        check_mean_divisor(weights, params.combine, params.merge)
-        if params.rule == "mergekit":
-            one_lambda(lambdas)
 
     def merge(self, group: TensorGroup, params: BreadcrumbsParams, ctx: MergeContext, state=None) -> torch.Tensor:
         densities, gammas = per_model(params.density, ctx, "density"), per_model(params.gamma, ctx, "gamma")
@@ -101,5 +96,4 @@ class Breadcrumbs(MergeMethod):
                 continue
             mask = breadcrumbs_mask(tau, d, g, params.rule)
             deltas.append(rescale_to_l1(tau, mask) if params.rescale else tau * mask)
-        return combine(group.base, deltas, per_model(params.weight, ctx, "weight"),
-                       per_model(params.lambda_, ctx, "lambda"), params.combine, params.merge, params.rule)
+        return combine(group.base, deltas, params, ctx)

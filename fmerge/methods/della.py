@@ -26,9 +26,8 @@ from pydantic import Field
 
 from ..errors import RecipeError
 from .base import MergeContext, MergeMethod, MethodParams, PerModel, TensorGroup, per_model, register, tensor_seed
-from .sparse_task_vectors import check_mean_divisor, combine, rescale_to_l1
-from .task_arithmetic import scaling_factors
-from .ties import Rule, one_lambda
+from .sparse_task_vectors import check_combination, combine, rescale_to_l1
+from .ties import Rule
 
 Density = Annotated[float, Field(gt=0, le=1)]
 Epsilon = Annotated[float, Field(ge=0, lt=0.5)]
@@ -102,20 +101,15 @@ class Della(MergeMethod):
     version = 1
 
     def validate(self, params: DellaParams, ctx: MergeContext) -> None:
-        weights = per_model(params.weight, ctx, "weight")
-        lambdas = scaling_factors(params.lambda_, ctx)
+        check_combination(params, ctx)
         for d, e, name in zip(per_model(params.density, ctx, "density"), per_model(params.epsilon, ctx, "epsilon"),
                               ctx.model_names):
             if d < 1 and not (0 < d - e and d + e < 1):
                 raise RecipeError(f"Model '{name}': density {d:g} ± epsilon {e:g} must lie strictly between 0 and 1 "
                                   f"(they are the smallest and largest keep probabilities); lower epsilon.")
-        check_mean_divisor(weights, params.combine, params.merge)
-        if params.rule == "mergekit":
-            one_lambda(lambdas)
 
     def merge(self, group: TensorGroup, params: DellaParams, ctx: MergeContext, state=None) -> torch.Tensor:
         densities, epsilons = per_model(params.density, ctx, "density"), per_model(params.epsilon, ctx, "epsilon")
         deltas = [magprune(theta - group.base, d, e, tensor_seed(params.seed, group.name, i), params.rescale, params.rule)
                   for i, (theta, d, e) in enumerate(zip(group.models, densities, epsilons))]
-        return combine(group.base, deltas, per_model(params.weight, ctx, "weight"),
-                       per_model(params.lambda_, ctx, "lambda"), params.combine, params.merge, params.rule)
+        return combine(group.base, deltas, params, ctx)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import RecipeError
+from .base import MergeContext, MethodParams, per_model
+from .task_arithmetic import scaling_factors
 from .ties import disjoint_merge, one_lambda
 
 L1_FLOOR = 1e-7
@@ -26,15 +28,24 @@ def rescale_to_l1(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return masked * (before / after)
 
 
-def check_mean_divisor(weights: list[float], combine: str, merge: str) -> None:
-    if combine == "task_arithmetic" and merge == "mean" and sum(weights) == 0:
+def check_combination(params: MethodParams, ctx: MergeContext) -> None:
+    """Check the settings of the combination (`weight`, `lambda`, `combine`, `merge`, `rule`) that
+    DELLA and Breadcrumbs share: per-model values that fit the models, a nonzero divisor for
+    merge: mean, and one λ under rule: mergekit."""
+    weights = per_model(params.weight, ctx, "weight")
+    lambdas = scaling_factors(params.lambda_, ctx)
+    if params.combine == "task_arithmetic" and params.merge == "mean" and sum(weights) == 0:
         raise RecipeError(f"merge: mean divides by the sum of the weights, which is 0 ({weights}); change the "
                           f"weights or use merge: sum.")
+    if params.rule == "mergekit":
+        one_lambda(lambdas)
 
 
-def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], lambdas: list[float],
-            how: str, merge: str, rule: str) -> torch.Tensor:
-    """θ_0 plus the combined sparse task vectors (consumes `deltas`); see the module docstring."""
+def combine(base: torch.Tensor, deltas: list[torch.Tensor], params: MethodParams, ctx: MergeContext) -> torch.Tensor:
+    """θ_0 plus the combined sparse task vectors (consumes `deltas`), by the combination settings
+    of `params` (check_combination); see the module docstring."""
+    weights, lambdas = per_model(params.weight, ctx, "weight"), per_model(params.lambda_, ctx, "lambda")
+    how, merge, rule = params.combine, params.merge, params.rule
     if rule == "mergekit":
         deltas = [d.mul_(w) for d, w in zip(deltas, weights)]
         if how == "ties":

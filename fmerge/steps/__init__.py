@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import STEP_KINDS, PerModelStep, Planned, StatisticsConfig, StepKind, register
+from .base import STEP_KINDS, Planned, StepKind, register
+from .statistics import PerModelStep, StatisticsConfig
 
 
 def step_kinds() -> dict[str, StepKind]:

@@ -3,10 +3,11 @@
 The coefficients are stored with the merged weights (`coefficients`, shape (N,) or (N, P) in the
 order of meta `models` and `tensors`), so evaluating or exporting again never retrains. The split
 adapted on is explicit (default: each task's validation split, never silently the test split the
-`eval` step scores) and recorded in the params and meta.
+`eval` step scores) and recorded in the params and meta. A causal LM's loss is token-level
+(fmerge/objective.py): the mean over the predicted tokens of the texts drawn, in the same recipe syntax.
 
 Memory: the base, the merged body and its gradient; the task vectors come from their cached
-artifacts (deps of the plan) one tensor at a time, and the task classifiers share the base's tensors.
+artifacts (deps of the plan) one tensor at a time, and the task models share the base's tensors.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from .iterative import IterativeConfig, IterativeStep, Loss
 
 class AdaMergingConfig(IterativeConfig):
     granularity: Literal["task", "layer"] = Field("layer", description="one coefficient per model, or per model and tensor")
-    loss: Loss = Field("entropy", description="entropy (unlabelled, the paper) or cross_entropy (needs labels)")
+    loss: Loss = Field("entropy", description="entropy (unlabelled, the paper) or cross_entropy (needs labels; a "
+                                              "causal LM's are its next tokens); an LM's is the mean over its tokens")
     steps: int = Field(200, ge=1, description="Adam steps (paper 500, FusionBench 1000)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     init: float = Field(0.3, description="initial value of every coefficient")

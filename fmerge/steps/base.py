@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from pydantic import BaseModel, Field
-
-from ..recipe import Strict
+from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -77,46 +75,6 @@ class StepKind:
     def export(self, rt: "Runtime", name: str, cfg: BaseModel, planned: list[Planned]) -> str | None:
         """Write the step's result outside the store if the recipe asks; return what was done."""
         return None
-
-
-class PerModelStep(StepKind):
-    """A statistic of each model on its own task data (Fisher, Grams): one artifact per model."""
-
-    uses_base = False
-
-    def model_refs(self, cfg):
-        return [("models", m) for m in cfg.models or []]
-
-    def models_used(self, cfg, recipe):
-        return cfg.models or list(recipe.models)
-
-    def fitted_on(self, recipe, cfg):
-        data = recipe.spec.data
-        return [("split", "estimates its statistics on", "Estimate on another split (steps.{step}.split; default: "
-                 "the train split)", recipe.models[m].data, cfg.split or data[recipe.models[m].data].train_split)
-                for m in self.models_used(cfg, recipe) if m in recipe.models and recipe.models[m].data in data]
-
-    def subsets(self, rt, name: str, cfg):
-        """(model, data entry, split, seed, data inputs for keys) for each model the step covers;
-        the rows themselves are drawn when computing (`tasks.load_subset`)."""
-        from ..tasks import data_inputs, task_data
-
-        seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
-        for m in self.models_used(cfg, rt.recipe):
-            data = task_data(rt, m, ("steps", name))
-            split = cfg.split or rt.recipe.spec.data[data].train_split
-            yield m, data, split, seed, data_inputs(rt, data, split)
-
-
-class StatisticsConfig(Strict):
-    """The settings every per-model statistic shares: a seeded subset of each task's rows."""
-
-    examples: int = Field(256, ge=1, description="seeded random subset of the task's rows")
-    split: str | None = Field(None, description="data split (default: the task's train split)")
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(64, ge=2)
-    seed: int | None = None
-    models: list[str] | None = None
 
 
 STEP_KINDS: dict[str, StepKind] = {}

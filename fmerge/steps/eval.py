@@ -5,8 +5,9 @@ fmerge/lm_scoring.py.
 
 Each (weights, task, settings) result is its own artifact, so re-evaluating an unchanged model is
 free. A merged body is evaluated on each task through that task's own head. A swept merge (see
-fmerge/sweep.py) is chosen on the selection split and only the chosen variant is scored on the
-test split, so the test split never influences the choice.
+fmerge/sweep.py) is chosen on the selection split, by mean accuracy or, on causal-LM data, by mean
+per-token loss (CHOICE_METRIC), and only the chosen variant is scored on the test split, so the
+test split never influences the choice.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from ..data import EXAMPLE_ID_COLUMN
+from .. import distributed
+from ..data import EXAMPLE_ID_COLUMN, answer_index, shard_by_rank
 from ..errors import DataError, RecipeError
 from ..lm_scoring import choice_accuracy, nll_sum, perplexity, sequence_logliks
 from ..merging import align_names
@@ -73,6 +75,13 @@ def macro_f1(pred: torch.Tensor, gold: torch.Tensor, classes: int) -> float:
 # The figure a results table shows per task kind (multiple choice and classification: `accuracy`).
 METRIC = {"classification": "accuracy", "image": "accuracy", "multiple_choice": "accuracy",
           "causal_lm": "perplexity"}
+# What a sweep's variants are ranked by on the selection split, per task kind, and the rule: the
+# mean over tasks of accuracy (highest wins) or of per-token loss, the log of perplexity (lowest
+# wins); the first variant on ties. A sweep over tasks of both kinds has no common figure.
+CHOICE_METRIC = {"classification": "accuracy", "image": "accuracy", "multiple_choice": "accuracy",
+                 "causal_lm": "loss"}
+CHOICE_RULE = {"accuracy": "highest mean selection accuracy over tasks; the first variant on ties",
+               "loss": "lowest mean selection per-token loss (log perplexity) over tasks; the first variant on ties"}
 
 
 def read_head_file(path: Path, model_names: list[str]) -> dict[str, torch.Tensor]:
@@ -106,20 +115,22 @@ def _inputs(rt, batch: dict) -> dict:
 def classification_scores(rt, model, batches) -> dict:
     preds, golds = [], []
     for batch in batches:
-        preds.append(model(**_inputs(rt, batch)).logits.argmax(-1).cpu())
-        golds.append(batch["labels"])
-    pred, gold = torch.cat(preds), torch.cat(golds)
+        preds += model(**_inputs(rt, batch)).logits.argmax(-1).tolist()
+        golds += batch["labels"].tolist()
+    pred = torch.tensor(distributed.gather(preds), dtype=torch.int64)
+    gold = torch.tensor(distributed.gather(golds), dtype=torch.int64)
     return {"accuracy": float((pred == gold).float().mean()), "macro_f1": macro_f1(pred, gold, model.config.num_labels),
             "n": int(gold.numel())}
 
 
 def language_model_scores(rt, model, batches, spec) -> dict:
     """Per-token loss and perplexity over every scored token of the rows (not a mean over rows)."""
-    total, tokens, rows = 0.0, 0, set()
+    sums, rows = [], set()
     for batch in batches:
-        nll, count = nll_sum(model(**_inputs(rt, batch)).logits.cpu(), batch["labels"])
-        total, tokens = total + nll, tokens + count
+        sums.append(nll_sum(model(**_inputs(rt, batch)).logits.cpu(), batch["labels"]))
         rows.update(batch["example_ids"].tolist())
+    sums, rows = distributed.gather(sums), set(distributed.gather(sorted(rows)))
+    total, tokens = sum(nll for nll, _ in sums), sum(count for _, count in sums)
     if tokens == 0:
         raise DataError(f"Dataset '{spec.path}': its texts (column '{spec.text_column}') hold no token to score; "
                         f"a perplexity needs text after the prompt.")
@@ -136,7 +147,11 @@ def multiple_choice_scores(rt, model, batches, rows, spec) -> dict:
         scores = sequence_logliks(model(**_inputs(rt, batch)).logits.cpu(), batch["labels"])
         for e, c, x in zip(batch["example_ids"].tolist(), batch["choice_ids"].tolist(), scores.tolist()):
             logliks[position[e] if position else e][c] = x
-    result = choice_accuracy(logliks, choices, rows[spec.label_column])
+    ids = rows[EXAMPLE_ID_COLUMN] if position else range(len(choices))
+    # Under torchrun each rank scored its shard: all rows, back in their order, on every rank.
+    gathered = sorted(distributed.gather(list(zip(ids, logliks, choices, rows[spec.label_column]))))
+    _, logliks, choices, golds = (list(column) for column in zip(*gathered)) if gathered else ([], [], [], [])
+    result = choice_accuracy(logliks, choices, [answer_index(g) for g in golds])
     return {**result, "accuracy": result["acc"], "n": len(choices)}
 
 
@@ -144,6 +159,7 @@ def multiple_choice_scores(rt, model, batches, rows, spec) -> dict:
 class EvalStep(StepKind):
     kind = "eval"
     Config = EvalConfig
+    distributed = True
 
     def step_refs(self, cfg):
         return [("merges", m) for m in cfg.merges]
@@ -176,19 +192,35 @@ class EvalStep(StepKind):
             rows = [*plain, *([("individual", "model:" + rt.model_hash(task))] if cfg.individual else [])]
             for variant, weights in rows:
                 planned.append(self._item(rt, name, cfg, seed, task, "test", {"weights": weights}, variant=variant))
-        for group in (m for m in cfg.merges if m in sweeps):
+        swept = [m for m in cfg.merges if m in sweeps]
+        metric = self._choice_metric(rt, name, tasks) if swept else None
+        for group in swept:
             variants = {v.name: upstream[v.name][0].key for v in sweeps[group]}
             select = [self._item(rt, name, cfg, seed, task, "select", {"weights": key}, variant=v, group=group)
                       for v, key in variants.items() for task in tasks]
-            params = {"rule": "highest mean selection accuracy over tasks; the first variant on ties"}
+            params = {"rule": CHOICE_RULE[metric]}
             inputs = {"results": [p.key for p in select]}
             choice = Planned(name, f"{group}|choice", "sweep_choice", make_key("sweep_choice", params, inputs, VERSION),
-                             inputs, params, VERSION, {"role": "choice", "group": group, "variants": list(variants)},
+                             inputs, params, VERSION,
+                             {"role": "choice", "group": group, "variants": list(variants), "metric": metric},
                              deps=select)
             planned += [*select, choice]
             planned += [self._item(rt, name, cfg, seed, task, "test", {"choice": choice.key}, group=group,
                                    deps=[choice], variants=variants) for task in tasks]
         return planned
+
+    @staticmethod
+    def _choice_metric(rt, name, tasks: list[str]) -> str:
+        """The one metric a sweep is chosen by on these tasks (CHOICE_METRIC), or a RecipeError."""
+        by_metric: dict[str, list[str]] = {}
+        for task in tasks:
+            by_metric.setdefault(CHOICE_METRIC[task_kind(rt, task)], []).append(task)
+        if len(by_metric) > 1:
+            kinds = "; ".join(f"{metric}: {', '.join(ts)}" for metric, ts in by_metric.items())
+            raise RecipeError(f"{rt.recipe.where('steps', name)}: its swept merges would be chosen on tasks scored "
+                              f"by different metrics ({kinds}), which no mean can combine; evaluate the language "
+                              f"models and the classifiers in separate eval steps (`models:`).")
+        return next(iter(by_metric))
 
     def _item(self, rt, name, cfg, seed, task, role, weights: dict, variant=None, group=None, deps=(),
               variants=None) -> Planned:
@@ -213,22 +245,26 @@ class EvalStep(StepKind):
         with tensor_progress(rt.console, f"{name}: evaluate", len(todo)) as advance:
             for p in todo:
                 if p.kind == "sweep_choice":
-                    self._choose(rt, name, p)
+                    if distributed.is_main():  # under torchrun the other ranks wait, then read the choice
+                        self._choose(rt, name, p)
+                    distributed.barrier()
                 else:
                     self._evaluate(rt, name, cfg, p)
                 advance()
 
     def _choose(self, rt, name, p) -> None:
-        """Write which variant has the best mean accuracy on the selection split (first on ties);
-        only selection-split results are read, so the test split never influences the choice."""
+        """Write which variant has the best mean of the choice metric on the selection split (first
+        on ties); only selection-split results are read, so the test split never influences the choice."""
+        metric = p.extra["metric"]
         scores: dict[str, list[float]] = {v: [] for v in p.extra["variants"]}
         for dep in p.deps:
-            scores[dep.extra["variant"]].append(rt.store.open(dep.key).meta["accuracy"])
+            scores[dep.extra["variant"]].append(rt.store.open(dep.key).meta[metric])
         means = [sum(s) / len(s) for s in scores.values()]
-        index = max(range(len(means)), key=lambda i: (means[i], -i))
+        better = 1 if metric == "accuracy" else -1  # loss: lowest wins
+        index = max(range(len(means)), key=lambda i: (better * means[i], -i))
         rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version).commit(
             {"step": name, "group": p.extra["group"], "winner_index": index, "winner": p.extra["variants"][index],
-             "mean_accuracy": means})
+             "metric": metric, f"mean_{metric}": means})
 
     def _evaluate(self, rt, name, cfg, p) -> None:
         task = p.extra["task"]
@@ -243,14 +279,18 @@ class EvalStep(StepKind):
         # An LM reads at most its position table's length at once; longer texts are scored in windows.
         positions = getattr(model.config, "max_position_embeddings", None) if kind == "causal_lm" else None
         length = min(cfg.max_length, positions or cfg.max_length)
-        batches = task_batches(rt, task, sub.rows, spec, cfg.batch_size, length, sub.labels)
+        # Under torchrun each rank scores its rows (rank::world_size) and the scorers gather them.
+        rows = shard_by_rank(sub.rows)
+        batches = task_batches(rt, task, rows, spec, cfg.batch_size, length, sub.labels)
         with torch.no_grad():
             if kind == "causal_lm":
                 scores = language_model_scores(rt, model, batches, spec)
             elif kind == "multiple_choice":
-                scores = multiple_choice_scores(rt, model, batches, sub.rows, spec)
+                scores = multiple_choice_scores(rt, model, batches, rows, spec)
             else:
                 scores = classification_scores(rt, model, batches)
+        if not distributed.is_main():
+            return
         result = {**scores, "metric": METRIC[kind], "task_kind": kind, "variant": variant, "task": task,
                   "split": p.params["split"]}
         writer = rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version)
@@ -350,20 +390,22 @@ def selection_split(planned: list[Planned], group: str | None) -> str | None:
 
 
 def summarize_sweeps(rt, planned: list[Planned], selection: list[dict]) -> list[dict]:
-    """Per swept merge: each variant's swept values and selection-split accuracies, and the winner."""
+    """Per swept merge: each variant's swept values and selection-split scores under the metric
+    that chose (`metric`: accuracy or loss, CHOICE_METRIC), and the winner."""
     summaries = []
     for group, variants in rt.recipe.sweeps.items():
         rows = [r for r in selection if r["group"] == group]
-        if not rows:
+        choice = next((p for p in planned if p.extra["group"] == group and p.kind == "sweep_choice"), None)
+        if not rows or choice is None:
             continue
-        chosen = next((p.extra["variants"][rt.store.open(p.key).meta["winner_index"]] for p in planned
-                       if p.extra["group"] == group and p.kind == "sweep_choice"), None)
-        acc = {(r["variant"], r["task"]): r["accuracy"] for r in rows}
+        chosen = choice.extra["variants"][rt.store.open(choice.key).meta["winner_index"]]
+        metric = choice.extra["metric"]
+        score = {(r["variant"], r["task"]): r[metric] for r in rows}
         tasks = list(dict.fromkeys(r["task"] for r in rows))
         summaries.append({
             "group": group, "split": rows[0]["split"], "chosen": chosen, "swept": swept_values(variants),
-            "variants": [v.name for v in variants], "tasks": tasks,
-            "accuracy": {t: [acc[(v.name, t)] for v in variants] for t in tasks},
+            "variants": [v.name for v in variants], "tasks": tasks, "metric": metric, "rule": choice.params["rule"],
+            metric: {t: [score[(v.name, t)] for v in variants] for t in tasks},
         })
     return summaries
 

@@ -13,20 +13,18 @@ any data is read.
 
 from __future__ import annotations
 
-from difflib import get_close_matches
-
 import torch
 from pydantic import Field
 
 from .. import distributed
-from ..data import EXAMPLE_ID_COLUMN, check_labels, shard_by_rank
+from ..data import shard_by_rank
 from ..fisher import ESTIMATORS, FisherSums, allreduce_sums, check_exact_vocabulary, fisher_diagonal
 from ..errors import ModelError, RecipeError
 from ..progress import tensor_progress
 from ..store import make_key
-from ..tasks import build_task_model, data_spec, load_subset, raw_config, task_batches, task_kind
-from .base import PerModelStep, Planned, StatisticsConfig, register
-from .zeroshot_head import head_dependency
+from ..tasks import raw_config, task_batches, task_kind
+from .base import Planned, register
+from .statistics import PerModelStep, StatisticsConfig, check_estimator
 
 VERSION = 1
 
@@ -46,21 +44,14 @@ class FisherStep(PerModelStep):
     distributed = True
 
     def check(self, recipe, name, cfg):
-        if cfg.estimator not in ESTIMATORS:
-            close = get_close_matches(cfg.estimator, ESTIMATORS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise RecipeError(f"{recipe.where('steps', name, 'estimator')}: unknown estimator "
-                              f"'{cfg.estimator}'{hint} Estimators: {', '.join(ESTIMATORS)}.")
+        check_estimator(recipe, name, cfg.estimator, ESTIMATORS)
 
     def plan(self, rt, name, cfg, upstream):
         planned = []
-        for m, data, split, seed, data_in in self.subsets(rt, name, cfg):
+        settings = {"estimator": cfg.estimator, "samples": cfg.samples}
+        for m, data, params, inputs, deps in self.subset_artifacts(rt, name, cfg, settings):
             if cfg.estimator == "exact" and task_kind(rt, m) in ("causal_lm", "multiple_choice"):
                 self._check_exact_vocabulary(rt, name, m)
-            params = {"estimator": cfg.estimator, "examples": cfg.examples, "samples": cfg.samples,
-                      "split": split, "max_length": cfg.max_length, "seed": seed}
-            head, deps = head_dependency(rt, m)
-            inputs = {"model": rt.model_hash(m), "data": data_in, **head}
             family_params = {k: v for k, v in params.items() if k != "examples"}
             family = make_key("fisher-family", family_params, {k: v for k, v in inputs.items()}, VERSION)
             planned.append(Planned(name, m, "fisher", make_key("fisher", params, inputs, VERSION), inputs,
@@ -79,17 +70,10 @@ class FisherStep(PerModelStep):
 
     def compute(self, rt, name, cfg, todo):
         for p in todo:
-            model = build_task_model(rt, p.label, head=p.inputs.get("head"))
-            spec = data_spec(rt, p.extra["data"], p.params["split"])
-            sub = load_subset(rt, p.extra["data"], p.params["split"], p.params["examples"], p.params["seed"])
-            rows = sub.rows
-            if spec.label_column:
-                check_labels(rows, spec, model.config.num_labels, sub.labels)
-            # Each row's position in the full subset seeds its draws, whatever shard or extension runs it.
-            rows = rows.add_column(EXAMPLE_ID_COLUMN, list(range(len(rows))))
+            model, spec, rows, labels = self.labelled_rows(rt, p)
             previous, done = self._cached_prefix(rt, p)
             rows = shard_by_rank(rows.select(range(done, len(rows))))
-            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length, sub.labels)
+            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length, labels)
             with tensor_progress(rt.console, f"{name}: {p.label}", -(-len(rows) // cfg.batch_size)) as advance:
                 counted = (advance() or b for b in batches)
                 sums = allreduce_sums(fisher_diagonal(model, counted, cfg.estimator, samples=cfg.samples,

@@ -1,4 +1,5 @@
-"""The `frank_wolfe` (hard) and `frank_wolfe_soft` steps: see fmerge/methods/frank_wolfe.py."""
+"""The `frank_wolfe` (hard) and `frank_wolfe_soft` steps: see fmerge/methods/frank_wolfe.py; on a
+causal LM the loss is token-level (fmerge/objective.py)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class FrankWolfeCommon(IterativeConfig):
     granularity: Literal["task", "layer"] = Field("task", description="one candidate per iteration, or per tensor")
     oracle: Literal["cosine", "linear"] = Field(
         "cosine", description="cosine: Σ_p cos(g_p, θ_s,p) (FusionBench); linear: ⟨g, v_s − x_t⟩ (textbook)")
-    loss: Loss = Field("cross_entropy", description="cross_entropy (needs labels) or entropy")
+    loss: Loss = Field("cross_entropy", description="cross_entropy (needs labels; a causal LM's are its next "
+                                                    "tokens) or entropy; an LM's is the mean over its tokens")
     max_num_models: int = Field(100, ge=1, description="candidates: the first this many models")
     grad_noise_rtol: float = Field(
         GRAD_NOISE_RTOL, ge=0, lt=1, allow_inf_nan=False,

@@ -1,6 +1,8 @@
 """The `gram` step: one artifact of linear-layer input Grams per model, on a seeded subset of its
 task data (labels are not needed).
 
+Under torchrun the rows are sharded across ranks and the sums all-reduced; rank 0 writes.
+
 Tensor groups, keyed by the weight's name in the model's own naming: `gram/<name>` (nn.Linear,
 weight out × in), `gram_in_out/<name>` (Conv1D, weight in × out) and `gram_rows/<name>` (rows
 summed, shape [1]). The merge step serves each group as a statistic of that name.
@@ -16,12 +18,14 @@ import dataclasses
 
 import torch
 
+from .. import distributed
+from ..data import shard_by_rank
 from ..errors import ModelError
-from ..gram import OUT_IN, gram_matrices
+from ..gram import OUT_IN, GramSums, gram_matrices
 from ..store import make_key
 from ..tasks import build_task_model, data_spec, load_subset, task_batches
-from .base import PerModelStep, Planned, StatisticsConfig, register
-from .zeroshot_head import head_dependency
+from .base import Planned, register
+from .statistics import PerModelStep, StatisticsConfig
 
 VERSION = 1
 GROUP = {OUT_IN: "gram", "in_out": "gram_in_out"}
@@ -36,13 +40,11 @@ class GramConfig(StatisticsConfig):
 class GramStep(PerModelStep):
     kind = "gram"
     Config = GramConfig
+    distributed = True
 
     def plan(self, rt, name, cfg, upstream):
         planned = []
-        for m, data, split, seed, data_in in self.subsets(rt, name, cfg):
-            params = {"examples": cfg.examples, "split": split, "max_length": cfg.max_length, "seed": seed}
-            head, deps = head_dependency(rt, m)
-            inputs = {"model": rt.model_hash(m), "data": data_in, **head}
+        for m, data, params, inputs, deps in self.subset_artifacts(rt, name, cfg, {}):
             planned.append(Planned(name, m, "gram", make_key("gram", params, inputs, VERSION), inputs,
                                    params, VERSION, {"data": data}, deps))
         return planned
@@ -52,8 +54,10 @@ class GramStep(PerModelStep):
             model = build_task_model(rt, p.label, head=p.inputs.get("head"))
             spec = dataclasses.replace(data_spec(rt, p.extra["data"], p.params["split"]), label_column=None)
             rows = load_subset(rt, p.extra["data"], p.params["split"], p.params["examples"], p.params["seed"]).rows
-            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length)
-            sums = gram_matrices(model, batches)
+            batches = task_batches(rt, p.label, shard_by_rank(rows), spec, cfg.batch_size, cfg.max_length)
+            sums = allreduce_grams(gram_matrices(model, batches))
+            if not distributed.is_main():
+                continue
             for n, g in sums.grams.items():
                 if not bool(torch.isfinite(g).all()):
                     raise ModelError(f"Gram matrix of layer '{n}' of model '{p.label}' has NaN or Inf: "
@@ -65,3 +69,16 @@ class GramStep(PerModelStep):
                     writer.write(f"{ROWS}/{n}", torch.tensor([count], dtype=torch.int64))
                 writer.commit({"step": name, "model": p.label, "examples": sums.examples,
                                "layers": len(sums.grams), "tokens": max(sums.rows.values())})
+
+
+def allreduce_grams(sums: GramSums) -> GramSums:
+    """Under torchrun, every rank's Gram sums, row counts and example count added up (each rank
+    summed its own shard of the rows); unchanged otherwise."""
+    if not distributed.active():
+        return sums
+    names = sorted(sums.rows)
+    device = next(iter(sums.grams.values()), torch.empty(0)).device
+    counts = torch.tensor([sums.rows[n] for n in names] + [sums.examples], dtype=torch.int64, device=device)
+    distributed.sum_tensors({**sums.grams, "": counts})  # "" sorts first: the same order on every rank
+    *rows, examples = (int(c) for c in counts.tolist())
+    return GramSums(sums.grams, dict(zip(names, rows)), sums.layouts, examples)

@@ -3,13 +3,14 @@
 Planning: the key covers the models' and the base's content hashes, each task's data fingerprint
 (dataset identity and the seeded row order) and every parameter, so changing a step size
 recomputes this step only. Computing: the body tensors to learn (the plan's mergeable set, base
-naming, fp32 on `rt.device`), and an `Objective` running each task's own classifier (a sequence
-classifier, or a CLIP vision tower with its task's zero-shot head, whose key enters the plan). The result
+naming, fp32 on `rt.device`), and an `Objective` running each task's own model (a sequence
+classifier; a causal LM, whose loss is token-level, the mean over the predicted tokens of the text
+drawn; or a CLIP vision tower with its task's zero-shot head, whose key enters the plan). The result
 is an artifact like a merge's: `weights/<name>` for every base tensor (learned where merged, the
 base's elsewhere), so `eval` evaluates it and `export` writes it as a model directory.
 
 Memory: task vectors come from cached `task_vectors` artifacts (listed as the plan's deps) and
-candidate models from their files, one tensor at a time (`Streamed`); the task classifiers share
+candidate models from their files, one tensor at a time (`Streamed`); the task models share
 one body (the base) for the parameters the loss substitutes anyway.
 """
 
@@ -22,15 +23,15 @@ from typing import Any, Callable, ClassVar, Iterable, Literal
 import torch
 from pydantic import Field
 
-from ..data import check_labels, encode_batches
-from ..errors import ModelError, RecipeError
+from ..data import check_labels, encode_batches, encode_lm_batches
+from ..errors import DataError, ModelError, RecipeError
 from ..export import export_model_dir
 from ..merging import TensorPlan, plan_tensors
-from ..objective import Objective, TaskModel
+from ..objective import Objective, TaskModel, predicted_tokens
 from ..recipe import BASE, Strict
 from ..store import make_key
-from ..tasks import (build_task_model, data_inputs, data_spec, is_image_task, load_subset, load_tokenizer, task_batches,
-                     task_data)
+from ..tasks import (build_task_model, data_inputs, data_spec, is_image_task, load_subset, load_tokenizer, model_kind,
+                     task_batches, task_data)
 from .base import Planned, StepKind
 from .task_vectors import task_vector_planned
 from .zeroshot_head import head_dependency
@@ -83,6 +84,11 @@ class IterativeStep(StepKind):
             d = recipe.models[t].data
             if d in data:  # a split the entry lacks is an error now, not at planning
                 data[d].rows_of(recipe, d, cfg.split or data[d].validation_split)
+            if d in data and (data[d].task == "multiple_choice" or data[d].choices is not None):
+                raise RecipeError(f"{recipe.where('steps', name)}: task '{t}' has multiple-choice data ('{d}'), "
+                                  f"which {self.kind} cannot adapt on: its loss is a classifier's or a causal LM's "
+                                  f"token-level loss over text. Give model '{t}' a causal_lm data entry (text to "
+                                  f"predict), or list other models under 'tasks'.")
 
     def fitted_on(self, recipe, cfg):
         data, models = recipe.spec.data, recipe.models
@@ -147,10 +153,11 @@ class IterativeStep(StepKind):
 
     def objective(self, rt, cfg, p: Planned, plan: TensorPlan, losses: tuple[str, ...], per_draw: int,
                   shared: dict[str, torch.Tensor]) -> Objective:
-        """The loss losses[0] (labels checked if any of `losses` needs them) of each task's
-        classifier, with the base's copied tensors in place as `eval` will run it.
+        """The loss losses[0] (labels checked if any of `losses` needs them) of each task's model,
+        with the base's copied tensors in place as `eval` will run it: a classifier's mean over
+        examples, or a causal LM's mean over predicted tokens (cross-entropy's label is the next token).
 
-        The loss always substitutes the body, so each classifier's own body parameters are replaced
+        The loss always substitutes the body, so each model's own body parameters are replaced
         by the tensors of `shared` (e.g. the base, already in memory): T tasks hold no T copies."""
         base = rt.source(BASE)
         head = [re.compile(h) for h in rt.recipe.spec.heads]
@@ -161,11 +168,12 @@ class IterativeStep(StepKind):
             names = plan.name_maps[t]
             copied = {names[r]: base.get(r) for r in plan.copy if r in names and not any(h.search(names[r]) for h in head)}
             net = build_task_model(rt, t, copied, head=p.inputs["tasks"][t].get("head")).float().requires_grad_(False)
-            if net.config.num_labels < 2:
+            causal_lm = model_kind(rt, t) == "causal_lm"
+            if not causal_lm and net.config.num_labels < 2:
                 raise ModelError(f"Task '{t}': its head has {net.config.num_labels} output; {self.kind} needs a "
                                   f"classification head (regression is not supported).")
             spec = data_spec(rt, info["data"], info["split"])
-            if "cross_entropy" in losses:
+            if "cross_entropy" in losses and not causal_lm:
                 if spec.label_column is None:
                     raise RecipeError(f"{rt.recipe.where('steps', p.step, 'loss')}: cross_entropy needs labels but "
                                       f"data '{info['data']}' has none; use loss: entropy.")
@@ -174,7 +182,9 @@ class IterativeStep(StepKind):
             params = {r: names[r] for r in plan.merge if names[r] in own}
             for r, n in params.items():
                 own[n].data = shared[r]
-            tasks[t] = TaskModel(net, params, self._draws(rt, cfg, t, info, spec, per_draw))
+            draws = self._lm_draws(rt, cfg, t, info, spec, per_draw, net) if causal_lm else \
+                self._draws(rt, cfg, t, info, spec, per_draw)
+            tasks[t] = TaskModel(net, params, draws, causal_lm=causal_lm)
         return Objective(tasks, losses[0], plan.merge)
 
     @staticmethod
@@ -193,6 +203,30 @@ class IterativeStep(StepKind):
 
         def batches(draw: int):
             return list(encode(rows.select([(draw * n + i) % len(rows) for i in range(n)])))
+
+        return batches
+
+    @staticmethod
+    def _lm_draws(rt, cfg, task: str, info, spec, per_draw: int, net):
+        """Draw d of a causal LM's text, rows picked as `_draws` picks them: each text (after its
+        prompt) cut into windows of at most max_length tokens, no longer than the model's position
+        table, so every token is predicted once (`data.encode_lm_batches`)."""
+        rows = info["rows"]
+        n = min(per_draw, len(rows))
+        tok = load_tokenizer(rt, task)
+        positions = getattr(net.config, "max_position_embeddings", None)
+        length = min(cfg.max_length, positions or cfg.max_length)
+
+        def batches(draw: int):
+            picked = [(draw * n + i) % len(rows) for i in range(n)]
+            out = list(encode_lm_batches(tok, rows.select(picked), spec, cfg.chunk_size, length))
+            if not any(predicted_tokens(b) for b in out):
+                raise DataError(f"Task '{task}': the {n} row(s) of data '{info['data']}' (split '{info['split']}') "
+                                f"drawn at step {draw} have no token to predict (their texts are empty, or every "
+                                f"token is the prompt's), so the token-level loss is undefined; remove such rows "
+                                f"from the data, or draw more rows per step (batch_size, or dataset_size for "
+                                f"Frank-Wolfe).")
+            return out
 
         return batches
 

@@ -9,20 +9,17 @@ step serves each group as a statistic of that name.
 
 from __future__ import annotations
 
-from difflib import get_close_matches
-
 import torch
 from pydantic import Field
 
-from ..data import EXAMPLE_ID_COLUMN, check_labels
-from ..errors import ModelError, RecipeError
+from ..errors import ModelError
 from ..gram import OUT_IN
 from ..kfac import ESTIMATORS, kfac_factors
 from ..progress import tensor_progress
 from ..store import make_key
-from ..tasks import build_task_model, data_spec, load_subset, task_batches
-from .base import PerModelStep, Planned, StatisticsConfig, register
-from .zeroshot_head import head_dependency
+from ..tasks import task_batches
+from .base import Planned, register
+from .statistics import PerModelStep, StatisticsConfig, check_estimator
 
 VERSION = 1
 GROUPS = {OUT_IN: ("kfac_a", "kfac_g"), "in_out": ("kfac_a_in_out", "kfac_g_in_out")}
@@ -40,33 +37,20 @@ class KfacStep(PerModelStep):
     Config = KfacConfig
 
     def check(self, recipe, name, cfg):
-        if cfg.estimator not in ESTIMATORS:
-            close = get_close_matches(cfg.estimator, ESTIMATORS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise RecipeError(f"{recipe.where('steps', name, 'estimator')}: unknown K-FAC estimator "
-                              f"'{cfg.estimator}'{hint} Estimators: {', '.join(ESTIMATORS)}.")
+        check_estimator(recipe, name, cfg.estimator, ESTIMATORS, "K-FAC estimator")
 
     def plan(self, rt, name, cfg, upstream):
         planned = []
-        for m, data, split, seed, data_in in self.subsets(rt, name, cfg):
-            params = {"estimator": cfg.estimator, "examples": cfg.examples, "samples": cfg.samples,
-                      "split": split, "max_length": cfg.max_length, "seed": seed}
-            head, deps = head_dependency(rt, m)
-            inputs = {"model": rt.model_hash(m), "data": data_in, **head}
+        settings = {"estimator": cfg.estimator, "samples": cfg.samples}
+        for m, data, params, inputs, deps in self.subset_artifacts(rt, name, cfg, settings):
             planned.append(Planned(name, m, "kfac", make_key("kfac", params, inputs, VERSION), inputs,
                                    params, VERSION, {"data": data}, deps))
         return planned
 
     def compute(self, rt, name, cfg, todo):
         for p in todo:
-            model = build_task_model(rt, p.label, head=p.inputs.get("head"))
-            spec = data_spec(rt, p.extra["data"], p.params["split"])
-            sub = load_subset(rt, p.extra["data"], p.params["split"], p.params["examples"], p.params["seed"])
-            rows = sub.rows
-            if spec.label_column:
-                check_labels(rows, spec, model.config.num_labels, sub.labels)
-            rows = rows.add_column(EXAMPLE_ID_COLUMN, list(range(len(rows))))  # seeds each example's draws
-            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length, sub.labels)
+            model, spec, rows, labels = self.labelled_rows(rt, p)
+            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length, labels)
             with tensor_progress(rt.console, f"{name}: {p.label}", -(-len(rows) // cfg.batch_size)) as advance:
                 counted = (advance() or b for b in batches)
                 sums = kfac_factors(model, counted, cfg.estimator, samples=cfg.samples, seed=p.params["seed"],

@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError
 
 from ..errors import FmergeError, ModelError, RecipeError
 from ..export import copy_side_files, export_model_dir
-from ..io import DEFAULT_SHARD_SIZE, ModelDir, parse_byte_size, parse_dtype, write_weight_files
+from ..io import DEFAULT_SHARD_SIZE, parse_byte_size, parse_dtype, write_weight_files
 from ..merging import TensorParams, align_names, all_finite, merge_stream, plan_tensors, write_behind
 from ..methods import MergeContext, get_method
 from ..model_card import CardFacts, clip_section, render_card, task_dirs_section
@@ -28,6 +28,10 @@ DRIVER_VERSION = 1
 # What the driver writes changed only for merges with an out_dtype (copied floating tensors are
 # now written in it too): only their keys move, every other cached merge stays valid.
 OUT_DTYPE_DRIVER_VERSION = 2
+# Statistic steps a merge may read: (config key and statistic, what it holds, which methods use it
+# when a recipe gives one that its method does not; None: several do, so it is not refused).
+STATISTIC_STEPS = (("fisher", "Fisher diagonals", None), ("gram", "Gram matrices", "'regmean'"),
+                   ("kfac", "K-FAC factors", "'mats' with curvature: kfac"))
 
 
 class MergeConfig(Strict):
@@ -74,21 +78,13 @@ class MergeStep(StepKind):
         if cfg.base_fisher and "fisher_base" not in needed:
             raise RecipeError(f"{recipe.where('steps', name, 'base_fisher')}: only fisher merging with "
                               f"base_prior: true uses a base Fisher; remove 'base_fisher' or set base_prior.")
-        if "fisher" in needed and not cfg.fisher:
-            raise RecipeError(f"{recipe.where('steps', name)}: method '{cfg.method}' needs Fisher diagonals: "
-                              f"add 'fisher: <name of a fisher step>'.")
-        if "gram" in needed and not cfg.gram:
-            raise RecipeError(f"{recipe.where('steps', name)}: method '{cfg.method}' needs Gram matrices: "
-                              f"add 'gram: <name of a gram step>'.")
-        if cfg.gram and "gram" not in needed:
-            raise RecipeError(f"{recipe.where('steps', name, 'gram')}: method '{cfg.method}' does not use "
-                              f"Gram matrices; remove 'gram' (or use method 'regmean').")
-        if "kfac" in needed and not cfg.kfac:
-            raise RecipeError(f"{recipe.where('steps', name)}: method '{cfg.method}' needs K-FAC factors: "
-                              f"add 'kfac: <name of a kfac step>'.")
-        if cfg.kfac and "kfac" not in needed:
-            raise RecipeError(f"{recipe.where('steps', name, 'kfac')}: method '{cfg.method}' does not use "
-                              f"K-FAC factors; remove 'kfac' (or use method 'mats' with curvature: kfac).")
+        for stat, what, users in STATISTIC_STEPS:
+            if stat in needed and not getattr(cfg, stat):
+                raise RecipeError(f"{recipe.where('steps', name)}: method '{cfg.method}' needs {what}: "
+                                  f"add '{stat}: <name of a {stat} step>'.")
+            if users and getattr(cfg, stat) and stat not in needed:
+                raise RecipeError(f"{recipe.where('steps', name, stat)}: method '{cfg.method}' does not use "
+                                  f"{what}; remove '{stat}' (or use method {users}).")
         if cfg.out_dtype:
             parse_dtype(cfg.out_dtype, recipe.where("steps", name, "out_dtype"))
         if cfg.out_shard_size is not None:
