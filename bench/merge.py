@@ -65,6 +65,17 @@ dtype: bfloat16
 """,
 }
 
+# The same TIES as an fmerge recipe: fmerge's own rule (exactly ⌈density·n⌉ kept, lowest index
+# among equal magnitudes) instead of `rule: mergekit`, which a mergekit config gets so as to
+# reproduce mergekit's bytes, and which must run mergekit's full argsort of every task vector.
+NATIVE = {
+    "ties": """base: {base}
+models: {{m1: {m1}, m2: {m2}, m3: {m3}}}
+steps:
+  ties: {{kind: merge, method: ties, params: {{density: 0.2, weight: 1.0, lambda: 1.0, merge: mean}},
+         export: {out}}}
+""",
+}
 
 from _common import evict  # noqa: E402  (bench/ is on sys.path when a script runs)
 
@@ -217,14 +228,28 @@ def main() -> None:
             if tool == "fmerge":
                 os.replace(folder / f"{method}-merged", target)
             print(f"{method}: {tool} {out[tool]}", flush=True)
+            if tool == "fmerge" and method in NATIVE:
+                recipe = folder / f"{method}-native.yaml"
+                recipe.write_text(NATIVE[method].format(out=folder / f"{method}-fmerge-native",
+                                                        **{k: str(v) for k, v in paths.items()}))
+                shutil.rmtree(folder / f"{method}-fmerge-native", ignore_errors=True)
+                shutil.rmtree(store, ignore_errors=True)
+                evict(inputs)
+                print(f"{method}: fmerge, its own rule ...", flush=True)
+                out["fmerge_native"] = timed([FMERGE, "run", recipe, "--store", store, "--device", "cpu"], env)
+                print(f"{method}: fmerge, its own rule {out['fmerge_native']}", flush=True)
         row = {"method": method, **out}
         if len(out) == 2:
             row["time_ratio_mergekit_over_fmerge"] = round(out["mergekit"]["seconds"] / out["fmerge"]["seconds"], 2)
             row["rss_ratio_fmerge_over_mergekit"] = round(out["fmerge"]["peak_rss_gb"] / out["mergekit"]["peak_rss_gb"], 2)
             row["outputs"] = compare(folder / f"{method}-fmerge", folder / f"{method}-mergekit")
+            if "fmerge_native" in out:
+                row["native_time_ratio_mergekit_over_fmerge"] = round(out["mergekit"]["seconds"] / out["fmerge_native"]["seconds"], 2)
+                row["native_rss_ratio_fmerge_over_mergekit"] = round(out["fmerge_native"]["peak_rss_gb"] / out["mergekit"]["peak_rss_gb"], 2)
+                row["native_outputs"] = compare(folder / f"{method}-fmerge-native", folder / f"{method}-mergekit")
         rows.append(row)
         if not args.keep:
-            for tool in args.tools:
+            for tool in [*args.tools, "fmerge-native"]:
                 shutil.rmtree(folder / f"{method}-{tool}", ignore_errors=True)
 
     result = {
@@ -256,17 +281,21 @@ def print_table(r: dict) -> None:
     gb = r["input_bytes"] / 1e9
     print(f"\n{r['parameters_per_model'] / 1e6:.0f}M-parameter bf16 models, 4 input files {gb:.2f} GB; "
           f"plain read {r['read_cold_s']}s cold ({r['read_cold_gb_per_s']} GB/s), {r['read_warm_s']}s warm")
-    print(f"{'method':8} {'tool':9} {'wall s':>8} {'peak RSS GB':>12} {'x read':>7}")
+    print(f"{'method':8} {'tool':13} {'wall s':>8} {'peak RSS GB':>12} {'x read':>7}")
     for row in r["rows"]:
-        for tool in ("fmerge", "mergekit"):
+        for tool in ("fmerge", "fmerge_native", "mergekit"):
             if tool in row:
                 t = row[tool]
-                print(f"{row['method']:8} {tool:9} {t['seconds']:8.1f} {t['peak_rss_gb']:12.2f} "
+                print(f"{row['method']:8} {tool:13} {t['seconds']:8.1f} {t['peak_rss_gb']:12.2f} "
                       f"{t['seconds'] / r['read_cold_s']:7.1f}")
         if "time_ratio_mergekit_over_fmerge" in row:
             print(f"{'':8} mergekit/fmerge time {row['time_ratio_mergekit_over_fmerge']}x, fmerge/mergekit memory "
                   f"{row['rss_ratio_fmerge_over_mergekit']}x, outputs equal {row['outputs']['equal_fraction']:.4f} "
                   f"(max diff {row['outputs']['max_abs_diff']:.2g})")
+        if "native_time_ratio_mergekit_over_fmerge" in row:
+            print(f"{'':8} fmerge's own rule: mergekit/fmerge time {row['native_time_ratio_mergekit_over_fmerge']}x, "
+                  f"memory {row['native_rss_ratio_fmerge_over_mergekit']}x, outputs equal "
+                  f"{row['native_outputs']['equal_fraction']:.4f} (max diff {row['native_outputs']['max_abs_diff']:.2g})")
     print("\ntargets (issue 14; at 1.1B on a quiet machine):")
     for line in target_lines(r):
         print("  " + line)
@@ -277,9 +306,14 @@ TARGETS = [
     ("linear", "mergekit/fmerge time", lambda r, row: row.get("time_ratio_mergekit_over_fmerge"), 1.5, True),
     ("linear", "share of the inputs' cold read bandwidth",
      lambda r, row: round(r["read_cold_s"] / row["fmerge"]["seconds"], 2) if "fmerge" in row else None, 0.6, True),
-    ("ties", "mergekit/fmerge time", lambda r, row: row.get("time_ratio_mergekit_over_fmerge"), 4.0, True),
+    ("ties", "mergekit/fmerge time (mergekit config: rule mergekit, mergekit's bytes)",
+     lambda r, row: row.get("time_ratio_mergekit_over_fmerge"), 4.0, True),
+    ("ties", "mergekit/fmerge time (fmerge recipe: fmerge's own rule)",
+     lambda r, row: row.get("native_time_ratio_mergekit_over_fmerge"), 4.0, True),
     ("linear", "fmerge/mergekit peak RSS", lambda r, row: row.get("rss_ratio_fmerge_over_mergekit"), 0.2, False),
     ("ties", "fmerge/mergekit peak RSS", lambda r, row: row.get("rss_ratio_fmerge_over_mergekit"), 0.2, False),
+    ("ties", "fmerge/mergekit peak RSS (fmerge's own rule)",
+     lambda r, row: row.get("native_rss_ratio_fmerge_over_mergekit"), 0.2, False),
 ]
 
 

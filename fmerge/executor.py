@@ -7,6 +7,7 @@ model-producing steps into the runtime, and computes a planned artifact's `deps`
 
 from __future__ import annotations
 
+import gc
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -116,6 +117,8 @@ def run(rt: Runtime, only: list[str] | None = None, force: list[str] | None = No
         if dry_run:
             report.state = "stale" if todo else "cached"
         else:
+            if todo or distributed.active():
+                resume_gc()
             if distributed.active():
                 todo = compute_distributed(rt, kind, step, cfg, planned, todo, forced)
             elif todo:
@@ -129,6 +132,15 @@ def run(rt: Runtime, only: list[str] | None = None, force: list[str] | None = No
             on_report(report)
     rt.data_hashes.save()
     return reports
+
+
+def resume_gc() -> None:
+    """Turn the cyclic GC back on if the CLI kept it off for start-up (cli.main), first moving
+    everything alive now (torch's modules, the plan) to the permanent generation, so that
+    collections during the work never traverse them."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def compute_distributed(rt: Runtime, kind, step: str, cfg, planned: list[Planned], todo: list[Planned],

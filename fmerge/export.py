@@ -60,6 +60,8 @@ from contextlib import nullcontext
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+import xxhash
+
 from . import __version__
 from .errors import ExportError, FmergeError, quoted
 from .io import SIDE_FILES, StreamingSafetensorsWriter, TensorSource, few, write_weight_files
@@ -269,22 +271,23 @@ def _within(path: Path, root: Path) -> bool:
 # Records of what fmerge wrote
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _file_digest(path: Path, algorithm: str) -> str:
+    h = xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _record(path: Path, sha256: str | None = None) -> dict:
+def _record(path: Path, xxh3: str | None = None) -> dict:
     st = path.lstat()
-    return {"size": st.st_size, "sha256": sha256 or _sha256(path), "mtime_ns": st.st_mtime_ns}
+    return {"size": st.st_size, "xxh3_128": xxh3 or _file_digest(path, "xxh3_128"), "mtime_ns": st.st_mtime_ns}
 
 
 def _matches(path: Path, rec: dict | None) -> bool:
     """Whether `path` is still the regular file fmerge recorded (`rec` None: known by name only).
-    Size and mtime decide when they agree; otherwise the SHA-256 does (a copy keeps it, an edit not)."""
+    Size and mtime decide when they agree; otherwise the content digest does (a copy keeps it, an
+    edit not): xxh3-128, or SHA-256 in records an fmerge before 2026-11-30 wrote."""
     try:
         st = path.lstat()
     except OSError:
@@ -295,7 +298,10 @@ def _matches(path: Path, rec: dict | None) -> bool:
         return True
     if st.st_size != rec.get("size"):
         return False
-    return st.st_mtime_ns == rec.get("mtime_ns") or _sha256(path) == rec.get("sha256")
+    if st.st_mtime_ns == rec.get("mtime_ns"):
+        return True
+    algorithm = "xxh3_128" if "xxh3_128" in rec else "sha256"
+    return _file_digest(path, algorithm) == rec.get(algorithm)
 
 
 def _legacy_owned(rel: str) -> bool:
@@ -368,10 +374,10 @@ def export_model_dir(
     `out`; returns what was done. `finish(dir)` adds the caller's files (heads) to the new
     directory before it is recorded and swapped in. `store` gives the lock (None: no lock).
 
-    `weight_files` ({name: (path, record with its sha256)}): the artifact's own safetensors files
+    `weight_files` ({name: (path, record with its xxh3_128)}): the artifact's own safetensors files
     (and index), already checked by the store; they are hard-linked into the export (reflinked,
     else copied, across file systems) instead of writing `weights` again, and their recorded
-    SHA-256 goes into the manifest unread. A hard link is the store's file itself: editing the
+    xxh3-128 goes into the manifest unread. A hard link is the store's file itself: editing the
     exported weights in place changes the artifact too. The store notices (the file's stamp moves,
     so the artifact is verified whole again, fails its checksum, is moved to quarantine and
     recomputed), and this export then refuses to replace the edited file, which is the user's now."""
@@ -404,7 +410,7 @@ def export_model_dir(
                 digests = {}
                 for name, (src, record) in weight_files.items():
                     place_file(src, tmp / name)
-                    digests[name] = record["sha256"]
+                    digests[name] = record["xxh3_128"]
             else:
                 layout = [(n, weights.dtype(n), weights.shape(n)) for n in weights.names()]
                 digests = write_weight_files(tmp, layout, ((n, weights.get(n)) for n in weights.names()),

@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -501,6 +502,48 @@ class ModelDir:
             done += got
         return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
 
+    def get_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A fresh tensor converted to `dtype` (safetensors only), read in pieces through this
+        thread's small buffer: no tensor of the file's dtype is ever made whole, which at 1B
+        parameters saved a third of a merge's page faults (BENCHMARKS.md)."""
+        e = self._entries[name]
+        if e.dtype == dtype:
+            return self.get(name)
+        out = torch.empty(e.shape, dtype=dtype)
+        flat, done = out.view(-1), 0
+        itemsize = torch.empty((), dtype=e.dtype).element_size()
+        block = _staging_block()
+        for _, got in self._pieces(name, e, block):
+            count = got // itemsize
+            flat[done:done + count].copy_(block[:got].view(e.dtype))
+            done += count
+        return out
+
+    def _pieces(self, name: str, e, block: torch.Tensor):
+        """(offset, bytes) of each piece of tensor `name` read into `block`, in file order."""
+        fh = self._files.get(e.file)
+        if fh is None:
+            fh = self._files[e.file] = open(e.file, "rb", buffering=0)
+        view, pos = memoryview(block.numpy()), e.start
+        itemsize = torch.empty((), dtype=e.dtype).element_size()
+        piece = max(itemsize, len(view) // itemsize * itemsize)
+        while pos < e.end:
+            want, got = min(piece, e.end - pos), 0
+            while got < want:
+                n = os.preadv(fh.fileno(), [view[got:want]], pos + got)
+                if n == 0:
+                    raise ModelError(f"Model '{self.label}': {e.file} ended while reading tensor '{name}' (truncated?).")
+                got += n
+            yield pos, got
+            pos += got
+
+    def stream_bytes(self, name: str, consume, block: torch.Tensor) -> None:
+        """Hand a safetensors tensor's raw bytes to `consume` in pieces read into `block` (uint8,
+        reused), so that hashing a model allocates nothing per tensor."""
+        view = memoryview(block.numpy())
+        for _, got in self._pieces(name, self._entries[name], block):
+            consume(view[:got])
+
     @property
     def fresh_tensors(self) -> bool:
         """Whether `get` returns a new tensor each call (safetensors), not a shared one (pickles)."""
@@ -521,13 +564,37 @@ def is_float(dtype: torch.dtype) -> bool:
 
 
 def content_hash(source: TensorSource) -> str:
-    """Hash of the tensors' names, dtypes, shapes and bytes: resharding keeps it, any byte changes it."""
-    h = hashlib.blake2b(digest_size=16)
+    """BLAKE3 of the tensors' names, dtypes, shapes and bytes, in name order: resharding keeps it,
+    any byte changes it. BLAKE3 is cryptographic (a cache key must not be forgeable) and hashes at
+    ~5 GB/s per core, so hashing a cold model runs at the disk's speed; a safetensors model's
+    bytes go from the file through one reused buffer, never a tensor per entry."""
+    import blake3
+
+    h = blake3.blake3()
+    block = torch.empty(_HASH_BLOCK, dtype=torch.uint8)
+    streams = isinstance(source, ModelDir) and source.fresh_tensors
     for name in sorted(source.names()):
+        if streams:
+            h.update(f"{name}|{source.dtype(name)}|{tuple(source.shape(name))}|".encode())
+            source.stream_bytes(name, h.update, block)
+            continue
         t = source.get(name).contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.hexdigest()
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest(length=16)
+
+
+_HASH_BLOCK = 16 << 20
+_STAGING = threading.local()
+
+
+def _staging_block() -> torch.Tensor:
+    """This thread's reusable 16 MiB read buffer (`ModelDir.get_as`)."""
+    block = getattr(_STAGING, "block", None)
+    if block is None:
+        block = _STAGING.block = torch.empty(_HASH_BLOCK, dtype=torch.uint8)
+    return block
 
 
 class HashCache:
@@ -592,9 +659,9 @@ def _header_bytes(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metada
 class StreamingSafetensorsWriter:
     """Writes one safetensors file whose layout is declared up front; tensors arrive in order.
 
-    The file's SHA-256 (the Hugging Face hub's LFS object id) is computed as it is written, so an
-    export's manifest costs no second read of the weights; so is its xxh3-128 (the store's checksum
-    of a whole file), and `offsets` records where each tensor's bytes lie."""
+    The file's xxh3-128 (the store's checksum of a whole file, and the export manifest's) is
+    computed as it is written, so neither costs a second read of the weights; `offsets` records
+    where each tensor's bytes lie. (SHA-256 here cost ~1 s per GB on a 2-core machine.)"""
 
     def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
         import xxhash
@@ -602,7 +669,6 @@ class StreamingSafetensorsWriter:
         self.path = path
         self.layout = layout
         header, self.sizes = _header_bytes(layout, metadata or {})
-        self.sha256 = hashlib.sha256(header)
         self.xxh3 = xxhash.xxh3_128(header)
         self.fh = open(path, "xb")  # a fresh file in a directory fmerge made: never anyone else's
         self.fh.write(header)
@@ -616,7 +682,6 @@ class StreamingSafetensorsWriter:
             raise RuntimeError(f"writer expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         if data.size:
-            self.sha256.update(memoryview(data))
             self.xxh3.update(memoryview(data))
             self.fh.write(memoryview(data))
         self.offsets[name] = (self.position, self.position + data.size)
@@ -630,7 +695,7 @@ class StreamingSafetensorsWriter:
 
     @property
     def digest(self) -> str:
-        return self.sha256.hexdigest()
+        return self.xxh3.hexdigest()
 
 
 def plan_shards(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
@@ -657,8 +722,8 @@ INDEX_FILE = "model.safetensors.index.json"
 
 class WeightFilesWriter:
     """Writes `model.safetensors` (or N shards and their index) into the existing directory `dir`,
-    tensor by tensor in `layout` order. After `close`, `files` holds {file name: {size, sha256,
-    xxh3_128}} of every file written (the index too) and `placement` {tensor: (file, start, end)},
+    tensor by tensor in `layout` order. After `close`, `files` holds {file name: {size, xxh3_128}}
+    of every file written (the index too) and `placement` {tensor: (file, start, end)},
     both computed as the bytes went out: nothing is read back."""
 
     def __init__(self, dir: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str],
@@ -691,7 +756,7 @@ class WeightFilesWriter:
             return
         w.close()
         fname = self.names[self._shard]
-        self.files[fname] = {"size": w.position, "sha256": w.digest, "xxh3_128": w.xxh3.hexdigest()}
+        self.files[fname] = {"size": w.position, "xxh3_128": w.digest}
         self.placement.update({n: (fname, a, b) for n, (a, b) in w.offsets.items()})
         self._writer = None
 
@@ -707,8 +772,7 @@ class WeightFilesWriter:
             body = json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2).encode()
             with open(self.dir / INDEX_FILE, "xb") as fh:
                 fh.write(body)
-            self.files[INDEX_FILE] = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
-                                      "xxh3_128": xxhash.xxh3_128(body).hexdigest()}
+            self.files[INDEX_FILE] = {"size": len(body), "xxh3_128": xxhash.xxh3_128(body).hexdigest()}
 
     def abandon(self) -> None:
         """Close an open file after a failure (the caller removes the directory)."""
@@ -724,7 +788,7 @@ def write_weight_files(
     max_shard_bytes: int = 5 * 2**30,
 ) -> dict[str, str]:
     """Write `model.safetensors` (or N shards and their index) into the existing directory `dir`,
-    streaming `tensors` (which must yield in `layout` order). Returns {file name: SHA-256} of the
+    streaming `tensors` (which must yield in `layout` order). Returns {file name: xxh3-128} of the
     weight files. Only fmerge.export calls this for exports: it owns where `dir` is and what may
     be replaced; benchmarks use it to make input models."""
     writer = WeightFilesWriter(dir, layout, metadata, max_shard_bytes)
@@ -734,4 +798,4 @@ def write_weight_files(
         writer.close()
     finally:
         writer.abandon()
-    return {f: rec["sha256"] for f, rec in writer.files.items() if f != INDEX_FILE}
+    return {f: rec["xxh3_128"] for f, rec in writer.files.items() if f != INDEX_FILE}

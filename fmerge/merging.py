@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -236,27 +237,41 @@ def merge_stream(
     names = list(models)
     covered = {kind: {m: set(src.names()) for m, src in by_model.items()} for kind, by_model in stats.items()}
 
-    def load(src: TensorSource, name: str, what: str, owned: list[bool] | None = None) -> torch.Tensor:
+    def load(src: TensorSource, name: str, what: str) -> tuple[torch.Tensor, bool]:
         """A tensor in fp32 on `device`, refused if non-finite: mixed input dtypes merge in fp32.
-        `owned` records whether the result is a copy that nobody else holds."""
-        raw = src.get(name)
-        t = raw.to(device, torch.float32)
-        if owned is not None:
-            owned.append(t is not raw or getattr(src, "fresh_tensors", False))
+        Also whether it is a copy that nobody else holds."""
+        if getattr(src, "fresh_tensors", False) and torch.device(device).type == "cpu":
+            t = raw = src.get_as(name, torch.float32)  # converted piece by piece, fresh
+        else:
+            raw = src.get(name)
+            t = raw.to(device, torch.float32)
         if not all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise ModelError(f"Tensor '{name}' of {what} holds {bad} NaN or Inf value(s); fmerge will not "
                              f"merge it. Check that file (a diverged fine-tune?) or exclude the tensor.")
-        return t
+        return t, t is not raw or getattr(src, "fresh_tensors", False)
+
+    # The inputs of one tensor are read, widened and checked in parallel (file reads and torch
+    # ops release the GIL): at 1B parameters one thread doing it for every model was the
+    # bottleneck of a linear merge (BENCHMARKS.md).
+    loaders = ThreadPoolExecutor(max_workers=max(1, min(4, len(names))), thread_name_prefix="fmerge-load")
+
+    def load_all(jobs: list[tuple[TensorSource, str, str]]) -> list[tuple[torch.Tensor, bool]]:
+        futures = [loaders.submit(load, *job) for job in jobs]
+        try:
+            return [f.result() for f in futures]  # the first failure in order is raised
+        finally:
+            for f in futures:
+                f.cancel()
 
     def group(r: str) -> TensorGroup:
-        owned: list[bool] = []
+        loaded = load_all([(models[m], plan.name_maps[m][r], f"model '{m}'") for m in names])
         g = TensorGroup(
             name=r,
-            base=load(reference, r, "the base model") if with_base else None,
-            models=[load(models[m], plan.name_maps[m][r], f"model '{m}'", owned) for m in names],
+            base=load_all([(reference, r, "the base model")])[0][0] if with_base else None,
+            models=[t for t, _ in loaded],
         )
-        g.models_owned = all(owned)
+        g.models_owned = all(owned for _, owned in loaded)
         for kind, by_model in stats.items():
             have = [plan.name_maps[m][r] in covered[kind][m] for m in names]
             if not any(have):
@@ -265,62 +280,65 @@ def merge_stream(
                 lacking = ", ".join(m for m, h in zip(names, have) if not h)
                 raise ModelError(f"Tensor '{r}' has {kind} statistics for some models but not for "
                                   f"{lacking}; recompute them from the same architecture.")
-            g.stats[kind] = [load(by_model[m], plan.name_maps[m][r], f"the {kind} statistics of model '{m}'")
-                             for m in names]
+            g.stats[kind] = [t for t, _ in load_all([(by_model[m], plan.name_maps[m][r],
+                                                     f"the {kind} statistics of model '{m}'") for m in names])]
             if "__base__" in by_model and r in covered[kind]["__base__"]:
-                g.stats[f"{kind}_base"] = [load(by_model["__base__"], r, f"the {kind} statistics of the base")]
+                g.stats[f"{kind}_base"] = [load_all([(by_model["__base__"], r, f"the {kind} statistics of the base")])[0][0]]
         return g
 
-    state = None
-    if method.needs_prepare(params):
-        state = method.prepare(params, readahead(group(r) for r in plan.merge), ctx)
-    to_merge = set(plan.merge)
+    try:
+        state = None
+        if method.needs_prepare(params):
+            state = method.prepare(params, readahead(group(r) for r in plan.merge), ctx)
+        to_merge = set(plan.merge)
 
-    def inputs() -> Iterator[tuple[str, TensorGroup | torch.Tensor]]:
-        for r in plan.reference:
-            yield r, group(r) if r in to_merge else reference.get(r)
+        def inputs() -> Iterator[tuple[str, TensorGroup | torch.Tensor]]:
+            for r in plan.reference:
+                yield r, group(r) if r in to_merge else reference.get(r)
 
-    # the next tensor's inputs are read (and widened to fp32) in a second thread while this one merges
-    for r, loaded in readahead(inputs()):
-        if r in to_merge:
-            try:
-                out = method.merge(loaded, tensor_params(r) if tensor_params else params, ctx, state)
-            except RuntimeError as exc:  # torch: a scale like λ·w beyond float32 ("cannot be converted ... overflow")
-                if "overflow" not in str(exc):
-                    raise
-                raise RecipeError(f"Merging tensor '{r}' overflowed float32 ({exc}): the method's parameters "
-                                  f"(e.g. lambda times weight) scale it beyond ±{FLOAT32_MAX:.3g}. Use smaller "
-                                  f"parameters.") from None
-            if not all_finite(out):
-                raise RecipeError(f"Merging tensor '{r}' produced NaN or Inf: check the inputs "
-                                  f"(`fmerge verify`) and the method's parameters.")
-            wide = out
-            out = out.to("cpu", out_dtype or reference.dtype(r))
-            if out.dtype != wide.dtype and out.is_floating_point() and not all_finite(out):
-                largest = float(wide.abs().max())
-                dtype = _dtype_name(out.dtype)
-                raise RecipeError(
-                    f"Merging tensor '{r}' gives values up to {largest:.4g}, beyond the range of {dtype} "
-                    f"(±{torch.finfo(out.dtype).max:.6g}), so the {dtype} output would hold Inf. Write the output "
-                    f"in float32 or bfloat16 (--out-dtype float32, or out_dtype: float32 in the recipe's merge "
-                    f"step), or use smaller parameters.")
-        else:
-            out = loaded
-            if out.is_floating_point() and not all_finite(out):
-                bad = int((~torch.isfinite(out)).sum())
-                raise ModelError(f"Tensor '{r}' of the base model, copied unchanged into the output, holds {bad} "
-                                 f"NaN or Inf value(s); fmerge will not write it. Check that file (a damaged "
-                                 f"checkpoint?) and fetch or save the base model again.")
-            if out_dtype is not None and out.is_floating_point() and out.dtype != out_dtype:
-                # one dtype for every floating tensor of the output (integer buffers stay as they are)
-                wide, out = out, out.to(out_dtype)
+        # the next tensor's inputs are read (and widened to fp32) in a second thread while this one merges
+        for r, loaded in readahead(inputs()):
+            if r in to_merge:
+                try:
+                    out = method.merge(loaded, tensor_params(r) if tensor_params else params, ctx, state)
+                except RuntimeError as exc:  # torch: a scale like λ·w beyond float32 ("cannot be converted ... overflow")
+                    if "overflow" not in str(exc):
+                        raise
+                    raise RecipeError(f"Merging tensor '{r}' overflowed float32 ({exc}): the method's parameters "
+                                      f"(e.g. lambda times weight) scale it beyond ±{FLOAT32_MAX:.3g}. Use smaller "
+                                      f"parameters.") from None
                 if not all_finite(out):
+                    raise RecipeError(f"Merging tensor '{r}' produced NaN or Inf: check the inputs "
+                                      f"(`fmerge verify`) and the method's parameters.")
+                wide = out
+                out = out.to("cpu", out_dtype or reference.dtype(r))
+                if out.dtype != wide.dtype and out.is_floating_point() and not all_finite(out):
+                    largest = float(wide.abs().max())
+                    dtype = _dtype_name(out.dtype)
                     raise RecipeError(
-                        f"Tensor '{r}', copied from the base, holds values up to {float(wide.abs().max()):.4g}, "
-                        f"beyond the range of {_dtype_name(out_dtype)}; write the output in float32 or bfloat16.")
-        if on_tensor:
-            on_tensor(r)
-        yield r, out
+                        f"Merging tensor '{r}' gives values up to {largest:.4g}, beyond the range of {dtype} "
+                        f"(±{torch.finfo(out.dtype).max:.6g}), so the {dtype} output would hold Inf. Write the output "
+                        f"in float32 or bfloat16 (--out-dtype float32, or out_dtype: float32 in the recipe's merge "
+                        f"step), or use smaller parameters.")
+            else:
+                out = loaded
+                if out.is_floating_point() and not all_finite(out):
+                    bad = int((~torch.isfinite(out)).sum())
+                    raise ModelError(f"Tensor '{r}' of the base model, copied unchanged into the output, holds {bad} "
+                                     f"NaN or Inf value(s); fmerge will not write it. Check that file (a damaged "
+                                     f"checkpoint?) and fetch or save the base model again.")
+                if out_dtype is not None and out.is_floating_point() and out.dtype != out_dtype:
+                    # one dtype for every floating tensor of the output (integer buffers stay as they are)
+                    wide, out = out, out.to(out_dtype)
+                    if not all_finite(out):
+                        raise RecipeError(
+                            f"Tensor '{r}', copied from the base, holds values up to {float(wide.abs().max()):.4g}, "
+                            f"beyond the range of {_dtype_name(out_dtype)}; write the output in float32 or bfloat16.")
+            if on_tensor:
+                on_tensor(r)
+            yield r, out
+    finally:
+        loaders.shutdown(wait=True, cancel_futures=True)
 
 
 T = TypeVar("T")

@@ -110,12 +110,12 @@ class Runtime:
         return self._hashes[name]
 
     def model_hashes(self, names: list[str]) -> dict[str, str]:
-        """Content hashes of several models, hashed two at a time (reading and blake2b release
-        the GIL), which halves a cold merge's hashing on two cores."""
+        """Content hashes of several models, up to four at a time (reading and BLAKE3 release the
+        GIL): a cold disk reads 3 files at once ~2.7x faster than one after another (BENCHMARKS.md)."""
         from concurrent.futures import ThreadPoolExecutor
 
         todo = [n for n in dict.fromkeys(names) if n not in self._hashes]
-        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(4, len(todo)))) as pool:
             list(pool.map(self.model_hash, todo))
         return {n: self.model_hash(n) for n in names}
 

@@ -323,7 +323,7 @@ class Artifact:
         return self.attrs.get("placement", {})
 
     def files(self, prefix: str) -> dict[str, tuple[Path, dict]]:
-        """{file name: (path, record with size, sha256 and xxh3_128)} of the safetensors files (and
+        """{file name: (path, record with size and xxh3_128)} of the safetensors files (and
         index) holding the tensors under `prefix`; empty when they are zarr arrays (an artifact
         written before merges kept safetensors, or a statistic)."""
         folder = SAFETENSORS_DIR + "/" + prefix.rstrip("/")

@@ -97,3 +97,17 @@ def test_simple_average_equals_mean_with_prefix_alignment(recipe_path, tmp_path)
     for name in base:
         expected = sum(m["bert." + name] for m in models) / 3 if base[name].is_floating_point() else base[name]
         assert torch.allclose(art.get(name), expected, atol=1e-6), name
+
+
+def test_a_run_that_computes_turns_the_gc_back_on_after_the_cli_kept_it_off_for_start_up():
+    import gc
+
+    gc.disable()
+    try:
+        executor.resume_gc()
+        assert gc.isenabled() and gc.get_freeze_count() > 0  # start-up's objects are out of its way
+        executor.resume_gc()  # already on: nothing changes
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load_file, save_file
 
 from conftest import ZOO_RECIPE, fmerge_cli, write_recipe
@@ -37,8 +38,8 @@ def run_ties(path):
     return report
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def xxh3(path: Path) -> str:
+    return xxhash.xxh3_128(path.read_bytes()).hexdigest()
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -101,7 +102,7 @@ def test_a_reexport_keeps_the_users_files_and_records_what_fmerge_wrote(recipe_p
     assert first["key"] == executor.status(runtime(recipe_path), only=["ties"])[0].keys[0]
     assert {"model.safetensors", "config.json", "README.md", "heads/a.safetensors"} <= set(first["files"])
     for rel, rec in first["files"].items():  # what the record says is what is on disk
-        assert rec["size"] == (out / rel).stat().st_size and rec["sha256"] == sha256(out / rel), rel
+        assert rec["size"] == (out / rel).stat().st_size and rec["xxh3_128"] == xxh3(out / rel), rel
     user = add_user_files(out)
     inode = user["eval"].stat().st_ino
 
@@ -109,7 +110,7 @@ def test_a_reexport_keeps_the_users_files_and_records_what_fmerge_wrote(recipe_p
     report = run_ties(recipe_path)
     second = read_manifest(out)
     assert second["key"] == report.keys[0] != first["key"]
-    assert load_file(out / "model.safetensors") and second["files"]["model.safetensors"]["sha256"] == sha256(out / "model.safetensors")
+    assert load_file(out / "model.safetensors") and second["files"]["model.safetensors"]["xxh3_128"] == xxh3(out / "model.safetensors")
     assert user["eval"].read_text() == "print('my eval')\n" and user["eval"].stat().st_ino == inode  # the same file
     assert user["metrics"].read_text() == '{"acc": 0.9}'
     assert (out / "results" / "empty").is_dir() and (out / "heads" / "notes.txt").is_file()
@@ -365,7 +366,7 @@ def test_a_file_export_is_recorded_and_never_replaces_a_file_fmerge_did_not_writ
     target = tmp_path / "fisher.safetensors"
     assert export_tensor_file(None, target, "k1", weights(1)) == f"wrote {target}"
     record = json.loads(sidecar_of(target).read_text())
-    assert record["key"] == "k1" and record["records"][0]["sha256"] == sha256(target)
+    assert record["key"] == "k1" and record["records"][0]["xxh3_128"] == xxh3(target)
     assert sidecar_of(target).name == ".fisher.safetensors.fmerge-export.json"
     mtime = target.stat().st_mtime_ns
     assert export_tensor_file(None, target, "k1", weights(1)) == f"export {target} up to date"
@@ -473,3 +474,14 @@ def test_fmerge_run_refuses_colliding_exports_before_computing(zoo, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in msg
     assert "steps.avg.export and" in msg and "steps 'avg' and 'ties' both export to" in msg
     assert not (tmp_path / "out").exists() and list((tmp_path / "store" / "objects").iterdir()) == []
+
+
+def test_a_manifest_of_an_earlier_fmerge_with_sha256_records_still_decides_what_is_ours(tmp_path):
+    """Exports made before manifests recorded xxh3-128 keep working: their SHA-256 decides."""
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"weights")
+    old = {"size": 7, "sha256": hashlib.sha256(b"weights").hexdigest(), "mtime_ns": 1}  # a copy: mtime moved
+    assert export._matches(f, old)
+    f.write_bytes(b"weighTs")  # an edit of the same size
+    assert not export._matches(f, old)
+    assert export._matches(f, export._record(f)) and "xxh3_128" in export._record(f)

@@ -57,8 +57,11 @@ class WeightedAverage(MergeMethod):
         self, group: TensorGroup, params: WeightedAverageParams, ctx: MergeContext, state=None
     ) -> torch.Tensor:
         weights = per_model(params.weights, ctx, "weights")
-        total = torch.zeros_like(group.models[0])
-        for weight, theta in zip(weights, group.models):
+        # w_0·θ_0 first, in θ_0's own buffer when the driver owns it: no zero-filled tensor (its
+        # pages cost as much as the sum at 1B parameters), and the same bits as 0 + w_0·θ_0.
+        first = group.models[0]
+        total = first.mul_(weights[0]) if group.models_owned else first * weights[0]
+        for weight, theta in zip(weights[1:], group.models[1:]):
             total.add_(theta, alpha=weight)
         if params.normalize:
             total.div_(sum(weights))
