@@ -140,19 +140,23 @@ class Fisher(MergeMethod):
                     f"Tensor '{group.name}': base_prior needs the base model and its Fisher."
                 )
             values = [theta - group.base for theta in group.models]
-            denominator = prior[0].clone()
         else:
             values = group.models
-            denominator = torch.zeros_like(values[0])
-        numerator = torch.zeros_like(values[0])
+        # One new tensor per model (its weight λ_i·F_i, made in place after the first op that
+        # copies), and the first model's terms start the sums: no zero-filled buffers. The same
+        # operations in the same order as Σ over zeros, so the same bits.
+        numerator = denominator = None
         for i, (lam, fisher, value) in enumerate(zip(lambdas, fishers, values)):
-            if params.floor > 0:
-                fisher = fisher.clamp_min(params.floor * means[i])
+            weight = fisher.clamp_min(params.floor * means[i]) if params.floor > 0 else None
             if params.normalize:
-                fisher = fisher / means[i]
-            weight = fisher * lam
-            numerator.addcmul_(weight, value)
-            denominator.add_(weight)
+                weight = weight.div_(means[i]) if weight is not None else fisher / means[i]
+            weight = weight.mul_(lam) if weight is not None else fisher * lam
+            if numerator is None:
+                numerator = weight * value
+                denominator = prior[0].clone().add_(weight) if params.base_prior else weight
+            else:
+                numerator.addcmul_(weight, value)
+                denominator.add_(weight)
 
         merged = numerator.div_(denominator)
         uninformed = denominator == 0
