@@ -3,9 +3,10 @@
 Builds a BERT body (hidden 384, 4 layers: 7.1M parameters, 27 MB in fp32) with four classifier
 models around it, each with a small labelled task, then runs each step in its own process (the
 step forced; the task vectors it reads are computed, one tensor at a time, by the first step that
-needs them) and reads that process's peak resident memory from wait4. The baseline is a process that imports fmerge,
-plans the recipe and loads one task classifier: the peak above it, divided by the body's size,
-is the number of body copies the step holds at once.
+needs them) and reads that process's peak resident memory from wait4. The baseline is a process
+that imports fmerge, plans the recipe, loads one task classifier and one task's data (which loads
+`datasets` and pyarrow, ~75 MB resident whatever the model's size): the peak above it, divided by
+the body's size, is the number of body copies the step holds at once.
 
     .venv/bin/python bench/iterative_memory.py [--label after]
 
@@ -91,10 +92,11 @@ r = load_recipe(sys.argv[1])
 rt = Runtime(r, Store(r.resolve(r.spec.store)), Console(quiet=True))
 step = sys.argv[2]
 if step == "baseline":
-    from fmerge.tasks import build_task_model
+    from fmerge.tasks import build_task_model, load_subset
     for s in r.steps:
         executor.plan_step(rt, s)
     build_task_model(rt, "sentiment")
+    load_subset(rt, "sentiment", "validation", None, 0)
 else:
     executor.run(rt, only=[step], force=[step])
 """

@@ -426,8 +426,11 @@ def show(key: str = typer.Argument(..., help="artifact key (a unique prefix is e
 
 
 def trace_table(trace: list[dict], title: str) -> Table:
-    """An iterative step's trace (one row per iteration) as a table; floats to 6 significant digits."""
+    """An iterative step's trace (one row per iteration) as a table; floats to 6 significant digits.
+    A per-task mapping (`task_accuracy`) becomes one column per task (`accuracy[tweets]`)."""
     table = Table(title=title)
+    trace = [{f"{k}[{t}]" if isinstance(v, dict) else k: x for k, v in row.items()
+              for t, x in (v.items() if isinstance(v, dict) else [(None, v)])} for row in trace]
     columns = list(dict.fromkeys(k for row in trace for k in row))
     for c in columns:
         table.add_column(c, justify="left" if c == "chosen" else "right")

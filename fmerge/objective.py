@@ -78,46 +78,89 @@ def batch_len(batch: dict[str, torch.Tensor]) -> int:
     return len(batch["labels"]) if "labels" in batch else len(next(iter(batch.values())))
 
 
-def task_loss_and_grad(task: TaskModel, body: Body, draw: int, loss: str) -> tuple[float, Body]:
-    """Mean loss over the draw's examples (a causal LM's: over its predicted tokens) and its
-    gradient w.r.t. the body tensors the net uses."""
+def correct_and_labelled(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """How many examples' argmax class equals their label, and how many have a label: class labels
+    outside [0, classes) (e.g. −1 on an unlabelled test split) are not counted."""
+    labelled = (labels >= 0) & (labels < logits.shape[-1])
+    hits = (logits.detach().argmax(dim=-1) == labels) & labelled
+    return int(hits.sum()), int(labelled.sum())
+
+
+def accumulate_task_gradient(task: TaskModel, leaves: Body, draw: int, loss: str) -> tuple[float, float | None]:
+    """Add ∂(mean loss over the draw's examples)/∂body to the `.grad` of the leaves the net uses,
+    and return that mean loss (a causal LM's: over its predicted tokens) and the accuracy of the
+    classifier's argmax on the examples with a class label (None: a causal LM, or no labels).
+
+    Autograd adds each tensor's gradient into its `.grad` as the backward pass makes it, so the
+    gradient costs one body however many chunks and tasks add into it."""
     batches = task.batches(draw)
     n = sum(predicted_tokens(b) if task.causal_lm else batch_len(b) for b in batches)
-    leaves = {b: body[b].detach().requires_grad_(True) for b in task.params}
-    grads = {b: torch.zeros_like(t) for b, t in leaves.items()}
-    device = next(iter(leaves.values())).device
+    used = {b: leaves[b] for b in task.params}
+    device = next(iter(used.values())).device
     accepted = set(inspect.signature(task.net.forward).parameters) if task.causal_lm else set()
-    total = 0.0
+    total, correct, labelled = 0.0, 0, 0
     for batch in batches:
         inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "example_ids")}
         if task.causal_lm:
             inputs.update(causal_lm_extras(inputs, accepted))
-        substituted = {task.params[b]: t for b, t in leaves.items()}
+        substituted = {task.params[b]: t for b, t in used.items()}
         logits = functional_call(task.net, substituted, args=(), kwargs=inputs).logits
         if task.causal_lm:  # the next token is the label; prompt and padding positions do not count
             chunk = token_loss_sum(logits, {k: v.to(device) for k, v in batch.items()}, loss)[0] / n
         else:
-            labels = batch["labels"].to(device) if loss == "cross_entropy" else None
-            chunk = per_example_loss(logits, labels, loss).sum() / n
-        for b, g in zip(leaves, torch.autograd.grad(chunk, list(leaves.values()), allow_unused=True)):
-            if g is not None:
-                grads[b].add_(g)
+            labels = batch["labels"].to(device) if "labels" in batch else None
+            if labels is not None and not labels.is_floating_point():  # class labels, whatever the loss
+                hits, count = correct_and_labelled(logits, labels)
+                correct, labelled = correct + hits, labelled + count
+            chunk = per_example_loss(logits, labels, loss).sum() / n  # entropy ignores the labels
+        chunk.backward(inputs=list(used.values()))
         total += float(chunk.detach())
-    return total, grads
+    return total, (correct / labelled if labelled else None)
+
+
+def gradient_leaves(body: Body, names: Sequence[str]) -> Body:
+    """The body's tensors as autograd leaves sharing their storage (no copy), gradients empty."""
+    return {n: body[n].detach().requires_grad_(True) for n in names}
+
+
+def leaf_gradients(leaves: Body, scale: float = 1.0) -> Body:
+    """The gradients accumulated in the leaves (zeros where no loss used a tensor), times `scale`."""
+    out = {}
+    for n, leaf in leaves.items():
+        g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        out[n] = g.mul_(scale) if scale != 1.0 else g
+    return out
+
+
+def task_loss_and_grad(task: TaskModel, body: Body, draw: int, loss: str) -> tuple[float, Body]:
+    """Mean loss over the draw's examples (a causal LM's: over its predicted tokens) and its
+    gradient w.r.t. the body tensors the net uses."""
+    leaves = gradient_leaves(body, task.params)
+    value, _ = accumulate_task_gradient(task, leaves, draw, loss)
+    return value, leaf_gradients(leaves)
 
 
 class Objective:
-    """The mean over tasks of each task's mean loss, and its gradient (a GradientFn)."""
+    """The mean over tasks of each task's mean loss, and its gradient (a GradientFn).
+
+    After each call, `accuracy()` gives each classifier task's accuracy on the examples that call
+    drew (argmax of the logits the loss computed, against the data's labels when it has them,
+    whatever the loss), for the traces."""
 
     def __init__(self, tasks: dict[str, TaskModel], loss: str, names: Sequence[str]):
         self.tasks, self.loss, self.names = tasks, loss, list(names)
+        self._accuracy: dict[str, float] = {}
 
     def __call__(self, body: Body, draw: int, tasks: Sequence[str]) -> tuple[float, Body]:
-        grad = {n: torch.zeros_like(body[n]) for n in self.names}
-        total = 0.0
+        leaves = gradient_leaves(body, self.names)
+        total, self._accuracy = 0.0, {}
         for task in tasks:
-            loss, g = task_loss_and_grad(self.tasks[task], body, draw, self.loss)
+            loss, accuracy = accumulate_task_gradient(self.tasks[task], leaves, draw, self.loss)
             total += loss / len(tasks)
-            for n, t in g.items():
-                grad[n].add_(t, alpha=1.0 / len(tasks))
-        return total, grad
+            if accuracy is not None:
+                self._accuracy[task] = accuracy
+        return total, leaf_gradients(leaves, 1.0 / len(tasks))
+
+    def accuracy(self) -> dict[str, float]:
+        """Task -> accuracy on the examples of the last call (tasks without class labels absent)."""
+        return dict(self._accuracy)

@@ -89,3 +89,12 @@ def test_ls_show_and_gc(tmp_path, zoo):
     gc = fmerge_cli("gc", small, "--store", tmp_path / "store").stdout
     assert "2 artifact(s) removed" in gc
     assert json.loads(fmerge_cli("status", small, "--json").stdout)[0]["state"] == "cached"
+
+
+def test_a_trace_table_shows_each_tasks_accuracy_in_its_own_column():
+    from fmerge.cli import trace_table
+
+    table = trace_table([{"iteration": 0, "loss": 0.5, "task_accuracy": {"a": 0.25, "b": 1.0}},
+                         {"iteration": 1, "loss": 0.25, "task_accuracy": {"a": 0.5, "b": 0.75}}], "t")
+    assert [c.header for c in table.columns] == ["iteration", "loss", "task_accuracy[a]", "task_accuracy[b]"]
+    assert list(table.columns[2].cells) == ["0.25", "0.5"] and list(table.columns[3].cells) == ["1", "0.75"]

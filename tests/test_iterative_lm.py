@@ -127,7 +127,7 @@ def test_token_objective_equals_a_loop_over_sequences_and_tokens(project, loss):
     kind, cfg = rt.recipe.kinds["adamerging"], rt.recipe.steps["ada"]
     plan = kind.tensor_plan(rt, cfg)
     base = kind.weights(rt, BASE, plan)
-    objective = kind.objective(rt, cfg, p, plan, (loss,), 5, shared=base)
+    objective = kind.objective(rt, cfg, p, plan, (loss,), 5)
     assert "model.embed_tokens.weight" in plan.merge and "lm_head.weight" not in plan.merge  # tied
     g = torch.Generator().manual_seed(3)
     theta = {n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in base.items()}
@@ -166,6 +166,7 @@ def test_adamerging_on_lms_equals_adam_written_out(project):
         record = art.meta["trace"][step - 1]
         assert record["loss"] == pytest.approx(value, rel=1e-5)
         assert record["grad_norm"] == pytest.approx(math.hypot(*g), rel=1e-4)
+        assert "accuracy" not in record and "task_accuracy" not in record  # a causal LM's has none
         before = list(coeffs)
         for i in range(2):
             m[i] = 0.9 * m[i] + 0.1 * g[i]
@@ -211,6 +212,7 @@ def test_frank_wolfe_on_lms_equals_the_update_written_out(project):
         assert trace[t]["chosen"] == ("alpha", "beta")[pick]
         assert trace[t]["loss"] == pytest.approx(value, rel=1e-5)
         assert trace[t]["step"] == pytest.approx(gamma)
+        assert "accuracy" not in trace[t] and "task_accuracy" not in trace[t]
         x = {n: x[n] + gamma * (candidates[pick][n] - x[n]) for n in names}
     stored = art.view("weights/")
     for n in names:

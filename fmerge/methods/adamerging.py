@@ -23,6 +23,8 @@ import torch
 Body = dict[str, torch.Tensor]
 # (body θ, draw index, task names) -> (mean loss over those tasks, ∂loss/∂θ with θ's names).
 GradientFn = Callable[[Body, int, Sequence[str]], tuple[float, Body]]
+# () -> task -> accuracy on the examples of the GradientFn's last call ({} where it has no labels).
+AccuracyFn = Callable[[], dict[str, float]]
 Granularity = Literal["task", "layer"]
 
 
@@ -74,6 +76,14 @@ def coefficient_gradient(grad: Body, vectors: Sequence[Body], names: Sequence[st
     return (out.sum(dim=1) if granularity == "task" else out).float()
 
 
+def accuracy_entry(accuracy_fn: AccuracyFn | None) -> dict:
+    """The trace keys `task_accuracy` (per task) and `accuracy` (their mean), or none without labels."""
+    per_task = accuracy_fn() if accuracy_fn else {}
+    if not per_task:
+        return {}
+    return {"accuracy": sum(per_task.values()) / len(per_task), "task_accuracy": per_task}
+
+
 def constrain(coeffs: torch.Tensor, clamp: bool, simplex: bool) -> torch.Tensor:
     """Project Λ on its feasible set: per tensor on the simplex over models, or into [0, 1]."""
     if simplex:
@@ -105,11 +115,13 @@ def adamerging(
     simplex: bool = False,
     first_draw: int = 0,
     on_step: Callable[[], None] | None = None,
+    accuracy_fn: AccuracyFn | None = None,
 ) -> AdaMergingResult:
     """Adam on Λ for `steps` steps; step s reads draw `first_draw + s` of each task's data.
 
-    The trace holds, per step, the loss and gradient norm at the coefficients before that step,
-    and the mean coefficient after it.
+    The trace holds, per step, the loss, the accuracy (`accuracy_fn`, if it knows any) and the
+    gradient norm at the coefficients before that step, and the mean coefficient after it.
+    Memory: the merged body and its gradient, each dropped before the next is made.
     """
     coeffs = constrain(init_coefficients(len(vectors), len(names), granularity, init), clamp, simplex)
     coeffs.requires_grad_(True)
@@ -119,11 +131,14 @@ def adamerging(
     for step in range(steps):
         body = merge_body(base, vectors, coeffs.detach().to(device), names)
         loss, grad = gradient_fn(body, first_draw + step, tasks)
+        accuracy = accuracy_entry(accuracy_fn)
+        del body
         coeffs.grad = coefficient_gradient(grad, vectors, names, granularity)
+        del grad
         optimizer.step()
         with torch.no_grad():
             coeffs.copy_(constrain(coeffs, clamp, simplex))
-        trace.append({"iteration": step, "loss": loss, "grad_norm": float(coeffs.grad.norm()),
+        trace.append({"iteration": step, "loss": loss, **accuracy, "grad_norm": float(coeffs.grad.norm()),
                       "coef_mean": float(coeffs.detach().mean())})
         if on_step:
             on_step()

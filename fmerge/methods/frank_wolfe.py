@@ -20,18 +20,19 @@ TIES merge being the trimmed task vector) and raw weights θ_s. At x_t:
 
 Vertices, raw weights and x_0 may be mappings that make each tensor when asked (the step streams
 them from files and cached task vectors): they are read tensor by tensor and never copied whole,
-so the memory held is the iterate, its gradient and what the caller keeps.
+so the memory held is the iterate and its gradient (hard), plus the sum of the tasks' gradients
+or the inner AdaMerging's merged body (soft), and what the caller keeps.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 
-from .adamerging import Body, GradientFn, adamerging
+from .adamerging import AccuracyFn, Body, GradientFn, accuracy_entry, adamerging
 
 Oracle = Literal["cosine", "linear"]
 Granularity = Literal["task", "layer"]
@@ -123,8 +124,9 @@ def chosen_summary(choice: Sequence[int], model_names: Sequence[str], granularit
     return " ".join(f"{m}:{k}" for m, k in counts.items() if k)
 
 
-def body_norm(body: Body) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in body.values()))
+def body_norm(tensors: Iterable[torch.Tensor]) -> float:
+    """The Euclidean norm of a body given as its tensors (made one at a time if a generator)."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
 
 
 def frank_wolfe_hard(
@@ -142,19 +144,24 @@ def frank_wolfe_hard(
     granularity: Granularity = "task",
     grad_noise_rtol: float = GRAD_NOISE_RTOL,
     on_iteration: Callable[[], None] | None = None,
+    accuracy_fn: AccuracyFn | None = None,
 ) -> tuple[Body, list[dict]]:
-    """Hard FW; iteration t reads draw t of each task's data. Returns (x_T, trace)."""
+    """Hard FW; iteration t reads draw t of each task's data. Returns (x_T, trace); the trace
+    holds each iteration's loss and accuracy (`accuracy_fn`, where it knows any) at x_t."""
     x = {n: x0[n].clone() for n in names}
     trace = []
     for t in range(max_iters):
         loss, grad = gradient_fn(x, t, tasks)
+        accuracy = accuracy_entry(accuracy_fn)
         scores = oracle_scores(grad, x, vertices, raw, names, oracle, grad_noise_rtol)
+        grad_norm = body_norm(grad.values())
+        del grad  # not held while the next one is made
         choice = select(scores, granularity)
         gamma = step_size_at(t, step_size)
         for n, c in zip(names, choice):  # tensor by tensor: a vertex may be made on demand
             x[n].add_(vertices[c][n] - x[n], alpha=gamma)
         trace.append({"iteration": t, "chosen": chosen_summary(choice, model_names, granularity),
-                      "loss": loss, "grad_norm": body_norm(grad), "step": gamma,
+                      "loss": loss, **accuracy, "grad_norm": grad_norm, "step": gamma,
                       "score": float(sum(scores[c, j] for j, c in enumerate(choice)))})
         if on_iteration:
             on_iteration()
@@ -180,6 +187,7 @@ def frank_wolfe_soft(
     ada_gradient_fn: GradientFn | None = None,
     grad_noise_rtol: float = GRAD_NOISE_RTOL,
     on_iteration: Callable[[], None] | None = None,
+    accuracy_fn: AccuracyFn | None = None,
 ) -> tuple[Body, list[dict]]:
     """Soft FW: per task a pick among the candidates not yet picked this iteration (at most one
     pick per candidate), then `ada_iters` steps of layer-wise AdaMerging over the picks.
@@ -187,7 +195,8 @@ def frank_wolfe_soft(
     With no more candidates than tasks every candidate is picked each iteration: the selection
     then does nothing (the caller warns). `ada_gradient_fn` (default `gradient_fn`) gives the
     AdaMerging loss, e.g. entropy where the selection uses cross-entropy. Iteration t reads draw
-    t·(ada_iters+1) for the selection and the next `ada_iters` draws for AdaMerging.
+    t·(ada_iters+1) for the selection and the next `ada_iters` draws for AdaMerging. The trace
+    holds the selection's mean loss and, from `accuracy_fn` after each task's gradient, the accuracy at x_t.
     """
     x = {n: x0[n].clone() for n in names}
     trace = []
@@ -195,26 +204,36 @@ def frank_wolfe_soft(
     for t in range(max_iters):
         draw = t * (ada_iters + 1)
         taken = torch.zeros(len(vertices), len(names), dtype=torch.bool)
-        picks, losses, grad_sum = [], [], None
+        picks, losses, task_accuracy, grad_sum = [], [], {}, None
         for task in tasks[:n_picks]:
             loss, grad = gradient_fn(x, draw, [task])
+            task_accuracy.update(accuracy_fn() if accuracy_fn else {})
             choice = select(oracle_scores(grad, x, vertices, raw, names, oracle, grad_noise_rtol), granularity, taken)
             for j, c in enumerate(choice):
                 taken[c, j] = True
             picks.append(choice)
             losses.append(loss)
-            grad_sum = grad if grad_sum is None else {n: grad_sum[n] + grad[n] for n in names}
+            if grad_sum is None:  # a copy: the caller's gradient is not written to
+                grad_sum = {n: grad[n].clone() for n in names}
+            else:
+                for n in names:
+                    grad_sum[n].add_(grad[n])
+            del grad  # not held while the next task's is made
+        grad_norm = body_norm(g / len(picks) for g in grad_sum.values())
+        del grad_sum  # nor during AdaMerging
         directions = [Direction(vertices, c, x, names) for c in picks]
         result = adamerging(x, directions, ada_gradient_fn or gradient_fn, names=names, tasks=tasks,
                             granularity="layer", steps=ada_iters, lr=ada_lr, init=ada_coeff,
                             simplex=simplex, first_draw=draw + 1)
         x = result.body
+        accuracy = accuracy_entry(lambda: task_accuracy)
         trace.append({
             "iteration": t,
             "chosen": ", ".join(f"{task}->{chosen_summary(c, model_names, granularity)}"
                                 for task, c in zip(tasks, picks)),
             "loss": sum(losses) / len(losses),
-            "grad_norm": body_norm({n: g / len(picks) for n, g in grad_sum.items()}),
+            **accuracy,
+            "grad_norm": grad_norm,
             "ada_loss_first": result.trace[0]["loss"] if result.trace else None,
             "ada_loss_last": result.trace[-1]["loss"] if result.trace else None,
             "coef_mean": float(result.coefficients.mean()),

@@ -47,6 +47,7 @@ rule: mergekit (set automatically for configs converted from mergekit): mergekit
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Annotated, Iterable, Literal
 
@@ -322,8 +323,8 @@ class Ties(MergeMethod):
         lambdas = per_model(params.lambda_, ctx, "lambda")
         weights = per_model(params.weight, ctx, "weight")
         densities = per_model(params.density, ctx, "density")
-        deltas = []
-        for i, theta in enumerate(group.models):
+
+        def delta(i: int, theta: torch.Tensor) -> torch.Tensor:
             tau = theta.sub_(group.base) if group.models_owned else theta - group.base
             if global_trim:
                 threshold, quota = state[i]
@@ -335,7 +336,15 @@ class Ties(MergeMethod):
                     trimmed = keep_above_and_first_equal(tau, threshold, quota[group.name])
             else:
                 trimmed = trim_to_top_k(tau, densities[i], params.rule)
-            deltas.append(trimmed.mul_(weights[i] if mergekit else lambdas[i] * weights[i]))
+            return trimmed.mul_(weights[i] if mergekit else lambdas[i] * weights[i])
+
+        if mergekit and not global_trim and len(group.models) > 1 and group.models[0].numel() >= 1 << 20:
+            # mergekit's order needs a full argsort per model, which torch runs on one core: two
+            # models at a time (each sort holds ~13 bytes per entry: keep it to two).
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fmerge-ties") as pool:
+                deltas = list(pool.map(delta, range(len(group.models)), group.models))
+        else:
+            deltas = [delta(i, theta) for i, theta in enumerate(group.models)]
         merged = disjoint_merge(deltas, params.merge, weights, params.rule)
         if mergekit and lambdas[0] != 1:
             merged.mul_(one_lambda(lambdas))

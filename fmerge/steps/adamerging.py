@@ -6,8 +6,9 @@ adapted on is explicit (default: each task's validation split, never silently th
 `eval` step scores) and recorded in the params and meta. A causal LM's loss is token-level
 (fmerge/objective.py): the mean over the predicted tokens of the texts drawn, in the same recipe syntax.
 
-Memory: the base, the merged body and its gradient; the task vectors come from their cached
-artifacts (deps of the plan) one tensor at a time, and the task models share the base's tensors.
+Memory: the merged body and its gradient; the base (from its files) and the task vectors (from
+their cached artifacts, deps of the plan) are read one tensor at a time as each step merges, and
+the task models hold no body.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from pydantic import Field
 
 from ..methods.adamerging import adamerging
 from ..progress import tensor_progress
-from ..recipe import BASE
 from .base import register
-from .iterative import IterativeConfig, IterativeStep, Loss
+from .iterative import IterativeConfig, IterativeStep, Loss, keep_large_blocks_mapped
 
 
 class AdaMergingConfig(IterativeConfig):
@@ -49,15 +49,17 @@ class AdaMergingStep(IterativeStep):
 
     def compute(self, rt, name, cfg, todo):
         (p,) = todo
+        keep_large_blocks_mapped()
         plan = self.tensor_plan(rt, cfg)
         models = self.candidates(cfg, rt.recipe)
         tasks = self.task_names(cfg, rt.recipe)
-        base = self.weights(rt, BASE, plan)
+        base = self.streamed_base(rt, plan)  # like the task vectors: read each step, never held
         vectors = self.task_vectors(rt, p, models, plan)  # read from the store each step, never all held
-        objective = self.objective(rt, cfg, p, plan, (cfg.loss,), cfg.batch_size, shared=base)
+        objective = self.objective(rt, cfg, p, plan, (cfg.loss,), cfg.batch_size)
         with tensor_progress(rt.console, f"{name}: adamerging", cfg.steps) as advance:
             result = adamerging(base, vectors, objective, names=plan.merge, tasks=tasks, granularity=cfg.granularity,
-                                steps=cfg.steps, lr=cfg.lr, init=cfg.init, clamp=cfg.clamp, on_step=advance)
+                                steps=cfg.steps, lr=cfg.lr, init=cfg.init, clamp=cfg.clamp, on_step=advance,
+                                accuracy_fn=objective.accuracy)
         meta = {"models": models, "tasks": tasks, "tensors": plan.merge, "adaptation_splits": p.params["splits"],
                 "trace": result.trace}
         self.write(rt, p, plan, result.body, meta, {"coefficients": result.coefficients})

@@ -16,9 +16,9 @@ from ..methods.frank_wolfe import GRAD_NOISE_RTOL, frank_wolfe_hard, frank_wolfe
 from ..methods.ties import trim_to_top_k
 from ..objective import Objective
 from ..progress import tensor_progress
-from ..recipe import BASE, format_validation_error
+from ..recipe import format_validation_error
 from .base import register
-from .iterative import IterativeConfig, IterativeStep, Loss, Streamed
+from .iterative import IterativeConfig, IterativeStep, Loss, Streamed, keep_large_blocks_mapped
 
 
 class FrankWolfeCommon(IterativeConfig):
@@ -135,14 +135,15 @@ class FrankWolfeStep(IterativeStep):
 
     def compute(self, rt, name, cfg, todo):
         (p,) = todo
+        keep_large_blocks_mapped()
         plan = self.tensor_plan(rt, cfg)
         models = self.candidates(cfg, rt.recipe)
         tasks = self.task_names(cfg, rt.recipe)
-        base = self.weights(rt, BASE, plan)  # the one body held besides the iterate and its gradient
+        base = self.streamed_base(rt, plan)  # read when needed: only the iterate and its gradient are held
         raw = [self.streamed_weights(rt, m, plan) for m in models]
         x0 = self.initial_point(rt, cfg, name, plan, base, raw)
         vertices = self.vertices(rt, cfg, name, p, plan, base, raw)
-        objective = self.objective(rt, cfg, p, plan, self.losses(cfg), cfg.dataset_size, shared=base)
+        objective = self.objective(rt, cfg, p, plan, self.losses(cfg), cfg.dataset_size)
         common = dict(names=plan.merge, model_names=models, tasks=tasks, max_iters=cfg.max_iters,
                       oracle=cfg.oracle, granularity=cfg.granularity, grad_noise_rtol=cfg.grad_noise_rtol)
         with tensor_progress(rt.console, f"{name}: {self.kind}", cfg.max_iters) as advance:
@@ -154,7 +155,8 @@ class FrankWolfeStep(IterativeStep):
         return (cfg.loss,)
 
     def run(self, rt, cfg, x0, vertices, raw, objective, p, common, advance):
-        return frank_wolfe_hard(x0, vertices, raw, objective, step_size=cfg.step_size, on_iteration=advance, **common)
+        return frank_wolfe_hard(x0, vertices, raw, objective, step_size=cfg.step_size, on_iteration=advance,
+                                accuracy_fn=objective.accuracy, **common)
 
 
 @register
@@ -178,4 +180,4 @@ class FrankWolfeSoftStep(FrankWolfeStep):
         ada = Objective(objective.tasks, cfg.ada_loss, objective.names)
         return frank_wolfe_soft(x0, vertices, raw, objective, ada_iters=cfg.ada_iters, ada_lr=cfg.ada_lr,
                                 ada_coeff=cfg.ada_coeff, simplex=cfg.simplex, ada_gradient_fn=ada,
-                                on_iteration=advance, **common)
+                                on_iteration=advance, accuracy_fn=objective.accuracy, **common)

@@ -9,13 +9,16 @@ drawn; or a CLIP vision tower with its task's zero-shot head, whose key enters t
 is an artifact like a merge's: `weights/<name>` for every base tensor (learned where merged, the
 base's elsewhere), so `eval` evaluates it and `export` writes it as a model directory.
 
-Memory: task vectors come from cached `task_vectors` artifacts (listed as the plan's deps) and
-candidate models from their files, one tensor at a time (`Streamed`); the task models share
-one body (the base) for the parameters the loss substitutes anyway.
+Memory: task vectors come from cached `task_vectors` artifacts (listed as the plan's deps), the
+base and candidate models from their files, one tensor at a time (`Streamed`); the task models
+hold no body: the loss substitutes every body parameter, so each is a one-element placeholder.
+What is left is the algorithm's: the merged body (or iterate) and its gradient, and soft
+Frank-Wolfe's iterate besides its inner AdaMerging's body (`bench/iterative_memory.py`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import re
 from collections.abc import Mapping
 from typing import Any, Callable, ClassVar, Iterable, Literal
@@ -36,6 +39,27 @@ from .base import Planned, StepKind
 from .task_vectors import task_vector_planned
 from .zeroshot_head import head_dependency
 from .merge import model_card, write_heads
+
+
+# glibc's mallopt parameter for the size from which a block is its own mapping, unmapped when freed.
+M_MMAP_THRESHOLD = -3
+DEFAULT_MMAP_THRESHOLD = 128 * 1024
+
+
+def keep_large_blocks_mapped() -> None:
+    """Pin glibc malloc's mmap threshold at its default, 128 KiB, for the rest of the process.
+
+    Left alone, glibc raises the threshold to the size of each large block freed (up to 32 MiB),
+    after which tensors come from the heap, and a heap fragmented by the tensors of many sizes
+    that each step makes and frees keeps freed memory resident: on bench/iterative_memory.py's recipe,
+    AdaMerging peaked at 758 MB instead of 586 MB (6 bodies of 27.8 MB). Mapped blocks go back
+    to the system when freed. A no-op where malloc is not glibc's."""
+    try:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    except (OSError, TypeError):  # no C library to open by this name (Windows)
+        return
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
 
 
 class IterativeConfig(Strict):
@@ -133,6 +157,11 @@ class IterativeStep(StepKind):
         return plan_tensors(rt.source(BASE), sources, rt.recipe.spec.exclude, rt.recipe.spec.heads,
                             rt.recipe.spec.missing_tensors)
 
+    def streamed_base(self, rt, plan: TensorPlan) -> "Streamed":
+        """The base's mergeable tensors as `weights` gives them, each read from its file when asked."""
+        src = rt.source(BASE)
+        return Streamed(plan.merge, lambda r: src.get(r).to(rt.device, torch.float32))
+
     def weights(self, rt, model: str, plan: TensorPlan) -> dict[str, torch.Tensor]:
         """A model's mergeable tensors in base naming, fp32 on the runtime's device."""
         src, names = rt.source(model), plan.name_maps.get(model)
@@ -151,14 +180,13 @@ class IterativeStep(StepKind):
         views = {d.label: rt.store.open(d.key).view("tau/") for d in p.deps if d.kind == "task_vectors"}
         return [Streamed(plan.merge, lambda r, v=views[m]: v.get(r).to(rt.device, torch.float32)) for m in models]
 
-    def objective(self, rt, cfg, p: Planned, plan: TensorPlan, losses: tuple[str, ...], per_draw: int,
-                  shared: dict[str, torch.Tensor]) -> Objective:
+    def objective(self, rt, cfg, p: Planned, plan: TensorPlan, losses: tuple[str, ...], per_draw: int) -> Objective:
         """The loss losses[0] (labels checked if any of `losses` needs them) of each task's model,
         with the base's copied tensors in place as `eval` will run it: a classifier's mean over
         examples, or a causal LM's mean over predicted tokens (cross-entropy's label is the next token).
 
-        The loss always substitutes the body, so each model's own body parameters are replaced
-        by the tensors of `shared` (e.g. the base, already in memory): T tasks hold no T copies."""
+        The loss always substitutes the body, so each model's own body parameters are replaced by
+        placeholders of their shape that own no memory (a zero expanded): T tasks hold no body."""
         base = rt.source(BASE)
         head = [re.compile(h) for h in rt.recipe.spec.heads]
         tasks = {}
@@ -180,8 +208,8 @@ class IterativeStep(StepKind):
                 check_labels(info["rows"], spec, net.config.num_labels, info["labels"])
             own = dict(net.named_parameters())
             params = {r: names[r] for r in plan.merge if names[r] in own}
-            for r, n in params.items():
-                own[n].data = shared[r]
+            for n in params.values():
+                own[n].data = torch.zeros((), dtype=own[n].dtype, device=own[n].device).expand(own[n].shape)
             draws = self._lm_draws(rt, cfg, t, info, spec, per_draw, net) if causal_lm else \
                 self._draws(rt, cfg, t, info, spec, per_draw)
             tasks[t] = TaskModel(net, params, draws, causal_lm=causal_lm)
