@@ -204,7 +204,10 @@ def main() -> None:
     inputs = weight_files(paths.values())
     input_bytes = sum(f.stat().st_size for f in inputs)
     evict(inputs)
-    cold = read_all(inputs)
+    cold_by_model = {}
+    for name, path in paths.items():  # each model's files alone: linear reads no base
+        cold_by_model[name] = read_all(weight_files([path]))
+    cold = sum(cold_by_model.values())
     warm = read_all(inputs)
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     rows = []
@@ -256,6 +259,7 @@ def main() -> None:
         "size": args.size, "parameters_per_model": n_params, "shape": shape, "dtype": "bfloat16",
         "input_bytes": input_bytes, "read_cold_s": round(cold, 2), "read_warm_s": round(warm, 2),
         "read_cold_gb_per_s": round(input_bytes / cold / 1e9, 2), "read_warm_gb_per_s": round(input_bytes / warm / 1e9, 2),
+        "read_cold_s_by_model": {k: round(v, 2) for k, v in cold_by_model.items()},
         "threads": args.threads, "machine": machine(), "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -304,8 +308,9 @@ def print_table(r: dict) -> None:
 # (method, what, value of a row, goal, True if the value must be at least the goal)
 TARGETS = [
     ("linear", "mergekit/fmerge time", lambda r, row: row.get("time_ratio_mergekit_over_fmerge"), 1.5, True),
-    ("linear", "share of the inputs' cold read bandwidth",
-     lambda r, row: round(r["read_cold_s"] / row["fmerge"]["seconds"], 2) if "fmerge" in row else None, 0.6, True),
+    ("linear", "share of the inputs' cold read bandwidth (its three models; no base)",
+     lambda r, row: round(sum(v for k, v in r["read_cold_s_by_model"].items() if k != "base")
+                          / row["fmerge"]["seconds"], 2) if "fmerge" in row else None, 0.6, True),
     ("ties", "mergekit/fmerge time (mergekit config: rule mergekit, mergekit's bytes)",
      lambda r, row: row.get("time_ratio_mergekit_over_fmerge"), 4.0, True),
     ("ties", "mergekit/fmerge time (fmerge recipe: fmerge's own rule)",
