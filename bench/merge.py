@@ -242,7 +242,7 @@ def main() -> None:
                 out["fmerge_native"] = timed([FMERGE, "run", recipe, "--store", store, "--device", "cpu"], env)
                 print(f"{method}: fmerge, its own rule {out['fmerge_native']}", flush=True)
         row = {"method": method, **out}
-        if len(out) == 2:
+        if "fmerge" in out and "mergekit" in out:
             row["time_ratio_mergekit_over_fmerge"] = round(out["mergekit"]["seconds"] / out["fmerge"]["seconds"], 2)
             row["rss_ratio_fmerge_over_mergekit"] = round(out["fmerge"]["peak_rss_gb"] / out["mergekit"]["peak_rss_gb"], 2)
             row["outputs"] = compare(folder / f"{method}-fmerge", folder / f"{method}-mergekit")
