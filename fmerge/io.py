@@ -490,17 +490,21 @@ class ModelDir:
         size = e.end - e.start
         if size == 0:
             return torch.empty(e.shape, dtype=e.dtype)
-        fh = self._files.get(e.file)
-        if fh is None:
-            fh = self._files[e.file] = open(e.file, "rb", buffering=0)
         buf = bytearray(size)
-        view, done = memoryview(buf), 0
-        while done < size:
-            got = os.preadv(fh.fileno(), [view[done:]], e.start + done)
-            if got == 0:
-                raise ModelError(f"Model '{self.label}': {e.file} ended while reading tensor '{name}' (truncated?).")
-            done += got
+        self._read_exactly(name, e.file, memoryview(buf), e.start)
         return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
+
+    def _read_exactly(self, name: str, file: Path, view: memoryview, offset: int) -> None:
+        """Fill `view` from `file` at `offset` (pread, as often as it takes), or refuse a short file."""
+        fh = self._files.get(file)
+        if fh is None:
+            fh = self._files[file] = open(file, "rb", buffering=0)
+        done = 0
+        while done < len(view):
+            got = os.preadv(fh.fileno(), [view[done:]], offset + done)
+            if got == 0:
+                raise ModelError(f"Model '{self.label}': {file} ended while reading tensor '{name}' (truncated?).")
+            done += got
 
     def get_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A fresh tensor converted to `dtype` (safetensors only), read in pieces through this
@@ -511,37 +515,28 @@ class ModelDir:
             return self.get(name)
         out = torch.empty(e.shape, dtype=dtype)
         flat, done = out.view(-1), 0
-        itemsize = torch.empty((), dtype=e.dtype).element_size()
         block = _staging_block()
-        for _, got in self._pieces(name, e, block):
-            count = got // itemsize
+        for got in self._pieces(name, e, block):
+            count = got // e.dtype.itemsize
             flat[done:done + count].copy_(block[:got].view(e.dtype))
             done += count
         return out
 
     def _pieces(self, name: str, e, block: torch.Tensor):
-        """(offset, bytes) of each piece of tensor `name` read into `block`, in file order."""
-        fh = self._files.get(e.file)
-        if fh is None:
-            fh = self._files[e.file] = open(e.file, "rb", buffering=0)
+        """Read tensor `name` into `block` piece after piece, in file order; yields each piece's size."""
         view, pos = memoryview(block.numpy()), e.start
-        itemsize = torch.empty((), dtype=e.dtype).element_size()
-        piece = max(itemsize, len(view) // itemsize * itemsize)
+        piece = max(e.dtype.itemsize, len(view) // e.dtype.itemsize * e.dtype.itemsize)
         while pos < e.end:
-            want, got = min(piece, e.end - pos), 0
-            while got < want:
-                n = os.preadv(fh.fileno(), [view[got:want]], pos + got)
-                if n == 0:
-                    raise ModelError(f"Model '{self.label}': {e.file} ended while reading tensor '{name}' (truncated?).")
-                got += n
-            yield pos, got
-            pos += got
+            size = min(piece, e.end - pos)
+            self._read_exactly(name, e.file, view[:size], pos)
+            yield size
+            pos += size
 
     def stream_bytes(self, name: str, consume, block: torch.Tensor) -> None:
         """Hand a safetensors tensor's raw bytes to `consume` in pieces read into `block` (uint8,
         reused), so that hashing a model allocates nothing per tensor."""
         view = memoryview(block.numpy())
-        for _, got in self._pieces(name, self._entries[name], block):
+        for got in self._pieces(name, self._entries[name], block):
             consume(view[:got])
 
     @property
@@ -571,7 +566,7 @@ def content_hash(source: TensorSource) -> str:
     import blake3
 
     h = blake3.blake3()
-    block = torch.empty(_HASH_BLOCK, dtype=torch.uint8)
+    block = torch.empty(_READ_BLOCK, dtype=torch.uint8)
     streams = isinstance(source, ModelDir) and source.fresh_tensors
     for name in sorted(source.names()):
         if streams:
@@ -585,7 +580,7 @@ def content_hash(source: TensorSource) -> str:
     return h.hexdigest(length=16)
 
 
-_HASH_BLOCK = 16 << 20
+_READ_BLOCK = 16 << 20
 _STAGING = threading.local()
 
 
@@ -593,7 +588,7 @@ def _staging_block() -> torch.Tensor:
     """This thread's reusable 16 MiB read buffer (`ModelDir.get_as`)."""
     block = getattr(_STAGING, "block", None)
     if block is None:
-        block = _STAGING.block = torch.empty(_HASH_BLOCK, dtype=torch.uint8)
+        block = _STAGING.block = torch.empty(_READ_BLOCK, dtype=torch.uint8)
     return block
 
 

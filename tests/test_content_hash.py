@@ -30,7 +30,7 @@ def test_streamed_hash_equals_the_formula_in_small_and_large_blocks(tmp_path, mo
     save_file(tensors(), str(tmp_path / "model.safetensors"))
     expected = formula(load_file(str(tmp_path / "model.safetensors")))
     assert io.content_hash(io.ModelDir(tmp_path)) == expected
-    monkeypatch.setattr(io, "_HASH_BLOCK", 64)  # every tensor read in several pieces
+    monkeypatch.setattr(io, "_READ_BLOCK", 64)  # every tensor read in several pieces
     assert io.content_hash(io.ModelDir(tmp_path)) == expected
 
 
