@@ -5,10 +5,12 @@ and a conversion read piece by piece equals a whole one."""
 from __future__ import annotations
 
 import blake3
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from fmerge import io
+from fmerge.errors import ModelError
 
 
 def formula(tensors: dict[str, torch.Tensor]) -> str:
@@ -59,3 +61,17 @@ def test_get_as_converts_piece_by_piece_exactly_like_a_whole_conversion(tmp_path
     f = model.get_as("f", torch.float32)
     f += 1  # a fresh tensor: the file and the next read are untouched
     assert torch.equal(model.get_as("f", torch.float32), t["f"])
+
+
+def test_a_file_cut_short_after_opening_is_refused_by_name_on_every_read_path(tmp_path):
+    save_file(tensors(), str(tmp_path / "model.safetensors"))
+    model = io.ModelDir(tmp_path, label="m")
+    size = (tmp_path / "model.safetensors").stat().st_size
+    with open(tmp_path / "model.safetensors", "r+b") as fh:
+        fh.truncate(size - 40)  # the last tensor in the file loses its bytes
+    last = max(model.names(), key=lambda n: model._entries[n].end)
+    for read in (lambda: model.get(last), lambda: model.get_as(last, torch.float64),
+                 lambda: io.content_hash(model)):
+        with pytest.raises(ModelError, match=r"Model 'm': .*model\.safetensors ended while reading tensor "
+                                             rf"'{last}' \(truncated\?\)"):
+            read()
