@@ -279,6 +279,18 @@ def read_safetensors_header(file: Path, what: str) -> SafetensorsHeader:
     return SafetensorsHeader([(nm, dt, sh, start + b, start + e) for nm, dt, sh, b, e in tensors], metadata)
 
 
+def pread_exactly(fd: int, view: memoryview, offset: int) -> bool:
+    """Fill `view` from file descriptor `fd` at `offset` (pread, as often as it takes; no mapping
+    stays behind); False if the file ends first."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            return False
+        done += got
+    return True
+
+
 class ModelDir:
     """The weights of a Hugging Face model directory, memory-mapped, read one tensor at a time."""
 
@@ -499,12 +511,8 @@ class ModelDir:
         fh = self._files.get(file)
         if fh is None:
             fh = self._files[file] = open(file, "rb", buffering=0)
-        done = 0
-        while done < len(view):
-            got = os.preadv(fh.fileno(), [view[done:]], offset + done)
-            if got == 0:
-                raise ModelError(f"Model '{self.label}': {file} ended while reading tensor '{name}' (truncated?).")
-            done += got
+        if not pread_exactly(fh.fileno(), view, offset):
+            raise ModelError(f"Model '{self.label}': {file} ended while reading tensor '{name}' (truncated?).")
 
     def get_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A fresh tensor converted to `dtype` (safetensors only), read in pieces through this

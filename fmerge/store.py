@@ -55,8 +55,8 @@ import torch
 import xxhash
 
 from . import __version__
-from .errors import FmergeError, StoreError, quoted
-from .io import WeightFilesWriter
+from .errors import StoreError, quoted
+from .io import WeightFilesWriter, pread_exactly
 
 if TYPE_CHECKING:  # imported where a lock is taken: status, validate and ls take none
     from filelock import FileLock
@@ -162,14 +162,9 @@ def _hash_file(path: Path) -> str:
 
 def _read_range(file: Path, start: int, arr: np.ndarray) -> None:
     """Fill `arr` with the bytes of `file` from `start` on (pread; no mapping stays behind)."""
-    view = memoryview(arr.reshape(-1).view(np.uint8))
     with open(file, "rb", buffering=0) as fh:
-        done = 0
-        while done < len(view):
-            got = os.preadv(fh.fileno(), [view[done:]], start + done)
-            if got == 0:
-                raise ValueError(f"{file.name} ends before the tensor's last byte (truncated)")
-            done += got
+        if not pread_exactly(fh.fileno(), memoryview(arr.reshape(-1).view(np.uint8)), start):
+            raise ValueError(f"{file.name} ends before the tensor's last byte (truncated)")
 
 
 def file_stamps(path: Path) -> list[list]:
