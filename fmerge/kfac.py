@@ -14,7 +14,10 @@ E_n[Σ_t (g_t g_tᵀ) ⊗ (a_t a_tᵀ)] ≈ E_t[a aᵀ] ⊗ E_n[Σ_t g_t g_tᵀ]
 diagonal Fisher fisher.py estimates. The labels y come from the same estimators as the Fisher
 (`exact` Σ_c p_c, `sampled` from the model, `empirical` the data label), through the same
 cotangents, so the two statistics agree on what "the Fisher" is. Classifiers and regression heads
-only, for now. Padding rows never count, in A or G. One forward pass per chunk gives A (forward hooks) and the outputs; one backward pass per
+only, for now. Padding rows never count, in A or G. Both are accumulated in float64: in fp32 the
+sums of few examples' outer products, rank-deficient, pick up negative eigenvalues (about −1e-6
+against a largest of 19 on a tiny BERT) and A ⊗ G is then no longer positive semi-definite, which
+MaTS' solver needs (docs: shared spec, "K-FAC curvature must be a positive semi-definite system"). One forward pass per chunk gives A (forward hooks) and the outputs; one backward pass per
 cotangent gives every layer's output gradients (autograd is asked for those only, so no weight
 gradient is formed).
 """
@@ -39,7 +42,7 @@ KINDS = ("classification", "regression")
 @dataclass
 class KfacSums:
     """Per layer (keyed by its weight's name): Σ a aᵀ ([in, in]) over `rows[name]` input rows,
-    Σ g gᵀ ([out, out]) over `count` examples, and the weight's layout."""
+    Σ g gᵀ ([out, out]) over `count` examples, both float64, and the weight's layout."""
 
     input_sums: dict[str, torch.Tensor]
     output_sums: dict[str, torch.Tensor]
@@ -92,9 +95,10 @@ def kfac_factors(
     device = next(model.parameters()).device
     out_features = {n: (m.weight.shape[0] if layout == OUT_IN else m.weight.shape[1]) for n, (m, layout) in layers.items()}
     result = KfacSums(
-        input_sums={n: torch.zeros(input_features(m, lay), input_features(m, lay), device=device)
+        input_sums={n: torch.zeros(input_features(m, lay), input_features(m, lay), dtype=torch.float64, device=device)
                     for n, (m, lay) in layers.items()},
-        output_sums={n: torch.zeros(out_features[n], out_features[n], device=device) for n in layers},
+        output_sums={n: torch.zeros(out_features[n], out_features[n], dtype=torch.float64, device=device)
+                     for n in layers},
         rows={n: 0 for n in layers}, layouts={n: lay for n, (_, lay) in layers.items()},
         count=0, examples=0, estimator=estimator)
     accepted = set(inspect.signature(model.forward).parameters)
@@ -103,7 +107,7 @@ def kfac_factors(
     def hook_for(name: str):
         def capture(module, args, kwargs, out):
             x = args[0] if args else next(iter(kwargs.values()))
-            rows = real_token_rows(x.detach(), current["mask"], name)
+            rows = real_token_rows(x.detach(), current["mask"], name).double()
             result.input_sums[name].addmm_(rows.T, rows)
             result.rows[name] += rows.shape[0]
             current["outputs"].append((name, out))
@@ -135,7 +139,7 @@ def _accumulate(model, batches, kind, estimator, samples, seed, chunk_size, acce
             for (name, out), g in zip(current["outputs"], grads):
                 if g is None:
                     continue  # this call of the layer does not reach the logits
-                rows = real_token_rows(g, current["mask"], name)
+                rows = real_token_rows(g, current["mask"], name).double()
                 result.output_sums[name].addmm_(rows.T, rows)
         result.count += units
         result.examples += len(chunk_ids)

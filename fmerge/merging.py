@@ -237,14 +237,15 @@ def merge_stream(
     names = list(models)
     covered = {kind: {m: set(src.names()) for m, src in by_model.items()} for kind, by_model in stats.items()}
 
-    def load(src: TensorSource, name: str, what: str) -> tuple[torch.Tensor, bool]:
+    def load(src: TensorSource, name: str, what: str, keep_float64: bool = False) -> tuple[torch.Tensor, bool]:
         """A tensor in fp32 on `device`, refused if non-finite: mixed input dtypes merge in fp32.
-        Also whether it is a copy that nobody else holds."""
+        Also whether it is a copy that nobody else holds. Statistics stored in float64 (K-FAC
+        factors, kept positive semi-definite) stay float64 with `keep_float64`."""
         if getattr(src, "fresh_tensors", False) and torch.device(device).type == "cpu":
             t = raw = src.get_as(name, torch.float32)  # converted piece by piece, fresh
         else:
             raw = src.get(name)
-            t = raw.to(device, torch.float32)
+            t = raw.to(device, torch.float64 if keep_float64 and raw.dtype == torch.float64 else torch.float32)
         if not all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise ModelError(f"Tensor '{name}' of {what} holds {bad} NaN or Inf value(s); fmerge will not "
@@ -256,7 +257,7 @@ def merge_stream(
     # bottleneck of a linear merge (BENCHMARKS.md).
     loaders = ThreadPoolExecutor(max_workers=max(1, min(4, len(names))), thread_name_prefix="fmerge-load")
 
-    def load_all(jobs: list[tuple[TensorSource, str, str]]) -> list[tuple[torch.Tensor, bool]]:
+    def load_all(jobs: list[tuple]) -> list[tuple[torch.Tensor, bool]]:  # load's arguments
         futures = [loaders.submit(load, *job) for job in jobs]
         try:
             return [f.result() for f in futures]  # the first failure in order is raised
@@ -281,7 +282,7 @@ def merge_stream(
                 raise ModelError(f"Tensor '{r}' has {kind} statistics for some models but not for "
                                   f"{lacking}; recompute them from the same architecture.")
             g.stats[kind] = [t for t, _ in load_all([(by_model[m], plan.name_maps[m][r],
-                                                     f"the {kind} statistics of model '{m}'") for m in names])]
+                                                     f"the {kind} statistics of model '{m}'", True) for m in names])]
             if "__base__" in by_model and r in covered[kind]["__base__"]:
                 g.stats[f"{kind}_base"] = [load_all([(by_model["__base__"], r, f"the {kind} statistics of the base")])[0][0]]
         return g

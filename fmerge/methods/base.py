@@ -22,7 +22,8 @@ from ..errors import RecipeError
 class TensorGroup:
     """One parameter tensor across the merge: base and each model, in fp32 on one device.
 
-    `stats` holds per-model statistics of the same shape, e.g. {"fisher": [F_1, ..., F_N]}.
+    `stats` holds per-model statistics, e.g. {"fisher": [F_1, ..., F_N]}, in fp32, or in float64
+    where stored so (K-FAC factors).
     """
 
     name: str

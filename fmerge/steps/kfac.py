@@ -4,7 +4,7 @@ its task data, for MaTS (`merge` with `method: mats`, `kfac: <this step>`).
 Tensor groups, keyed by the weight's name in the model's own naming: `kfac_a/<name>` (input
 covariance A, in × in) and `kfac_g/<name>` (output-gradient covariance G, out × out) for nn.Linear
 (weight out × in); `kfac_a_in_out/` and `kfac_g_in_out/` for Conv1D (weight in × out). The merge
-step serves each group as a statistic of that name.
+step serves each group as a statistic of that name, in float64 as stored.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from ..tasks import task_batches
 from .base import Planned, register
 from .statistics import PerModelStep, StatisticsConfig, check_estimator
 
-VERSION = 1
+# 2: factors accumulated and stored in float64 (positive semi-definite); version 1's fp32 factors
+# are not, and are recomputed rather than served as such.
+VERSION = 2
 GROUPS = {OUT_IN: ("kfac_a", "kfac_g"), "in_out": ("kfac_a_in_out", "kfac_g_in_out")}
 
 
