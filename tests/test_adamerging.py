@@ -42,6 +42,27 @@ def test_coefficient_gradient_equals_autograd_through_the_merge(granularity):
     torch.testing.assert_close(coefficient_gradient(grad, vectors, NAMES, granularity), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_each_trace_row_describes_the_coefficients_before_its_step():
+    base, target = body(0), body(1)
+    vectors = [body(10 + i) for i in range(3)]
+    seen = []
+
+    def recording(x, draw, tasks):
+        seen.append({n: x[n].clone() for n in NAMES})
+        return quadratic(target)(x, draw, tasks)
+
+    result = adamerging(base, vectors, recording, names=NAMES, tasks=["t"], granularity="task", steps=4, lr=0.1,
+                        init=0.3)
+    flat = lambda b: torch.cat([b[n].reshape(-1) for n in NAMES])  # noqa: E731
+    basis = torch.stack([flat(v) for v in vectors], dim=1).double()
+    for row, x in zip(result.trace, seen):  # Λ_s recovered from the body the loss was measured at
+        coefficients = torch.linalg.lstsq(basis, (flat(x) - flat(base)).double()[:, None]).solution[:, 0]
+        assert row["coef_mean"] == pytest.approx(float(coefficients.mean()), abs=1e-6)
+        assert row["loss"] == pytest.approx(quadratic(target)(x, 0, ["t"])[0])
+    assert result.trace[0]["coef_mean"] == pytest.approx(0.3)
+    assert float(result.coefficients.mean()) != pytest.approx(result.trace[-1]["coef_mean"], abs=1e-6)
+
+
 @pytest.mark.parametrize("granularity,clamp,simplex", [("task", False, False), ("layer", True, False), ("layer", False, True)])
 def test_adam_lowers_the_loss_within_the_constraints(granularity, clamp, simplex):
     base, target = body(0), body(1)

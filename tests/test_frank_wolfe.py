@@ -198,6 +198,10 @@ def test_soft_picks_distinct_models_per_task_then_weights_them(simplex):
     w = 0.5 if simplex else 0.3   # (0.3, 0.3) projected on the simplex is (0.5, 0.5)
     for n in NAMES:
         torch.testing.assert_close(x1[n], x0[n] + w * (cands[k1][n] - x0[n]) + w * (cands[k2][n] - x0[n]))
+    # the row is x_0's (its loss there); the step's coefficients are named as the step's
+    loss0 = sum(quadratic(targets)(x0, 0, [t])[0] for t in ("t1", "t2")) / 2
+    assert trace[0]["loss"] == pytest.approx(loss0) and trace[0]["step_coef_mean"] == pytest.approx(w)
+    assert "coef_mean" not in trace[0]
 
 
 def test_soft_adamerging_lowers_the_loss():

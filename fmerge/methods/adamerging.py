@@ -119,8 +119,9 @@ def adamerging(
 ) -> AdaMergingResult:
     """Adam on Λ for `steps` steps; step s reads draw `first_draw + s` of each task's data.
 
-    The trace holds, per step, the loss, the accuracy (`accuracy_fn`, if it knows any) and the
-    gradient norm at the coefficients before that step, and the mean coefficient after it.
+    Row s of the trace describes one state, the coefficients Λ_s before step s: the loss, the
+    accuracy (`accuracy_fn`, if it knows any), the gradient norm and the mean coefficient there.
+    The coefficients after the last step are the result's.
     Memory: the merged body and its gradient, each dropped before the next is made.
     """
     coeffs = constrain(init_coefficients(len(vectors), len(names), granularity, init), clamp, simplex)
@@ -135,11 +136,11 @@ def adamerging(
         del body
         coeffs.grad = coefficient_gradient(grad, vectors, names, granularity)
         del grad
+        trace.append({"iteration": step, "loss": loss, **accuracy, "grad_norm": float(coeffs.grad.norm()),
+                      "coef_mean": float(coeffs.detach().mean())})  # all at Λ_s, before its update
         optimizer.step()
         with torch.no_grad():
             coeffs.copy_(constrain(coeffs, clamp, simplex))
-        trace.append({"iteration": step, "loss": loss, **accuracy, "grad_norm": float(coeffs.grad.norm()),
-                      "coef_mean": float(coeffs.detach().mean())})
         if on_step:
             on_step()
     final = coeffs.detach()

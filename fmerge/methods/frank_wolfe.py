@@ -195,8 +195,12 @@ def frank_wolfe_soft(
     With no more candidates than tasks every candidate is picked each iteration: the selection
     then does nothing (the caller warns). `ada_gradient_fn` (default `gradient_fn`) gives the
     AdaMerging loss, e.g. entropy where the selection uses cross-entropy. Iteration t reads draw
-    t·(ada_iters+1) for the selection and the next `ada_iters` draws for AdaMerging. The trace
-    holds the selection's mean loss and, from `accuracy_fn` after each task's gradient, the accuracy at x_t.
+    t·(ada_iters+1) for the selection and the next `ada_iters` draws for AdaMerging. Row t of the
+    trace describes the state x_t: the selection's mean loss, the accuracy (from `accuracy_fn`
+    after each task's gradient) and the gradient norm there; and, named as such, the step taken
+    from it: the picks, the AdaMerging loss at its first and last measured coefficients
+    (`ada_loss_first`, `ada_loss_last`) and `step_coef_mean`, the mean of the coefficients it ended
+    at, which make x_{t+1}.
     """
     x = {n: x0[n].clone() for n in names}
     trace = []
@@ -236,7 +240,7 @@ def frank_wolfe_soft(
             "grad_norm": grad_norm,
             "ada_loss_first": result.trace[0]["loss"] if result.trace else None,
             "ada_loss_last": result.trace[-1]["loss"] if result.trace else None,
-            "coef_mean": float(result.coefficients.mean()),
+            "step_coef_mean": float(result.coefficients.mean()),
         })
         if on_iteration:
             on_iteration()

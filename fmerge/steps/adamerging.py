@@ -42,7 +42,7 @@ class AdaMergingStep(IterativeStep):
     Config = AdaMergingConfig
     description = ("AdaMerging: learn task-wise or layer-wise task-vector coefficients by Adam on each task's "
                    "loss (entropy on unlabelled data, or cross-entropy).")
-    VERSION = 1
+    VERSION = 2  # 2: a trace row's coef_mean is at the row's coefficients (before the step), as its loss
 
     def pool_size(self, cfg):
         return cfg.examples
