@@ -14,7 +14,7 @@ import torch
 from fmerge.errors import FmergeError
 from fmerge.methods import MergeContext, TensorGroup, get_method
 from fmerge.methods.fisher import FisherParams
-from fmerge.methods.mats import MatsParams, MatsResidualWarning, damped_factor
+from fmerge.methods.mats import MatsParams, MatsResidualWarning, System, damped_factor, preconditioned_cg
 from fmerge.methods.regmean import RegMeanParams
 
 CTX_NAMES = ["a", "b", "c"]
@@ -197,6 +197,30 @@ def test_an_unconverged_solve_warns_with_its_true_residual_and_the_fix():
     assert record["residual"] == pytest.approx(
         true_residual(inputs, outputs, [t.double() for t in group.models], got.double()), rel=1e-6)
     assert record["iterations"] == 2 and record["residual"] > 1e-6
+
+
+def test_cg_returns_the_iterate_with_the_smallest_true_residual():
+    q, _ = torch.linalg.qr(randn(30, 30, seed=120).double())
+    m = (q * torch.logspace(0, 3, 30, dtype=torch.float64)) @ q.T  # SPD, condition number 1e3
+    b = randn(30, seed=121).double()
+    x, r = torch.zeros(30, dtype=torch.float64), b.clone()
+    iterates, p = [x], r.clone()
+    for _ in range(12):  # textbook CG, no preconditioner
+        step = float(r @ r) / float(p @ m @ p)
+        x = x + step * p
+        r_next = r - step * (m @ p)
+        p = r_next + float(r_next @ r_next) / float(r @ r) * p
+        r = r_next
+        iterates.append(x)
+    residuals = [float((b - m @ it).norm() / b.norm()) for it in iterates]
+    # CG's residual is not monotone: stop where the last iterate is not the best
+    steps = next(k for k in range(1, 13) if residuals[k] > min(residuals[:k]) and min(residuals[:k]) < 1)
+    system = System(lambda v: m @ v, lambda v: v, b, lambda v: v, lambda v: v)
+    got, record = preconditioned_cg(system, torch.zeros(30, dtype=torch.float64), steps, 0.0, check_every=1)
+    best = min(range(steps + 1), key=residuals.__getitem__)
+    assert 0 < best < steps
+    torch.testing.assert_close(got, iterates[best])
+    assert record["residual"] == pytest.approx(residuals[best]) and record["iterations"] == steps
 
 
 def test_factors_that_are_not_positive_semi_definite_are_projected():
