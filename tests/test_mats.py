@@ -223,6 +223,21 @@ def test_cg_returns_the_iterate_with_the_smallest_true_residual():
     assert record["residual"] == pytest.approx(residuals[best]) and record["iterations"] == steps
 
 
+def test_a_solution_beyond_the_dtype_is_refused(monkeypatch):
+    import fmerge.methods.mats as mats_module
+
+    group, _, _ = rank_deficient_group()
+    solve = mats_module.preconditioned_cg
+
+    def overflowing(*args):  # a float64 solution that fp32 cannot hold
+        x, record = solve(*args)
+        return x * 1e300, record
+
+    monkeypatch.setattr(mats_module, "preconditioned_cg", overflowing)
+    with pytest.raises(FmergeError, match="Tensor 'layer.weight': MaTS' solution holds NaN or Inf"):
+        mats(group)
+
+
 def test_factors_that_are_not_positive_semi_definite_are_projected():
     k = torch.tensor([[2.0, 0.0], [0.0, -1e-3]])  # an fp32 factor with a negative eigenvalue
     damped, clipped = damped_factor(k, 1e-6, 1.0)
@@ -249,3 +264,6 @@ def test_user_errors_are_clear():
     bad = TensorGroup("w", base, thetas, {"kfac_a": [psd(3, seed=1)] * 3, "kfac_g": [psd(5, seed=2)] * 3})
     with pytest.raises(FmergeError, match="input factor is \\[3, 3\\] but the weight has 4 inputs"):
         mats(bad, curvature="kfac")
+    negative = TensorGroup("w", base, thetas, {"fisher": [torch.full((5, 4), -1.0)] * 3})
+    with pytest.raises(FmergeError, match="Tensor 'w': a diagonal Fisher has negative entries"):
+        mats(negative, curvature="diagonal")
