@@ -58,8 +58,8 @@ def fresh_classifier(base_path: str | Path, num_labels: int, seed: int, **config
     tensors = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for name in sorted(loading["missing_keys"]):
-            t = tensors[name]
-            if not t.is_floating_point():
+            t = tensors.get(name)
+            if t is None or not t.is_floating_point():
                 continue
             if name.endswith("bias"):
                 t.zero_()

@@ -1,7 +1,9 @@
 """The `finetune` step: a short, seeded fine-tune of the base on one task, cached as an artifact.
 
 It exists so a demo or an experiment can build its own model zoo reproducibly; the resulting
-model is used in `models:` with `from_step`.
+model is used in `models:` with `from_step`. It trains without dropout and draws nothing from
+torch's global generator (fmerge/finetune.py), so one key names one set of weights even when
+fine-tunes run in several threads of one process.
 """
 
 from __future__ import annotations
