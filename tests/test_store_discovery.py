@@ -47,7 +47,9 @@ def test_status_from_the_repository_root_and_from_recipes_sees_one_store_and_the
     assert ran["store"] == str(repo / "artifacts") and (repo / "artifacts" / STORE_MARKER).is_file()
     table = fmerge_cli("status", "x.yaml", cwd=repo / "recipes").stdout
     assert f"store: {repo / 'artifacts'}\n" in table
-    assert not (repo / "recipes" / "artifacts").exists()
+    # gc RECIPE judges the recipe's store, from anywhere
+    assert "0 artifact(s) would be removed" in fmerge_cli("gc", recipe, "--dry-run", cwd=tmp_path).stdout
+    assert not (repo / "recipes" / "artifacts").exists() and not (tmp_path / "artifacts").exists()
 
 
 def test_the_first_marked_store_upward_is_used_and_commands_without_a_recipe_search_from_the_cwd(tmp_path, monkeypatch):
