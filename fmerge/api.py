@@ -14,6 +14,7 @@ the CLI prints (RecipeError, DataError, ModelError, StoreError, ExportError); no
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from .executor import StepReport
 from .recipe import Recipe
 from .runtime import Runtime
 from .steps import step_kinds
-from .store import ArtifactView, Store
+from .store import STORE_MARKER, ArtifactView, Store
 
 PathLike = str | os.PathLike
 OnReport = Callable[[StepReport], None]
@@ -45,7 +46,7 @@ def parse_recipe(text: str, file: Path | None = None, sets: list[str] | None = N
 
 def runtime(recipe: Recipe, store: Store | PathLike | None = None, device: str | None = None,
             create: bool = True, console: Console | None = None) -> Runtime:
-    """The recipe bound to a store: `store`, else the recipe's `store:`, $FMERGE_STORE, ./artifacts."""
+    """The recipe bound to a store: `store`, else the one `store_root` finds for the recipe."""
     if not isinstance(store, Store):
         store = open_store(store, recipe, create=create, missing_ok=not create)
     return Runtime(recipe, store, console, device)
@@ -53,18 +54,45 @@ def runtime(recipe: Recipe, store: Store | PathLike | None = None, device: str |
 
 def open_store(store: PathLike | None, recipe: Recipe | None = None, create: bool = False,
                missing_ok: bool = False) -> Store:
-    """The store named by `store`, the recipe's `store:`, $FMERGE_STORE or ./artifacts. Only a
-    writing command (`create`: run, merge, fisher) may create one; every other command opens an
-    existing store and creates nothing (`missing_ok`: a missing one reads as empty)."""
+    """The store at `store_root(store, recipe)`. Only a writing command (`create`: run, merge,
+    fisher) may create one; every other command opens an existing store and creates nothing
+    (`missing_ok`: a missing one reads as empty)."""
     root = store_root(store, recipe)
     return Store.create_or_open(root) if create else Store.open_existing(root, missing_ok=missing_ok)
 
 
+STORE_DIR = "artifacts"  # the name a store is looked for and created under when none is named
+
+
 def store_root(store: PathLike | None, recipe: Recipe | None = None) -> Path:
-    """Where the store is, without opening it: `store`, the recipe's `store:`, $FMERGE_STORE, ./artifacts."""
-    if store is None and recipe is not None and recipe.spec.store:
-        store = recipe.resolve(recipe.spec.store)
-    return Path(store or os.environ.get("FMERGE_STORE") or "artifacts")
+    """Where the store is, without opening it (README, "The store"): `store` (--store), else the
+    recipe's `store:` (relative to the recipe), else $FMERGE_STORE, else found as git finds `.git`,
+    so that every working directory sees one store per recipe: upward from the recipe's directory
+    (without a recipe: the working directory), the first `artifacts/` holding the store marker, up
+    to the top of the git repository there; none found, `artifacts/` at that top (beside `.git`),
+    or outside a repository in the directory the search began in. An `artifacts/` without the
+    marker is passed over by the search, never adopted: where one stands at the place a store is
+    to be created, the store's own rules apply (an empty directory or an earlier fmerge's layout
+    becomes the store, anything else is refused)."""
+    if store:
+        return Path(store)
+    if recipe is not None and recipe.spec.store:
+        return recipe.resolve(recipe.spec.store)
+    if os.environ.get("FMERGE_STORE"):
+        return Path(os.environ["FMERGE_STORE"])
+    start = Path(os.path.abspath(recipe.dir if recipe is not None else Path.cwd()))
+    for folder in (start, *start.parents):
+        if _is_file(folder / STORE_DIR / STORE_MARKER) or os.path.lexists(folder / ".git"):
+            return folder / STORE_DIR
+    return start / STORE_DIR
+
+
+def _is_file(path: Path) -> bool:
+    """Whether `path` is a regular file; a path that cannot be read (no permission, a loop) is not."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 # ---- results ---------------------------------------------------------------------------------

@@ -26,7 +26,10 @@ _WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 140
 out = Console(width=_WIDTH)
 err = Console(stderr=True, width=_WIDTH)
 
-StoreOpt = typer.Option(None, "--store", help="artifact store (default: recipe's 'store', $FMERGE_STORE, ./artifacts)")
+StoreOpt = typer.Option(None, "--store", help="artifact store (default: the recipe's 'store:', else $FMERGE_STORE, "
+                        "else the first artifacts/ holding fmerge-store.json found upward from the recipe's directory "
+                        "(without a recipe: the working directory) to the top of its git repository, else artifacts/ "
+                        "at that top, or beside the recipe outside git; README: The store)")
 SetOpt = typer.Option([], "--set", help="STEP.PARAM=VALUE overrides a parameter; STEP.PARAM=V1,V2,... sweeps it "
                       "(values are YAML); repeatable")
 JsonOpt = typer.Option(False, "--json", help="print one JSON document on stdout instead of tables "
@@ -112,7 +115,8 @@ def _short(keys: list[str]) -> str:
     return ", ".join(k[:12] for k in keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
 
 
-def _print_reports(reports, title: str) -> None:
+def _print_reports(reports, title: str, store: Path | None = None) -> None:
+    """The steps' table, then the store they were looked up in (on one line, however long)."""
     colors = {"cached": "green", "computed": "cyan", "forced": "magenta", "stale": "yellow"}
     table = Table(title=title)
     for col in ("step", "kind", "state", "time", "key", "note"):
@@ -121,6 +125,8 @@ def _print_reports(reports, title: str) -> None:
         table.add_row(escape(r.step), r.kind, f"[{colors.get(r.state, 'white')}]{r.state}[/]",
                       f"{r.seconds:.2f}s", _short(r.keys), r.note)
     out.print(table)
+    if store is not None:
+        out.print(f"store: {escape(str(store))}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -149,7 +155,7 @@ def run(
         _emit_json({"recipe": str(recipe), "store": str(rt.store.root), "dry_run": dry_run,
                     "steps": [r.as_json() for r in reports], "results": rt.results, "sweeps": rt.sweep_results})
         return
-    _print_reports(reports, f"{recipe}" + (" (dry run)" if dry_run else ""))
+    _print_reports(reports, f"{recipe}" + (" (dry run)" if dry_run else ""), rt.store.root)
     from .report import results_table, sweep_table
 
     for step, results in rt.results.items():
@@ -161,7 +167,7 @@ def run(
 @app.command()
 def status(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
-    as_json: bool = typer.Option(False, "--json", help="print a JSON list of {step, kind, state, keys, seconds, note}"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list of {step, kind, state, keys, seconds, note, store}"),
     check: bool = typer.Option(False, "--check", help="exit 1 if any step would run, 0 if all are cached "
                                "(for Make and scripts; the table or JSON is printed either way)"),
     sets: list[str] = SetOpt,
@@ -170,11 +176,12 @@ def status(
     """Say which steps are cached and which would run, computing nothing."""
     from . import executor
 
-    reports = executor.status(_runtime(recipe, store, sets=sets, create=False))
+    rt = _runtime(recipe, store, sets=sets, create=False)
+    reports = executor.status(rt)
     if as_json:
-        _emit_json([r.as_json() for r in reports])
+        _emit_json([{**r.as_json(), "store": str(rt.store.root)} for r in reports])
     else:
-        _print_reports(reports, f"status of {recipe}")
+        _print_reports(reports, f"status of {recipe}", rt.store.root)
     if check and any(r.state != "cached" for r in reports):
         raise typer.Exit(1)
 
@@ -225,7 +232,7 @@ def merge(
         _emit_json({"method": method, "out": str(out_dir.resolve()), "store": str(rt.store.root),
                     "steps": [r.as_json() for r in reports]})
         return
-    _print_reports(reports, f"fmerge merge --method {method}")
+    _print_reports(reports, f"fmerge merge --method {method}", rt.store.root)
 
 
 @app.command()
@@ -283,7 +290,7 @@ def fisher(
         if as_json:
             _emit_json({"store": str(rt.store.root), "steps": [r.as_json() for r in reports], "fisher": rows})
             return
-        _print_reports(reports, f"fmerge fisher --estimator {estimator} --examples {examples}")
+        _print_reports(reports, f"fmerge fisher --estimator {estimator} --examples {examples}", rt.store.root)
         table = Table(title="Fisher diagonals")
         for col in ("model", "estimator", "examples", "extended from", "mean Fisher", "key"):
             table.add_column(col)
@@ -402,9 +409,10 @@ def ls(store: Optional[Path] = StoreOpt,
 def show(key: str = typer.Argument(..., help="artifact key (a unique prefix is enough)"), store: Optional[Path] = StoreOpt,
          as_json: bool = JsonOpt):
     """Show an artifact: what made it, its inputs, parameters and tensors."""
+    from .api import store_root
     from .store import check_key
 
-    check_key(key, store or os.environ.get("FMERGE_STORE") or "artifacts")  # a path is refused before anything
+    check_key(key, store_root(store))  # a path is refused before anything
     art = open_store(store).open(key)
     a = art.attrs
     if as_json:
@@ -530,7 +538,7 @@ def gc(
 
 
 def _gc_store(recipes: list) -> Path:
-    """The store the recipes given to gc use (their `store:`, else $FMERGE_STORE or ./artifacts);
+    """The store the recipes given to gc use (api.store_root: their `store:`, $FMERGE_STORE, or found from each);
     recipes using different stores are refused: gc would keep one's artifacts and judge another's."""
     from .api import store_root
     from .errors import StoreError

@@ -106,13 +106,14 @@ def run(rt: Runtime, only: list[str] | None = None, force: list[str] | None = No
                           f"{', '.join(rt.recipe.steps)}.")
     check_exports(rt.recipe, rt.store.root)
     reports = []
+    computed: set[str] = set()  # keys this run computed: another step or row asking for one reuses it
     for step in selected_steps(rt.recipe, only):
         kind = rt.recipe.kinds[kind_of(rt.recipe, step)]
         cfg = rt.recipe.steps[step]
         start = time.perf_counter()
         planned = plan_step(rt, step)
         forced = step in force
-        todo = [p for p in planned if forced or not cached(rt, p)]
+        todo = [p for p in distinct(planned) if p.key not in computed and (forced or not cached(rt, p))]
         report = StepReport(step, kind.kind, "cached", [p.key for p in planned])
         if dry_run:
             report.state = "stale" if todo else "cached"
@@ -123,6 +124,7 @@ def run(rt: Runtime, only: list[str] | None = None, force: list[str] | None = No
                 todo = compute_distributed(rt, kind, step, cfg, planned, todo, forced)
             elif todo:
                 todo = compute_locked(rt, kind, step, cfg, todo, forced)
+            computed.update(p.key for p in todo)
             report.state = ("forced" if forced else "computed") if todo else "cached"
             if distributed.is_main():
                 report.note = kind.export(rt, step, cfg, planned) or ""
@@ -151,7 +153,7 @@ def compute_distributed(rt: Runtime, kind, step: str, cfg, planned: list[Planned
             ensure_deps(rt, todo)
             todo = claim(rt, stack, todo, forced)
         keys = distributed.broadcast([p.key for p in todo])
-        todo = [p for p in planned if p.key in keys]
+        todo = [p for p in distinct(planned) if p.key in keys]
         if todo and (kind.distributed or distributed.is_main()):
             compute_in_order(rt, kind, step, cfg, todo)
         distributed.barrier()
@@ -197,8 +199,18 @@ def ensure_deps(rt: Runtime, todo: list[Planned]) -> None:
                     rt.recipe.kinds[dep.kind].compute(rt, dep.step, None, [dep])
 
 
+def distinct(planned: list[Planned]) -> list[Planned]:
+    """The first planned artifact of each key, in order: rows asking for one artifact (two merges
+    that are the same, one merge scored twice) share one computation, and its key is locked once."""
+    first: dict[str, Planned] = {}
+    for p in planned:
+        first.setdefault(p.key, p)
+    return list(first.values())
+
+
 def claim(rt: Runtime, stack: ExitStack, todo: list[Planned], forced: bool) -> list[Planned]:
-    """Lock every key (one global order: no deadlock between runs); return those still to compute."""
+    """Lock every key once (one global order: no deadlock between runs); return those still to compute."""
+    todo = distinct(todo)
     for p in sorted(todo, key=lambda p: p.key):
         stack.enter_context(rt.store.lock(p.key))
     if not forced:

@@ -1,10 +1,13 @@
 """Fine-tune a sequence classifier: the pure training loop behind the demo's `finetune` step.
 
 Nothing here knows about files, recipes or the store: the caller hands in a model and a factory
-of tokenized batches and gets the trained model (in place) and a small log back. Head init and
-dropout draw from `seed` inside a forked RNG (batch order from the factory's own seed), so the same
-seeds give the same weights on CPU, whatever the thread count, and the caller's global RNG is left
-untouched.
+of tokenized batches and gets the trained model (in place) and a small log back.
+
+Everything random draws from a `torch.Generator` of its own, never from torch's global generator,
+which the threads of a process share: the new head from `seed` (fresh_classifier), the batch order
+from the factory's seed (tensor_batches). Dropout has no generator argument in torch, so training
+runs without it (the model stays in eval mode). The same seeds thus give the same weights on CPU,
+whatever the thread count and however many fine-tunes run at once in one process.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ Progress = Callable[[int, int, float], None]
 def fresh_classifier(base_path: str | Path, num_labels: int, seed: int, **config_overrides):
     """Load a local pretrained encoder with a new classification head initialised from `seed`.
 
-    `local_files_only` keeps it off the network (a missing path would otherwise be read as a hub
-    id); `config_overrides` go to the config, e.g. `num_hidden_layers=2` for a fast test model.
+    The tensors the encoder's files lack (the head) are drawn again from a generator seeded with
+    `seed`, whatever transformers drew for them: matrices from N(0, initializer_range²), biases
+    zero, other vectors one (as BERT initialises them). `local_files_only` keeps it off the network
+    (a missing path would otherwise be read as a hub id); `config_overrides` go to the config, e.g.
+    `num_hidden_layers=2` for a fast test model.
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -40,15 +46,27 @@ def fresh_classifier(base_path: str | Path, num_labels: int, seed: int, **config
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, local_files_only=True, **config_overrides
-            )
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, local_files_only=True, output_loading_info=True, **config_overrides
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
+    generator = torch.Generator().manual_seed(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    tensors = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name in sorted(loading["missing_keys"]):
+            t = tensors.get(name)
+            if t is None or not t.is_floating_point():
+                continue
+            if name.endswith("bias"):
+                t.zero_()
+            elif t.ndim >= 2:
+                t.copy_(torch.randn(t.shape, generator=generator, dtype=t.dtype) * std)
+            else:
+                t.fill_(1.0)
     return model
 
 
@@ -83,7 +101,6 @@ def finetune_classifier(
     lr: float,
     weight_decay: float,
     warmup: float,
-    seed: int,
     device: str | torch.device,
     max_grad_norm: float | None = 1.0,
     progress: Progress | None = None,
@@ -94,10 +111,11 @@ def finetune_classifier(
     token_type_ids, labels); it is called again with the next epoch number whenever a pass runs
     out, so short datasets cycle. AdamW (no decay on biases and LayerNorm) with `lr` rising
     linearly over the first `warmup` fraction of steps, then falling linearly to zero.
-    `progress(step, steps, loss)` is called after each step. The model is left in eval mode.
+    `progress(step, steps, loss)` is called after each step. The model trains in eval mode, without
+    dropout (module docstring), and is left in it.
 
     The log: `losses` (one per step), `train_accuracy` (on the batches of the last tenth of the
-    steps, from the training forward pass, so with dropout on: a free sanity check, not an
+    steps, from the training forward pass, before each update: a free sanity check, not an
     evaluation), `examples_seen`, `steps`, `seconds`.
     """
     if steps < 1:
@@ -112,45 +130,41 @@ def finetune_classifier(
     correct = seen = examples = epoch = 0
     start = time.perf_counter()
 
-    fork = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork):
-        torch.manual_seed(seed)
-        model.to(device).train()
-        optimizer = torch.optim.AdamW(
-            _param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: _linear(s, warmup_steps, steps)
-        )
-        batches = iter(batches_factory(epoch))
-        for step in range(steps):
+    model.to(device).eval()  # no dropout: it would draw from torch's global generator
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _linear(s, warmup_steps, steps)
+    )
+    batches = iter(batches_factory(epoch))
+    for step in range(steps):
+        batch = next(batches, None)
+        if batch is None:
+            epoch += 1
+            batches = iter(batches_factory(epoch))
             batch = next(batches, None)
             if batch is None:
-                epoch += 1
-                batches = iter(batches_factory(epoch))
-                batch = next(batches, None)
-                if batch is None:
-                    raise DataError("finetune: the batches factory yielded no batches.")
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            labels = batch["labels"].to(device)
-            logits = model(**inputs).logits
-            loss = F.cross_entropy(logits, labels)
-            if not torch.isfinite(loss):
-                raise ModelError(f"finetune: loss is {loss.item()} at step {step}; lower lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            examples += len(labels)
-            if step >= tail_from:
-                correct += (logits.argmax(-1) == labels).sum().item()
-                seen += len(labels)
-            if progress is not None:
-                progress(step + 1, steps, losses[-1])
-        model.eval()
+                raise DataError("finetune: the batches factory yielded no batches.")
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        labels = batch["labels"].to(device)
+        logits = model(**inputs).logits
+        loss = F.cross_entropy(logits, labels)
+        if not torch.isfinite(loss):
+            raise ModelError(f"finetune: loss is {loss.item()} at step {step}; lower lr.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        examples += len(labels)
+        if step >= tail_from:
+            correct += (logits.argmax(-1) == labels).sum().item()
+            seen += len(labels)
+        if progress is not None:
+            progress(step + 1, steps, losses[-1])
 
     return {
         "steps": steps,

@@ -79,7 +79,7 @@ _LAYOUT = ("objects", "tmp", "locks", "cache")
 _QUARANTINE = "quarantine"
 _WHAT_A_STORE_IS = ("An artifact store is the directory where `fmerge run`, `merge` and `fisher` keep what they "
                     f"compute, marked by a {STORE_MARKER} file; choose one with --store DIR, the FMERGE_STORE "
-                    "variable or the recipe's `store:` (default ./artifacts).")
+                    "variable or the recipe's `store:` (default: the artifacts/ found upward from the recipe, README \"The store\").")
 
 # Checksums of tensor bytes: xxh3_128 hashes at ~15 GB/s on one core (blake2b: ~0.9 GB/s; see
 # bench/verify_on_read.py), so checking every read costs a fraction of the read. It detects

@@ -92,6 +92,8 @@ def apply_overrides(data: dict, overrides: dict[str, Any], sweeps: dict[str, lis
                           f"step names to steps; fix 'steps' first.")
     for key, value in overrides.items():
         step, path = _split(key, steps, f"--set {quoted(key, 80)}")
+        if isinstance(steps[step], dict):  # a copy: a step that is a YAML alias of another stays as written
+            steps[step] = dict(steps[step])
         _assign(steps[step], path, value, f"--set {quoted(key, 80)}")
     if sweeps:
         old = data.get("sweep")
@@ -129,8 +131,10 @@ def _split(key: str, steps: dict, where: str) -> tuple[str, list[str]]:
 
 
 def _assign(raw: Any, path: list[str], value: Any, where: str = "") -> None:
-    """Set raw[path[0]][path[1]]... = value, creating mappings on the way; a path through a value
-    that is not a mapping is an error naming `where` (the --set or the sweep key)."""
+    """Set raw[path[0]][path[1]]... = value, creating mappings on the way and copying those it passes
+    through (a mapping the recipe shares through a YAML alias, `params: *p`, keeps its value in the
+    other places); a path through a value that is not a mapping is an error naming `where` (the
+    --set or the sweep key)."""
     prefix = f"{where}: " if where else ""
     if not isinstance(raw, dict):
         raise RecipeError(f"{prefix}the step is {_what(raw)}, not a mapping of its settings; give it "
@@ -141,7 +145,8 @@ def _assign(raw: Any, path: list[str], value: Any, where: str = "") -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"{prefix}'{'.'.join(path[:i + 1])}' is {_what(child)}, not a mapping, so "
                               f"'{'.'.join(path)}' cannot be set inside it.")
-        node = node.setdefault(part, {})
+        node[part] = dict(child)
+        node = node[part]
     node[path[-1]] = value
 
 

@@ -312,7 +312,7 @@ def _synthetic(n: int = 256, length: int = 8, seed: int = 0) -> dict[str, torch.
 def _train(seed: int, steps: int, progress=None):
     model = _tiny_model()
     log = finetune_classifier(model, tensor_batches(_synthetic(), 32, seed), steps=steps, lr=1e-2,
-                              weight_decay=0.01, warmup=0.1, seed=seed, device="cpu",
+                              weight_decay=0.01, warmup=0.1, device="cpu",
                               progress=progress)
     return model, log
 
@@ -342,17 +342,17 @@ def test_finetune_leaves_global_rng_alone():
     expected = torch.rand(3)
     torch.manual_seed(123)
     finetune_classifier(model, tensor_batches(_synthetic(), 32, 0), steps=2, lr=1e-3,
-                        weight_decay=0.0, warmup=0.0, seed=5, device="cpu")
+                        weight_decay=0.0, warmup=0.0, device="cpu")
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_finetune_rejects_bad_arguments():
     with pytest.raises(FmergeError, match="warmup"):
         finetune_classifier(_tiny_model(), tensor_batches(_synthetic(), 32, 0), steps=2, lr=1e-3,
-                            weight_decay=0.0, warmup=5, seed=0, device="cpu")
+                            weight_decay=0.0, warmup=5, device="cpu")
     with pytest.raises(FmergeError, match="no batches"):
         finetune_classifier(_tiny_model(), lambda epoch: [], steps=2, lr=1e-3,
-                            weight_decay=0.0, warmup=0.0, seed=0, device="cpu")
+                            weight_decay=0.0, warmup=0.0, device="cpu")
 
 
 def test_fresh_classifier_seeded_head(tmp_path):

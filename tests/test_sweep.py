@@ -131,3 +131,23 @@ def test_asking_for_more_rows_than_a_split_has_warns_and_uses_all(project, capsy
     sub = load_subset(rt, "animal", "validation", 1000, 0)
     assert len(sub.rows) == 24
     assert "1000 examples asked of data 'animal' (split 'validation'), which has 24 rows" in capsys.readouterr().err
+
+
+def test_set_changes_only_the_step_it_names_when_steps_share_settings_through_yaml_aliases(zoo, tmp_path):
+    text = """
+base: zoo/base
+models: {a: zoo/task0, b: zoo/task1}
+store: store
+steps:
+  ta1: &step {kind: merge, method: task_arithmetic, params: &p {lambda: 0.3}}
+  ta2: {kind: merge, method: task_arithmetic, params: *p}
+  ta3: *step
+"""
+    path = write_recipe(tmp_path, text)
+    r = load_recipe(path, ["ta1.params.lambda=0.9"])
+    assert [r.steps[s].params["lambda"] for s in ("ta1", "ta2", "ta3")] == [0.9, 0.3, 0.3]
+    r = load_recipe(path, ["ta3.params.lambda=0.7"])
+    assert [r.steps[s].params["lambda"] for s in ("ta1", "ta2", "ta3")] == [0.3, 0.3, 0.7]
+    r = load_recipe(path, ["ta2.params.lambda=0.2,0.4"])  # a sweep of one of them, likewise
+    assert [r.steps[s].params["lambda"] for s in ("ta1", "ta3")] == [0.3, 0.3]
+    assert [r.steps[v.name].params["lambda"] for v in r.sweeps["ta2"]] == [0.2, 0.4]

@@ -1,7 +1,9 @@
 """The `finetune` step: a short, seeded fine-tune of the base on one task, cached as an artifact.
 
 It exists so a demo or an experiment can build its own model zoo reproducibly; the resulting
-model is used in `models:` with `from_step`.
+model is used in `models:` with `from_step`. It trains without dropout and draws nothing from
+torch's global generator (fmerge/finetune.py), so one key names one set of weights even when
+fine-tunes run in several threads of one process.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..store import make_key
 from ..tasks import data_inputs, data_spec, load_subset, load_tokenizer
 from .base import Planned, StepKind, register
 
-VERSION = 1
+VERSION = 2  # 2: head drawn from a generator of its own, no dropout (fmerge/finetune.py)
 
 
 class FinetuneConfig(Strict):
@@ -77,7 +79,7 @@ class FinetuneStep(StepKind):
         with tensor_progress(rt.console, f"{name}: fine-tune", cfg.steps) as advance:
             log = finetune_classifier(model, tensor_batches(features, cfg.batch_size, p.params["seed"]),
                                       steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      warmup=cfg.warmup, seed=p.params["seed"], device=rt.device,
+                                      warmup=cfg.warmup, device=rt.device,
                                       progress=advance)
         with rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version) as writer:
             for n, t in model.state_dict().items():
