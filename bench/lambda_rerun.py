@@ -11,7 +11,8 @@ seen (a seeded random weight for one model), so nothing is served from the cache
 
 then prints both and their ratio and writes bench/results/lambda_rerun.json. The CLI's start-up
 (`bench/startup.py`) comes on top of either. `--cold` drops the inputs' pages from the page cache
-(only those files) before each of the two timings.
+(only those files) before each of the two timings. Like the CLI, it allocates large tensors in
+transparent huge pages (THP_MEM_ALLOC_ENABLE=1).
 
 `--synthetic` needs no demo: it builds (once, in bench/work/lambda-rerun/) a project of the same
 size from transformers configs with random weights: a MiniLM-shaped BERT base (22.7M parameters,
@@ -33,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+# as the CLI runs a merge (cli.main): large tensors in transparent huge pages; before torch loads
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
