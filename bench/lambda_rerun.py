@@ -12,7 +12,7 @@ seen (a seeded random weight for one model), so nothing is served from the cache
 then prints both and their ratio and writes bench/results/lambda_rerun.json. The CLI's start-up
 (`bench/startup.py`) comes on top of either. `--cold` drops the inputs' pages from the page cache
 (only those files) before each of the two timings. Like the CLI, it allocates large tensors in
-transparent huge pages (THP_MEM_ALLOC_ENABLE=1).
+transparent huge pages (THP_MEM_ALLOC_ENABLE=1) and keeps the cyclic GC off through start-up.
 
 `--synthetic` needs no demo: it builds (once, in bench/work/lambda-rerun/) a project of the same
 size from transformers configs with random weights: a MiniLM-shaped BERT base (22.7M parameters,
@@ -26,6 +26,7 @@ each is a zarr array per tensor of the same size as the demo's).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -34,8 +35,10 @@ import sys
 import time
 from pathlib import Path
 
-# as the CLI runs a merge (cli.main): large tensors in transparent huge pages; before torch loads
+# as the CLI runs a merge (cli.main): large tensors in transparent huge pages (read before torch
+# loads), and the cyclic GC off through start-up, then on with start-up's objects frozen
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+gc.disable()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -152,6 +155,7 @@ def main() -> None:
         recipe = build_synthetic(SYNTHETIC)
         rt = runtime(recipe, [1.0] * len(TASKS))
         executor.run(rt, only=["fisher_exact"])  # the Fishers, computed once (cached afterwards)
+    executor.resume_gc()  # what the executor does before it first computes
     rng = random.Random(args.seed)
     rows = []
     for _ in range(args.repeat):
