@@ -153,8 +153,8 @@ class Fisher(MergeMethod):
         flat, size = out.view(-1), out.numel()
         # On the CPU the tensor is merged block by block, every operation on a block while it is
         # in cache: whole-tensor operations made ~20 passes over memory and a new tensor per model
-        # (2.6x the main thread's CPU, 5x the wall time on a busy 2-core machine; BENCHMARKS.md). Each entry
-        # goes through the same operations in the same order either way, so the same bits.
+        # (2.6x the main thread's CPU, 5x the wall time on a busy 2-core machine; BENCHMARKS.md).
+        # Each entry goes through the same operations in the same order either way: same bits.
         step = max(1, min(size, BLOCK) if out.device.type == "cpu" else size)
         weight = torch.empty(step, dtype=out.dtype, device=out.device)
         denominator = torch.empty_like(weight)
