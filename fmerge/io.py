@@ -16,7 +16,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 
@@ -279,6 +279,15 @@ def read_safetensors_header(file: Path, what: str) -> SafetensorsHeader:
     return SafetensorsHeader([(nm, dt, sh, start + b, start + e) for nm, dt, sh, b, e in tensors], metadata)
 
 
+# A source of uninitialised uint8 buffers of a given size (`ModelDir.get`, `Artifact.get`).
+Allocator = Callable[[int], torch.Tensor]
+
+
+def new_buffer(size: int) -> torch.Tensor:
+    """An uninitialised uint8 buffer of `size` bytes: what a tensor is read into by default."""
+    return torch.empty(size, dtype=torch.uint8)
+
+
 def pread_exactly(fd: int, view: memoryview, offset: int) -> bool:
     """Fill `view` from file descriptor `fd` at `offset` (pread, as often as it takes; no mapping
     stays behind); False if the file ends first."""
@@ -493,18 +502,21 @@ class ModelDir:
     def dtype(self, name: str) -> torch.dtype:
         return self._entries[name].dtype
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, alloc: Allocator | None = None) -> torch.Tensor:
         """A fresh tensor read with pread, not a view of a memory map: pages of files already merged
-        do not stay mapped into the process (and counted in its resident memory)."""
+        do not stay mapped into the process (and counted in its resident memory). `alloc(nbytes)`
+        supplies the uint8 buffer it is read into (a merge recycles them); by default a new one."""
         if self._pickled is not None:
             return self._pickled[name]
         e = self._entries[name]
         size = e.end - e.start
         if size == 0:
             return torch.empty(e.shape, dtype=e.dtype)
-        buf = bytearray(size)
-        self._read_exactly(name, e.file, memoryview(buf), e.start)
-        return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
+        # torch's allocator, not a bytearray: no zero-filling first, aligned, and in huge pages
+        # where the CLI turns them on (a fresh bytearray cost 1.9x the read of a warm file)
+        buf = (alloc or new_buffer)(size)
+        self._read_exactly(name, e.file, memoryview(buf.numpy()), e.start)
+        return buf.view(e.dtype).reshape(e.shape)
 
     def _read_exactly(self, name: str, file: Path, view: memoryview, offset: int) -> None:
         """Fill `view` from `file` at `offset` (pread, as often as it takes), or refuse a short file."""
@@ -514,14 +526,14 @@ class ModelDir:
         if not pread_exactly(fh.fileno(), view, offset):
             raise ModelError(f"Model '{self.label}': {file} ended while reading tensor '{name}' (truncated?).")
 
-    def get_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def get_as(self, name: str, dtype: torch.dtype, alloc: Allocator | None = None) -> torch.Tensor:
         """A fresh tensor converted to `dtype` (safetensors only), read in pieces through this
         thread's small buffer: no tensor of the file's dtype is ever made whole, which at 1B
-        parameters saved a third of a merge's page faults (BENCHMARKS.md)."""
+        parameters saved a third of a merge's page faults (BENCHMARKS.md). `alloc` as in `get`."""
         e = self._entries[name]
         if e.dtype == dtype:
-            return self.get(name)
-        out = torch.empty(e.shape, dtype=dtype)
+            return self.get(name, alloc)
+        out = (alloc or new_buffer)(nbytes(dtype, e.shape)).view(dtype).reshape(e.shape)
         flat, done = out.view(-1), 0
         block = _staging_block()
         for got in self._pieces(name, e, block):

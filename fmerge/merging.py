@@ -236,13 +236,14 @@ def merge_stream(
     stats = stats or {}
     names = list(models)
     covered = {kind: {m: set(src.names()) for m, src in by_model.items()} for kind, by_model in stats.items()}
+    buffers = RecycledBuffers()
 
     def load(src: TensorSource, name: str, what: str, keep_float64: bool = False) -> tuple[torch.Tensor, bool]:
         """A tensor in fp32 on `device`, refused if non-finite: mixed input dtypes merge in fp32.
         Also whether it is a copy that nobody else holds. Statistics stored in float64 (K-FAC
         factors, kept positive semi-definite) stay float64 with `keep_float64`."""
         if getattr(src, "fresh_tensors", False) and torch.device(device).type == "cpu":
-            t = raw = src.get_as(name, torch.float32)  # converted piece by piece, fresh
+            t = raw = src.get_as(name, torch.float32, buffers.take)  # converted piece by piece, fresh
         else:
             raw = src.get(name)
             t = raw.to(device, torch.float64 if keep_float64 and raw.dtype == torch.float64 else torch.float32)
@@ -340,6 +341,43 @@ def merge_stream(
             yield r, out
     finally:
         loaders.shutdown(wait=True, cancel_futures=True)
+
+
+class RecycledBuffers:
+    """Uninitialised uint8 buffers for the tensors a merge reads, each handed out again once
+    nothing uses its memory any more: no tensor, view or array anywhere (a method's output that is
+    an input, a tensor the writer still holds) keeps a reference to its storage.
+
+    A new buffer costs the kernel zeroing its pages; after the first tensors a merge reads into
+    buffers it already has (~10% less CPU for the λ rerun, BENCHMARKS.md). A request takes the
+    smallest free buffer that is large enough, so the buffers held are at most those of the
+    tensors in flight at the largest moment; they are freed with the pool. Small requests are left
+    to the allocator, which recycles them itself, and so is every request where torch cannot say
+    how many tensors use a storage.
+    """
+
+    SMALLEST = 1 << 20
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+        self.counts = getattr(torch._C, "_storage_Use_Count", None)
+
+    def _in_use(self, buffer: torch.Tensor) -> bool:
+        # the buffer itself and the storage object asked here are two uses; any tensor made from
+        # it (the view handed out, a reshape, a dtype view, a tensor over its numpy array) is more
+        return self.counts(buffer.untyped_storage()._cdata) > 2
+
+    def take(self, size: int) -> torch.Tensor:
+        if size < self.SMALLEST or self.counts is None:
+            return torch.empty(size, dtype=torch.uint8)
+        with self.lock:  # the view is made before another thread can see the buffer free
+            free = [b for b in self.buffers if b.numel() >= size and not self._in_use(b)]
+            if free:
+                return min(free, key=torch.Tensor.numel)[:size]
+            buffer = torch.empty(size, dtype=torch.uint8)
+            self.buffers.append(buffer)
+            return buffer[:size]
 
 
 T = TypeVar("T")

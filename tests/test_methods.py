@@ -649,3 +649,60 @@ def test_methods_give_the_same_result_on_cuda(name, params):
     on_gpu = run(name, cuda, context=c, **params)
     assert on_gpu.is_cuda
     assert torch.allclose(on_cpu, on_gpu.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def whole_tensor_fisher(group, lambdas, floor, means, normalize, fallback, base_prior) -> torch.Tensor:
+    """Fisher merging in whole-tensor float32 operations, in the order of the formula: the bits the
+    blocked merge must reproduce on tensors of many blocks."""
+    values = [t - group.base for t in group.models] if base_prior else group.models
+    numerator = denominator = None
+    for i, (lam, fisher, value) in enumerate(zip(lambdas, group.stats["fisher"], values)):
+        weight = fisher.clamp_min(floor * means[i]) if floor > 0 else fisher
+        weight = weight / means[i] if normalize else weight
+        weight = weight * lam
+        if numerator is None:
+            numerator = weight * value
+            denominator = group.stats["fisher_base"][0] + weight if base_prior else weight
+        else:
+            numerator = torch.addcmul(numerator, weight, value)
+            denominator = denominator + weight
+    merged = numerator / denominator
+    if fallback == "average":
+        average = torch.zeros_like(values[0])
+        for lam, value in zip(lambdas, values):
+            average = torch.add(average, value, alpha=lam)
+        average = average / sum(lambdas)
+    else:
+        average = values[NAMES.index(fallback)]
+    merged = torch.where(denominator == 0, average, merged)
+    return merged + group.base if base_prior else merged
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"floor": 0, "lambda": [1.0, 0.0, 2.5], "fallback": "sst2"},
+        {"floor": 0, "fallback": "average"},
+        {"floor": 0.05, "normalize": True, "lambda": [0.5, 1.0, 3.0]},
+        {"floor": 0, "normalize": True},
+        {"floor": 0, "base_prior": True, "lambda": [0.5, 1.0, 2.0]},
+    ],
+)
+def test_fisher_on_tensors_of_many_blocks_has_the_bits_of_whole_tensor_operations(params):
+    """The CPU merge works block by block (fisher.BLOCK entries); a tensor of several blocks and a
+    ragged tail, with all-zero Fisher columns in more than one block, gives exactly the bits of the
+    same formula in whole-tensor operations."""
+    from fmerge.methods.fisher import BLOCK
+
+    shape = (3, BLOCK - 37)  # rows cross block boundaries; 3 blocks and a partial fourth
+    group = fisher_group(seed=7, shape=shape, zero_columns=(5, BLOCK // 2, BLOCK - 40),
+                         base_fisher=params.get("base_prior", False))
+    means = fisher_means(group)
+    lambdas = ref_lambdas(params.get("lambda", 1.0))
+    expected = whole_tensor_fisher(group, lambdas, params.get("floor", 1e-6), means, params.get("normalize", False),
+                                   params.get("fallback", "average"), params.get("base_prior", False))
+    got = run("fisher", group, context=ctx(fisher_mean=means), **params)
+    assert got.shape == group.base.shape and got.dtype == torch.float32
+    assert torch.equal(got, expected)
+    assert (group.stats["fisher"][0][:, 5] == 0).all()  # the zero columns are really there (inputs unchanged)

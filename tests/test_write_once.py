@@ -235,3 +235,37 @@ def test_write_behind_writes_in_order_and_raises_the_writers_failure():
 
     with pytest.raises(OSError, match="No space left"):
         write_behind(((str(i), torch.tensor(i)) for i in range(20)), failing)
+
+
+def test_a_read_buffer_is_handed_out_again_only_once_nothing_uses_its_memory():
+    """merge_stream's recycled buffers: while any tensor made from a buffer lives (a dtype view, a
+    reshape, a tensor over its numpy array, a slice), a request gets other memory; once the last
+    one is gone, the same memory comes back; small requests never come from the pool."""
+    import numpy as np
+
+    from fmerge.merging import RecycledBuffers
+
+    pool = RecycledBuffers()
+    size = RecycledBuffers.SMALLEST * 2
+    first = pool.take(size)
+    address = first.data_ptr()
+    made = [lambda t: t.view(torch.float32).reshape(2, -1), lambda t: torch.from_numpy(t.numpy().view(np.float32)),
+            lambda t: t[size // 2:]]
+    for make in made:
+        kept = make(first)
+        del first
+        other = pool.take(size)
+        assert other.data_ptr() != address  # still in use through `kept`
+        second = other.data_ptr()
+        del other
+        del kept
+        first = pool.take(size)
+        assert first.data_ptr() == address  # nothing holds it: the same memory again
+    assert len(pool.buffers) == 2  # the second buffer, freed each round, was taken again
+    smaller = pool.take(size // 2 + 1)  # a free buffer large enough: the second, `first` lives
+    assert smaller.data_ptr() == second
+    del first
+    assert pool.take(size // 2 + 1).data_ptr() == address
+    assert len(pool.buffers) == 2
+    tiny = pool.take(RecycledBuffers.SMALLEST - 1)
+    assert all(tiny.data_ptr() != b.data_ptr() for b in pool.buffers)

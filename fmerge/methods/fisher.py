@@ -30,6 +30,11 @@ from .base import (
 )
 from .task_arithmetic import scaling_factors
 
+# Entries merged at once on the CPU: a multiple of 64 (whole vector steps) below torch's grain
+# size of 32768, so each operation on a block runs in the calling thread; ~1.4 MB of a block's
+# inputs and scratch stay in cache between the operations.
+BLOCK = 32704
+
 
 class FisherParams(MethodParams):
     lambda_: PerModel = Field(
@@ -133,36 +138,71 @@ class Fisher(MergeMethod):
                 "(summary 'fisher_mean'), which the statistics store did not provide."
             )
 
+        prior = None
         if params.base_prior:
-            prior = group.stats.get("fisher_base")
-            if group.base is None or not prior:
+            priors = group.stats.get("fisher_base")
+            if group.base is None or not priors:
                 raise RecipeError(
                     f"Tensor '{group.name}': base_prior needs the base model and its Fisher."
                 )
-            values = [theta - group.base for theta in group.models]
-        else:
-            values = group.models
-        # One new tensor per model (its weight λ_i·F_i, made in place after the first op that
-        # copies), and the first model's terms start the sums: no zero-filled buffers. The same
-        # operations in the same order as Σ over zeros, so the same bits.
-        numerator = denominator = None
-        for i, (lam, fisher, value) in enumerate(zip(lambdas, fishers, values)):
-            weight = fisher.clamp_min(params.floor * means[i]) if params.floor > 0 else None
-            if params.normalize:
-                weight = weight.div_(means[i]) if weight is not None else fisher / means[i]
-            weight = weight.mul_(lam) if weight is not None else fisher * lam
-            if numerator is None:
-                numerator = weight * value
-                denominator = prior[0].clone().add_(weight) if params.base_prior else weight
-            else:
-                numerator.addcmul_(weight, value)
-                denominator.add_(weight)
+            prior = priors[0].reshape(-1)
+        base = group.base.reshape(-1) if params.base_prior else None
+        models = [theta.reshape(-1) for theta in group.models]
+        fishers = [fisher.reshape(-1) for fisher in fishers]
+        out = torch.empty_like(group.models[0])
+        flat, size = out.view(-1), out.numel()
+        # On the CPU the tensor is merged block by block, every operation on a block while it is
+        # in cache: whole-tensor operations made ~20 passes over memory and a new tensor per model
+        # (2.6x the main thread's CPU, 5x the wall time on a busy 2-core machine; BENCHMARKS.md).
+        # Each entry goes through the same operations in the same order either way: same bits.
+        step = max(1, min(size, BLOCK) if out.device.type == "cpu" else size)
+        weight = torch.empty(step, dtype=out.dtype, device=out.device)
+        denominator = torch.empty_like(weight)
+        value = torch.empty_like(weight) if params.base_prior else None
+        for start in range(0, size, step):
+            block = slice(start, min(size, start + step))
+            self._merge_block(params, lambdas, means, block, models, fishers, base, prior, flat[block],
+                              weight[: block.stop - start], denominator[: block.stop - start],
+                              value[: block.stop - start] if value is not None else None, ctx)
+        return out
 
-        merged = numerator.div_(denominator)
+    def _merge_block(
+        self, params: FisherParams, lambdas: list[float], means, block: slice, models: list[torch.Tensor],
+        fishers: list[torch.Tensor], base: torch.Tensor | None, prior: torch.Tensor | None,
+        merged: torch.Tensor, weight: torch.Tensor, denominator: torch.Tensor, value: torch.Tensor | None,
+        ctx: MergeContext,
+    ) -> None:
+        """θ = Σ λ_i F_i θ_i / Σ λ_i F_i (task vectors and the prior F_0 with `base_prior`) on the
+        entries `block`, into `merged`; `weight`, `denominator` and `value` are scratch of its size.
+        The first model's terms start the sums (no zero-filled buffers)."""
+        for i, (lam, fisher, theta) in enumerate(zip(lambdas, fishers, models)):
+            # the first model's weight is made in the denominator itself (without a prior, the
+            # sum starts as that weight), the others' in `weight`
+            w = denominator if i == 0 and prior is None else weight
+            if params.floor > 0:
+                torch.clamp_min(fisher[block], params.floor * means[i], out=w)
+                if params.normalize:
+                    w.div_(means[i])
+                w.mul_(lam)
+            elif params.normalize:
+                torch.div(fisher[block], means[i], out=w).mul_(lam)
+            else:
+                torch.mul(fisher[block], lam, out=w)
+            v = torch.sub(theta[block], base[block], out=value) if base is not None else theta[block]
+            if i == 0:
+                torch.mul(w, v, out=merged)
+                if prior is not None:
+                    torch.add(prior[block], w, out=denominator)
+            else:
+                merged.addcmul_(w, v)
+                denominator.add_(w)
+        merged.div_(denominator)
         uninformed = denominator == 0
         if uninformed.any():
-            merged = torch.where(uninformed, self._fallback(params, ctx, lambdas, values), merged)
-        return merged + group.base if params.base_prior else merged
+            values = [theta[block] - base[block] if base is not None else theta[block] for theta in models]
+            merged.copy_(torch.where(uninformed, self._fallback(params, ctx, lambdas, values), merged))
+        if base is not None:
+            merged.add_(base[block])
 
     @staticmethod
     def _fallback(
