@@ -242,11 +242,12 @@ def merge_stream(
         """A tensor in fp32 on `device`, refused if non-finite: mixed input dtypes merge in fp32.
         Also whether it is a copy that nobody else holds. Statistics stored in float64 (K-FAC
         factors, kept positive semi-definite) stay float64 with `keep_float64`."""
+        dtype = torch.float64 if keep_float64 and src.dtype(name) == torch.float64 else torch.float32
         if getattr(src, "fresh_tensors", False) and torch.device(device).type == "cpu":
-            t = raw = src.get_as(name, torch.float32, buffers.take)  # converted piece by piece, fresh
+            t = raw = src.get_as(name, dtype, buffers.take)  # converted piece by piece, fresh
         else:
             raw = src.get(name)
-            t = raw.to(device, torch.float64 if keep_float64 and raw.dtype == torch.float64 else torch.float32)
+            t = raw.to(device, dtype)
         if not all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise ModelError(f"Tensor '{name}' of {what} holds {bad} NaN or Inf value(s); fmerge will not "
