@@ -162,12 +162,14 @@ def run(
 def status(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list of {step, kind, state, keys, seconds, note}"),
-    check: bool = typer.Option(False, "--check", help="exit 1 if any step would run, 0 if all are cached "
-                               "(for Make and scripts; the table or JSON is printed either way)"),
+    check: bool = typer.Option(False, "--check", help="exit 1 if `fmerge run` would compute, write or restore "
+                               "anything (an artifact; an export or results file missing, changed or out of "
+                               "date), 0 if it would change nothing, 2 on an error (for Make and scripts; the "
+                               "table or JSON is printed either way)"),
     sets: list[str] = SetOpt,
     store: Optional[Path] = StoreOpt,
 ):
-    """Say which steps are cached and which would run, computing nothing."""
+    """Say which steps are cached and which `run` would compute or write out again, computing nothing."""
     from . import executor
 
     reports = executor.status(_runtime(recipe, store, sets=sets, create=False))
@@ -504,8 +506,8 @@ def gc(
     referenced: set[str] = set()
     for _, recipe in recipes:
         rt = Runtime(recipe, s, err)
-        for report in executor.status(rt):
-            referenced.update(report.keys)
+        for step in executor.selected_steps(recipe, None):  # the keys it plans, nothing checked
+            referenced.update(p.key for p in executor.plan_step(rt, step))
     cutoff = None
     if older_than:
         try:
