@@ -392,11 +392,12 @@ def export_model_dir(
 
     `weight_files` ({name: (path, record with its xxh3_128)}): the artifact's own safetensors files
     (and index), already checked by the store; they are hard-linked into the export (reflinked,
-    else copied, across file systems) instead of writing `weights` again, and their recorded
-    xxh3-128 goes into the manifest unread. A hard link is the store's file itself: editing the
-    exported weights in place changes the artifact too. The store notices (the file's stamp moves,
-    so the artifact is verified whole again, fails its checksum, is moved to quarantine and
-    recomputed), and this export then refuses to replace the edited file, which is the user's now."""
+    else copied, across file systems) instead of writing `weights` again, and read once more after
+    the link (whose stamp it moved), so that the manifest's record vouches for these bytes only. A
+    hard link is the store's file itself: editing the exported weights in place changes the
+    artifact too. The store notices (the file's stamp moves, so the artifact is verified whole
+    again, fails its checksum, is moved to quarantine and recomputed), the export's record no
+    longer matches, and this export then refuses to replace the edited file, which is the user's now."""
     out = Path(out)
     where = where or str(out)
     with export_lock(store, out):
@@ -408,7 +409,10 @@ def export_model_dir(
         if manifest is None and out.is_dir() and any(out.iterdir()):
             raise ExportError(f"{where}: {out} exists and was not written by fmerge; refusing to replace it (it has "
                               f"no {MARKER} naming the files fmerge wrote). Remove it or export elsewhere.")
-        if export_dir_state(out, key, weight_files, manifest) is None:
+        stale, fresh = _export_dir_check(out, key, manifest)
+        if stale is None:
+            if fresh:  # the same bytes, their stamps moved (a link made elsewhere): kept, so status need not read them
+                _write_json(out / MARKER, {**manifest, "files": {**manifest["files"], **fresh}})
             return f"export {out} up to date"
         owned, user, dirs = _classify(out, manifest, where) if manifest is not None else ({}, [], [])
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -419,11 +423,19 @@ def export_model_dir(
             raise _export_error(out, exc) from exc
         try:
             (tmp / BUILDING).touch()
+            linked: dict[str, dict] = {}  # the store's files, hard-linked: their records
+            digests: dict[str, str] = {}
             if weight_files:
-                digests = {}
                 for name, (src, record) in weight_files.items():
                     place_file(src, tmp / name)
-                    digests[name] = record["xxh3_128"]
+                    # read once more, after the link moved its stamp: what the record trusts later
+                    # is these bytes, never an edit made meanwhile to the store's file
+                    linked[name] = _record(tmp / name)
+                    if linked[name]["xxh3_128"] != record["xxh3_128"]:
+                        raise ExportError(
+                            f"{where}: the store's weight file {src} changed while it was exported (it no longer "
+                            f"matches its checksum); nothing was published. Run again: the artifact is checked "
+                            f"and recomputed.")
             else:
                 layout = [(n, weights.dtype(n), weights.shape(n)) for n in weights.names()]
                 digests = write_weight_files(tmp, layout, ((n, weights.get(n)) for n in weights.names()),
@@ -436,7 +448,7 @@ def export_model_dir(
             if finish is not None:
                 finish(tmp)
             written, _ = _walk(tmp)
-            records = {rel: _record(tmp / rel, digests.get(rel)) for rel in written if rel != BUILDING}
+            records = {rel: linked.get(rel) or _record(tmp / rel, digests.get(rel)) for rel in written if rel != BUILDING}
             carried = _carry(out, tmp, user, dirs, owned, where)
             with open(tmp / MARKER, "x") as fh:
                 json.dump({"format": FORMAT, "key": key, "step": step, "fmerge_version": __version__,
@@ -463,43 +475,50 @@ def export_model_dir(
     return note
 
 
-def export_dir_state(out: Path, key: str, weight_files: dict[str, tuple[Path, dict]] | None = None,
-                     manifest: dict | None | bool = False) -> str | None:
+def export_dir_state(out: Path, key: str, manifest: dict | None | bool = False) -> str | None:
     """None when the directory `out` holds exactly the export of artifact `key` (every file the
     manifest records, each unchanged), else what an export would change there. Costs stat calls
-    while the files' stamps match their records; a file whose stamp moved is read.
+    while the files' stamps match their records; a file whose stamp moved is read."""
+    return _export_dir_check(out, key, manifest)[0]
 
-    A weight file that is still the store's own file (`weight_files`, hard-linked) is vouched for
-    by the store, which the caller has asked first (it reads the artifact again whenever a stamp
-    of its files moves); one that is not is checked against its record."""
+
+def _export_dir_check(out: Path, key: str, manifest: dict | None | bool = False) -> tuple[str | None, dict]:
+    """(export_dir_state, {file: fresh record} of the files whose stamp moved but whose bytes are
+    still the recorded ones: a hard link made or removed elsewhere moves the ctime of the file)."""
     if manifest is False:
         try:
             manifest = read_manifest(out) if out.is_dir() and not out.is_symlink() else None
         except ExportError:
-            return f"export {out} has an unreadable record {MARKER}"
+            return f"export {out} has an unreadable record {MARKER}", {}
     if manifest is None:
-        return f"export {out} is missing"
+        return f"export {out} is missing", {}
     if manifest.get("key") != key:
-        return f"export {out} holds another artifact"
+        return f"export {out} holds another artifact", {}
     recorded = manifest.get("files") or {}
     if not recorded:
-        return f"export {out} is of an fmerge without a record of its files"
+        return f"export {out} is of an fmerge without a record of its files", {}
+    fresh = {}
     for rel, rec in recorded.items():
         path = out / rel
-        src = (weight_files or {}).get(rel, (None,))[0]
-        if src is not None and _same_file(path, src):
+        try:
+            st = path.lstat()
+        except OSError:
+            return f"{path} is missing", {}
+        same_stamp = "ctime_ns" in rec and _stamp(st) == {k: rec.get(k) for k in ("size", "mtime_ns", "ctime_ns", "ino")}
+        if same_stamp:
             continue
-        if not _matches(path, rec):
-            return f"{path} is {'missing' if not os.path.lexists(path) else 'changed'}"
-    return None
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        sa, sb = a.lstat(), b.lstat()
-    except OSError:
-        return False
-    return stat.S_ISREG(sa.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+        if "xxh3_128" not in rec or not stat.S_ISREG(st.st_mode) or st.st_size != rec.get("size"):
+            if _matches(path, rec):
+                continue
+            return f"{path} is changed", {}
+        try:
+            now = _record(path)
+        except ExportError:
+            return f"{path} is changed", {}
+        if now["xxh3_128"] != rec["xxh3_128"]:
+            return f"{path} is changed", {}
+        fresh[rel] = now
+    return None, fresh
 
 
 def export_file_state(target: Path, key: str) -> str | None:

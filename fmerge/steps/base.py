@@ -85,8 +85,7 @@ class StepKind:
             return None
         from ..export import export_dir_state
 
-        key = planned[0].key
-        return export_dir_state(rt.recipe.resolve(export), key, rt.store.open(key).files("weights/"))
+        return export_dir_state(rt.recipe.resolve(export), planned[0].key)
 
 
 STEP_KINDS: dict[str, StepKind] = {}
