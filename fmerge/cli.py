@@ -578,7 +578,9 @@ def eval_command(
     max_length: int = typer.Option(512, "--max-length", help="tokens per pass (language modelling: longer texts "
                                    "are scored in windows; classification: longer ones are cut)"),
     seed: int = typer.Option(0, "--seed", help="seed of the --limit subset"),
-    output: Optional[Path] = typer.Option(None, "--output", help="write results.json and results.csv here"),
+    output: Optional[Path] = typer.Option(None, "--output", help="add this evaluation's rows (model, data, split, "
+                                          "metric and their hashes) to results.json and results.csv here; a file "
+                                          "fmerge did not write is never overwritten"),
     device: Optional[str] = DeviceOpt,
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load .bin/.pt checkpoints (weights only)"),
     store: Optional[Path] = StoreOpt,

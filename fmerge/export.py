@@ -1007,6 +1007,17 @@ def _output_record(path: Path, records: list[dict], expected: bytes | None) -> d
     return False
 
 
+def read_output(out: Path, name: str) -> bytes | None:
+    """The bytes of results file `name` in `out` if fmerge wrote it there, unchanged; else None."""
+    path = Path(out) / name
+    if any(_matches(path, r) for r in _output_records(Path(out)).get(name, [])):
+        try:
+            return path.read_bytes()
+        except OSError:
+            return None
+    return None
+
+
 def output_state(out: Path, files: dict[str, bytes], drawn: list[str]) -> str | None:
     """None when `out` holds each of `files` with exactly these bytes and each `drawn` file (a plot
     drawn from them) as fmerge wrote it; else what writing them would change. Stat calls while
