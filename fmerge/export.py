@@ -1049,6 +1049,9 @@ def write_outputs(store, out: Path, files: dict[str, bytes], draw: dict[str, Cal
                               f"another 'output', then run again.") from exc
         records = _output_records(out)
         owned = {name: _output_record(out / name, records.get(name, []), files.get(name)) for name in [*files, *draw]}
+        if not os.path.lexists(out / OUTPUT_RECORD) and any(owned[n] for n in files):
+            # results written by an fmerge before records (the same bytes): its plots are fmerge's too, drawn again
+            owned.update({n: None for n in draw if owned[n] is False})
         theirs = [name for name, rec in owned.items() if rec is False]
         if theirs:
             raise ExportError(

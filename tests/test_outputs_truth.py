@@ -205,3 +205,18 @@ def test_results_files_are_fmerges_by_a_record_and_a_users_file_is_never_overwri
     refused = fmerge_run(project)
     assert refused.returncode == 2 and "results.json" in refused.stderr and "never overwrites" in refused.stderr
     assert (results / "results.json").read_text() == "[]\n"
+
+
+def test_results_an_fmerge_before_records_wrote_are_adopted_not_refused(project):
+    """A results directory without a record whose files hold exactly what the run writes (an older
+    fmerge wrote them): adopted, left as they are, and its plots drawn again; status says so first."""
+    sets = ["ta.params.lambda=0.1,0.5"]
+    api.run(project, sets=sets)
+    out = project.parent / "results@ta.params.lambda=0.1,0.5"
+    (out / OUTPUT_RECORD).unlink()
+    written = {n: (out / n).stat().st_mtime_ns for n in ("results.json", "results.csv", "sweeps.json")}
+    assert status_check(project, "--set", sets[0]).returncode == 1
+    api.run(project, sets=sets)
+    assert {n: (out / n).stat().st_mtime_ns for n in written} == written
+    assert set(json.loads((out / OUTPUT_RECORD).read_text())["files"]) == {*written, "sweep_ta.png"}
+    assert status_check(project, "--set", sets[0]).returncode == 0
