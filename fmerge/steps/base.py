@@ -79,7 +79,7 @@ class StepKind:
     def outputs_state(self, rt: "Runtime", name: str, cfg: BaseModel, planned: list[Planned]) -> str | None:
         """None when what `export` writes outside the store is there exactly as it would write it
         now, else what it would change (for `fmerge status`; every planned artifact is cached and
-        intact). By default: a model directory `export` of the step's one artifact's `weights/`."""
+        intact). By default: the model directory `export` of the step's one artifact."""
         export = getattr(cfg, "export", None)
         if not export or len(planned) != 1:
             return None

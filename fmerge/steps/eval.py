@@ -325,9 +325,10 @@ class EvalStep(StepKind):
     def outputs_state(self, rt, name, cfg, planned):
         """What the next run's `export` would change: a chosen variant's export, or a results file."""
         from ..export import output_state
+        from ..graph import kind_of
 
-        for group, variant, vcfg in chosen_exports(rt, name, planned):
-            state = rt.recipe.kinds[kind_of_step(rt, variant)].outputs_state(rt, variant, vcfg, rt.planned[variant])
+        for _, variant, vcfg in chosen_exports(rt, name, planned):
+            state = rt.recipe.kinds[kind_of(rt.recipe, variant)].outputs_state(rt, variant, vcfg, rt.planned[variant])
             if state:
                 return state
         if not cfg.output:
@@ -382,12 +383,6 @@ def _same_output(out: Path, name: str, data: bytes) -> bool:
         return False
 
 
-def kind_of_step(rt, step: str) -> str:
-    from ..graph import kind_of
-
-    return kind_of(rt.recipe, step)
-
-
 def chosen_exports(rt, name: str, planned: list[Planned]) -> list[tuple[str, str, object]]:
     """(swept step, chosen variant, its config exporting to the step's `export`) of each sweep
     this eval step chooses for and exports (graph: sweep exports); the choices are cached."""
@@ -405,9 +400,11 @@ def chosen_exports(rt, name: str, planned: list[Planned]) -> list[tuple[str, str
 def export_chosen(rt, name: str, planned: list[Planned]) -> list[str]:
     """Export the variant this eval step chose of each swept step whose `export` names one
     directory (graph: sweep exports), through that step's own export; returns what was done."""
+    from ..graph import kind_of
+
     notes = []
     for _, variant, cfg in chosen_exports(rt, name, planned):
-        note = rt.recipe.kinds[kind_of_step(rt, variant)].export(rt, variant, cfg, rt.planned[variant])
+        note = rt.recipe.kinds[kind_of(rt.recipe, variant)].export(rt, variant, cfg, rt.planned[variant])
         notes.append(f"{note} (variant {variant}, chosen on validation)")
     return notes
 
