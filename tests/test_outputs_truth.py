@@ -220,3 +220,24 @@ def test_results_an_fmerge_before_records_wrote_are_adopted_not_refused(project)
     assert {n: (out / n).stat().st_mtime_ns for n in written} == written
     assert set(json.loads((out / OUTPUT_RECORD).read_text())["files"]) == {*written, "sweep_ta.png"}
     assert status_check(project, "--set", sets[0]).returncode == 0
+
+
+def test_status_check_sees_a_deleted_or_edited_fisher_export(project):
+    project.write_text(HEADER + "  fisher_exact: {kind: fisher, estimator: exact, examples: 8, max_length: 16, "
+                                "export: out/fisher}\n")
+    api.run(project)
+    assert status_check(project).returncode == 0
+    file = project.parent / "out" / "fisher" / "animal.safetensors"
+    data = file.read_bytes()
+    file.unlink()
+    check = status_check(project)
+    assert check.returncode == 1 and "animal.safetensors is missing" in stale(check)["fisher_exact"], check.stdout
+    api.run(project)
+    assert file.read_bytes() == data and status_check(project).returncode == 0
+    st = file.stat()
+    with open(file, "r+b") as fh:
+        fh.seek(st.st_size - 1)
+        fh.write(bytes([data[-1] ^ 1]))
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    check = status_check(project)
+    assert check.returncode == 1 and "animal.safetensors is changed" in stale(check)["fisher_exact"], check.stdout
