@@ -555,27 +555,65 @@ def evaluate(model: PathLike, data: PathLike | None = None, task: str | None = N
     scores, report, out = [], None, None
     if data is not None:
         recipe = eval_recipe(path, key, data, task, split, limit, text_column, text_pair_column, label_column,
-                             prompt_column, choices_column, label_names, head, batch_size, max_length, seed, output,
+                             prompt_column, choices_column, label_names, head, batch_size, max_length, seed,
                              allow_pickle)
         rt = runtime(recipe, store, device, console=console)
         (report,) = executor.run(rt, on_report=on_report)
-        out = Path(recipe.steps["eval"].output) if output is not None else None
         planned = {p.extra["task"]: p for p in rt.planned["eval"]}
         data_name = Path(str(data)).stem if Path(str(data)).exists() else str(data)
+        rows = []
         for row in rt.results.get("eval", []):  # under torchrun only rank 0 gathers the results
+            p = planned[row["task"]]
+            metrics = {m: row[m] for m in METRIC_NAMES if row.get(m) is not None}
             scores.append(TaskScores(data_name, row.get("task_kind", "classification"), row["split"], row.get("n"),
-                                     {m: row[m] for m in METRIC_NAMES if row.get(m) is not None},
-                                     planned[row["task"]].key))
+                                     metrics, p.key))
+            content = p.inputs["data"]["content"]
+            rows.append({"model": str(model), "model_key": p.inputs["weights"].removeprefix("model:"),
+                         "data": str(data), "data_hash": content.get(row["split"]) if isinstance(content, dict)
+                         else content, "split": row["split"], "task_kind": row.get("task_kind", "classification"),
+                         "metric": row.get("metric"), **metrics, "n": row.get("n"), "eval_key": p.key})
+        if output is not None and rows:
+            out = _resolved(Path(output))
+            write_eval_rows(store, out, rows)
     if lm_eval:
         scores += lm_eval_scores(path, list(lm_eval), limit, device, batch_size)
     return EvalResult(name, report is not None and report.state == "cached", scores, out, report, store)
 
 
+EVAL_COLUMNS = ("model", "model_key", "data", "data_hash", "split", "task_kind", "metric", *METRIC_NAMES, "n",
+                "eval_key")
+
+
+def write_eval_rows(store: Store, out: Path, rows: list[dict]) -> None:
+    """Add `rows` to `out/results.json` and `out/results.csv`, the table of every evaluation
+    written there: each row names the model (as given, and its content hash or merge key), the
+    data (as given, and its content hash), the split, the metric and the eval's key; a row of the
+    same evaluation of the same model name is replaced, every other is kept. Files fmerge did not write are refused."""
+    import csv
+    import io
+    import json
+
+    from .export import read_output, write_outputs
+
+    earlier = read_output(out, "results.json")
+    try:
+        kept = [r for r in json.loads(earlier or b"[]") if isinstance(r, dict)]
+    except ValueError:
+        kept = []
+    new = {(r["model"], r["eval_key"]) for r in rows}
+    table = [*[r for r in kept if (r.get("model"), r.get("eval_key")) not in new], *rows]
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=[c for c in EVAL_COLUMNS if any(c in r for r in table)], extrasaction="ignore")
+    w.writeheader()
+    w.writerows(table)
+    write_outputs(store, out, {"results.json": json.dumps(table, indent=2).encode(),
+                               "results.csv": text.getvalue().encode()}, {}, False, f"--output {out}")
+
+
 def eval_recipe(path: str, key: str | None, data: PathLike, task: str | None, split: str,
                 limit: int | None, text_column: str, text_pair_column: str | None, label_column: str | None,
                 prompt_column: str | None, choices_column: str | None, label_names: Sequence[str] | None,
-                head: PathLike | None, batch_size: int, max_length: int, seed: int, output: PathLike | None,
-                allow_pickle: bool) -> Recipe:
+                head: PathLike | None, batch_size: int, max_length: int, seed: int, allow_pickle: bool) -> Recipe:
     """The one-step recipe of `fmerge eval`: the model (or, for a merge, the model lending it
     config, tokenizer and head) with one data entry, and an eval step of it alone."""
     import yaml
@@ -600,8 +638,6 @@ def eval_recipe(path: str, key: str | None, data: PathLike, task: str | None, sp
             "split": split, "limit": limit, "batch_size": batch_size, "max_length": max_length, "seed": seed}
     if head is not None:
         step["head_file"] = os.path.abspath(head)
-    if output is not None:
-        step["output"] = os.path.abspath(output)
     recipe = {"base": path, "allow_pickle": allow_pickle, "models": {"model": {"path": path, "data": "task"}},
               "data": {"task": {k: v for k, v in spec.items() if v is not None}}, "steps": {"eval": step}}
     return parse_recipe(yaml.safe_dump(recipe), None)

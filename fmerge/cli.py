@@ -168,12 +168,14 @@ def run(
 def status(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list of {step, kind, state, keys, seconds, note, store}"),
-    check: bool = typer.Option(False, "--check", help="exit 1 if any step would run, 0 if all are cached "
-                               "(for Make and scripts; the table or JSON is printed either way)"),
+    check: bool = typer.Option(False, "--check", help="exit 1 if `fmerge run` would compute, write or restore "
+                               "anything (an artifact; an export or results file missing, changed or out of "
+                               "date), 0 if it would change nothing, 2 on an error (for Make and scripts; the "
+                               "table or JSON is printed either way)"),
     sets: list[str] = SetOpt,
     store: Optional[Path] = StoreOpt,
 ):
-    """Say which steps are cached and which would run, computing nothing."""
+    """Say which steps are cached and which `run` would compute or write out again, computing nothing."""
     from . import executor
 
     rt = _runtime(recipe, store, sets=sets, create=False)
@@ -512,8 +514,8 @@ def gc(
     referenced: set[str] = set()
     for _, recipe in recipes:
         rt = Runtime(recipe, s, err)
-        for report in executor.status(rt):
-            referenced.update(report.keys)
+        for step in executor.selected_steps(recipe, None):  # the keys it plans, nothing checked
+            referenced.update(p.key for p in executor.plan_step(rt, step))
     cutoff = None
     if older_than:
         try:
@@ -584,7 +586,9 @@ def eval_command(
     max_length: int = typer.Option(512, "--max-length", help="tokens per pass (language modelling: longer texts "
                                    "are scored in windows; classification: longer ones are cut)"),
     seed: int = typer.Option(0, "--seed", help="seed of the --limit subset"),
-    output: Optional[Path] = typer.Option(None, "--output", help="write results.json and results.csv here"),
+    output: Optional[Path] = typer.Option(None, "--output", help="add this evaluation's rows (model, data, split, "
+                                          "metric and their hashes) to results.json and results.csv here; a file "
+                                          "fmerge did not write is never overwritten"),
     device: Optional[str] = DeviceOpt,
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="load .bin/.pt checkpoints (weights only)"),
     store: Optional[Path] = StoreOpt,

@@ -75,9 +75,13 @@ def cached(rt: Runtime, p: Planned, locked: bool = False) -> bool:
 
     A run (store opened for writing) reuses an artifact only once its bytes match their checksums;
     a bad one is reported, moved to the store's quarantine/ and recomputed. `locked`: the caller
-    holds p.key's lock. status and gc (store opened read-only) only ask whether it exists."""
-    if not rt.store.writable or not distributed.is_main():
+    holds p.key's lock. status and gc (store opened read-only) ask the same question and move
+    nothing: an artifact whose files' stamps still match those kept when it was last verified is
+    intact unread, any other is read whole (`Store.check`)."""
+    if not distributed.is_main():
         return rt.store.has(p.key)
+    if not rt.store.writable:
+        return rt.store.check(p.key) == ""
 
     def report(bad) -> None:
         rt.console.print(f"[yellow]warning:[/] cached artifact {bad.key} ({p.kind}, step {p.step}) in "
@@ -88,12 +92,17 @@ def cached(rt: Runtime, p: Planned, locked: bool = False) -> bool:
 
 
 def status(rt: Runtime, only: list[str] | None = None) -> list[StepReport]:
-    """Which steps are cached and which would run; computes nothing, reads no dataset."""
+    """Which steps `run` would compute, write or restore anything for ("stale", with the reason
+    in `note`) and which it would leave alone ("cached"): a missing or bad artifact, an export or a
+    results file missing, changed, or not what the recipe makes. Computes nothing, reads no dataset."""
     reports = []
     for step in selected_steps(rt.recipe, only):
         planned = plan_step(rt, step)
-        state = "cached" if all(cached(rt, p) for p in planned) else "stale"
-        reports.append(StepReport(step, kind_of(rt.recipe, step), state, [p.key for p in planned]))
+        kind = rt.recipe.kinds[kind_of(rt.recipe, step)]
+        missing = next((p for p in planned if not cached(rt, p)), None)
+        note = (f"artifact {missing.key[:12]} missing or changed" if missing else
+                kind.outputs_state(rt, step, rt.recipe.steps[step], planned) or "")
+        reports.append(StepReport(step, kind.kind, "stale" if note else "cached", [p.key for p in planned], note=note))
     return reports
 
 

@@ -6,7 +6,8 @@ module, under one lock per export target (`export_lock`).
 A model directory is built beside its target under a temporary name (`.NAME.tmp-PID.RAND`): the
 weights, the base's config and tokenizer files, the model card, the caller's files (task heads),
 then the manifest `.fmerge-export.json`, which records the artifact key and every file fmerge
-wrote with its size and SHA-256. The whole directory is then swapped into place in one atomic
+wrote with its xxh3-128 and its stat stamp (size, mtime, ctime, inode), taken before the digest
+is read. The whole directory is then swapped into place in one atomic
 rename (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames, repaired by the next export if
 a crash falls between them), so the target is always the previous export or the complete new
 one, never a mix.
@@ -279,15 +280,30 @@ def _file_digest(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
+def _stamp(st: os.stat_result) -> dict:
+    """What a file's stat must still say for its recorded digest to hold without reading it: any
+    write, `touch -r` included, moves its ctime, which no user command can set back."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
 def _record(path: Path, xxh3: str | None = None) -> dict:
-    st = path.lstat()
-    return {"size": st.st_size, "xxh3_128": xxh3 or _file_digest(path, "xxh3_128"), "mtime_ns": st.st_mtime_ns}
+    """The record of a file fmerge wrote: its stamp, taken before its digest is read, so that an
+    edit after it never passes as fmerge's bytes. `xxh3`: the digest of the bytes as fmerge wrote
+    them (not read again). A file that changes while it is read is refused."""
+    before = path.lstat()
+    if xxh3 is None:
+        xxh3 = _file_digest(path, "xxh3_128")
+        if _stamp(path.lstat()) != _stamp(before):
+            raise ExportError(f"{path} changed while fmerge recorded it (something else writes there); nothing "
+                              f"was published. Stop whatever writes into the export, then run again.")
+    return {**_stamp(before), "xxh3_128": xxh3}
 
 
 def _matches(path: Path, rec: dict | None) -> bool:
     """Whether `path` is still the regular file fmerge recorded (`rec` None: known by name only).
-    Size and mtime decide when they agree; otherwise the content digest does (a copy keeps it, an
-    edit not): xxh3-128, or SHA-256 in records an fmerge before 2026-11-30 wrote."""
+    An unchanged stamp (size, mtime, ctime, inode) decides; otherwise the content digest does (a
+    copy keeps it, an edit not): xxh3-128, or SHA-256 in records an fmerge before 2026-11-30
+    wrote. Records without a ctime (fmerge before 2026-12-07) are always read."""
     try:
         st = path.lstat()
     except OSError:
@@ -298,7 +314,7 @@ def _matches(path: Path, rec: dict | None) -> bool:
         return True
     if st.st_size != rec.get("size"):
         return False
-    if st.st_mtime_ns == rec.get("mtime_ns"):
+    if "ctime_ns" in rec and _stamp(st) == {k: rec.get(k) for k in ("size", "mtime_ns", "ctime_ns", "ino")}:
         return True
     algorithm = "xxh3_128" if "xxh3_128" in rec else "sha256"
     return _file_digest(path, algorithm) == rec.get(algorithm)
@@ -376,11 +392,12 @@ def export_model_dir(
 
     `weight_files` ({name: (path, record with its xxh3_128)}): the artifact's own safetensors files
     (and index), already checked by the store; they are hard-linked into the export (reflinked,
-    else copied, across file systems) instead of writing `weights` again, and their recorded
-    xxh3-128 goes into the manifest unread. A hard link is the store's file itself: editing the
-    exported weights in place changes the artifact too. The store notices (the file's stamp moves,
-    so the artifact is verified whole again, fails its checksum, is moved to quarantine and
-    recomputed), and this export then refuses to replace the edited file, which is the user's now."""
+    else copied, across file systems) instead of writing `weights` again, and read once more after
+    the link (whose stamp it moved), so that the manifest's record vouches for these bytes only. A
+    hard link is the store's file itself: editing the exported weights in place changes the
+    artifact too. The store notices (the file's stamp moves, so the artifact is verified whole
+    again, fails its checksum, is moved to quarantine and recomputed), the export's record no
+    longer matches, and this export then refuses to replace the edited file, which is the user's now."""
     out = Path(out)
     where = where or str(out)
     with export_lock(store, out):
@@ -392,10 +409,10 @@ def export_model_dir(
         if manifest is None and out.is_dir() and any(out.iterdir()):
             raise ExportError(f"{where}: {out} exists and was not written by fmerge; refusing to replace it (it has "
                               f"no {MARKER} naming the files fmerge wrote). Remove it or export elsewhere.")
-        recorded = manifest.get("files", {}) if manifest is not None else {}
-        if manifest is not None and manifest.get("key") == key and all((out / rel).is_file() for rel in recorded) \
-                and all(_matches(out / rel, recorded.get(rel)) for rel in weight_files or {}):
-            # (linked weights edited in place were the store's: recomputed there, refused below)
+        stale, fresh = _export_dir_check(out, key, manifest)
+        if stale is None:
+            if fresh:  # the same bytes, their stamps moved (a link made elsewhere): kept, so status need not read them
+                _write_json(out / MARKER, {**manifest, "files": {**manifest["files"], **fresh}})
             return f"export {out} up to date"
         owned, user, dirs = _classify(out, manifest, where) if manifest is not None else ({}, [], [])
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -406,11 +423,19 @@ def export_model_dir(
             raise _export_error(out, exc) from exc
         try:
             (tmp / BUILDING).touch()
+            linked: dict[str, dict] = {}  # the store's files, hard-linked: their records
+            digests: dict[str, str] = {}
             if weight_files:
-                digests = {}
                 for name, (src, record) in weight_files.items():
                     place_file(src, tmp / name)
-                    digests[name] = record["xxh3_128"]
+                    # read once more, after the link moved its stamp: what the record trusts later
+                    # is these bytes, never an edit made meanwhile to the store's file
+                    linked[name] = _record(tmp / name)
+                    if linked[name]["xxh3_128"] != record["xxh3_128"]:
+                        raise ExportError(
+                            f"{where}: the store's weight file {src} changed while it was exported (it no longer "
+                            f"matches its checksum); nothing was published. Run again: the artifact is checked "
+                            f"and recomputed.")
             else:
                 layout = [(n, weights.dtype(n), weights.shape(n)) for n in weights.names()]
                 digests = write_weight_files(tmp, layout, ((n, weights.get(n)) for n in weights.names()),
@@ -423,7 +448,7 @@ def export_model_dir(
             if finish is not None:
                 finish(tmp)
             written, _ = _walk(tmp)
-            records = {rel: _record(tmp / rel, digests.get(rel)) for rel in written if rel != BUILDING}
+            records = {rel: linked.get(rel) or _record(tmp / rel, digests.get(rel)) for rel in written if rel != BUILDING}
             carried = _carry(out, tmp, user, dirs, owned, where)
             with open(tmp / MARKER, "x") as fh:
                 json.dump({"format": FORMAT, "key": key, "step": step, "fmerge_version": __version__,
@@ -448,6 +473,64 @@ def export_model_dir(
         if left:
             note += f"; {old} keeps {few(left, 3)}, which were not moved (a name taken in the new export)"
     return note
+
+
+def export_dir_state(out: Path, key: str, manifest: dict | None | bool = False) -> str | None:
+    """None when the directory `out` holds exactly the export of artifact `key` (every file the
+    manifest records, each unchanged), else what an export would change there. Costs stat calls
+    while the files' stamps match their records; a file whose stamp moved is read."""
+    return _export_dir_check(out, key, manifest)[0]
+
+
+def _export_dir_check(out: Path, key: str, manifest: dict | None | bool = False) -> tuple[str | None, dict]:
+    """(export_dir_state, {file: fresh record} of the files whose stamp moved but whose bytes are
+    still the recorded ones: a hard link made or removed elsewhere moves the ctime of the file)."""
+    if manifest is False:
+        try:
+            manifest = read_manifest(out) if out.is_dir() and not out.is_symlink() else None
+        except ExportError:
+            return f"export {out} has an unreadable record {MARKER}", {}
+    if manifest is None:
+        return f"export {out} is missing", {}
+    if manifest.get("key") != key:
+        return f"export {out} holds another artifact", {}
+    recorded = manifest.get("files") or {}
+    if not recorded:
+        return f"export {out} is of an fmerge without a record of its files", {}
+    fresh = {}
+    for rel, rec in recorded.items():
+        path = out / rel
+        try:
+            st = path.lstat()
+        except OSError:
+            return f"{path} is missing", {}
+        same_stamp = "ctime_ns" in rec and _stamp(st) == {k: rec.get(k) for k in ("size", "mtime_ns", "ctime_ns", "ino")}
+        if same_stamp:
+            continue
+        if "xxh3_128" not in rec or not stat.S_ISREG(st.st_mode) or st.st_size != rec.get("size"):
+            if _matches(path, rec):
+                continue
+            return f"{path} is changed", {}
+        try:
+            now = _record(path)
+        except ExportError:
+            return f"{path} is changed", {}
+        if now["xxh3_128"] != rec["xxh3_128"]:
+            return f"{path} is changed", {}
+        fresh[rel] = now
+    return None, fresh
+
+
+def export_file_state(target: Path, key: str) -> str | None:
+    """None when the single-file export `target` (a Fisher diagonal) is artifact `key`'s, as
+    recorded in its sidecar and unchanged; else what an export would change."""
+    record = _read_sidecar(sidecar_of(target))
+    records = record["records"] if record else []
+    if not os.path.lexists(target):
+        return f"export {target} is missing"
+    if not record or record.get("key") != key or not records:
+        return f"export {target} holds another artifact"
+    return None if _matches(target, records[0]) else f"{target} is changed"
 
 
 def place_file(src: Path, dst: Path) -> str:
@@ -512,7 +595,7 @@ def _classify(out: Path, manifest: dict, where: str) -> tuple[dict[str, dict | N
             user.append(rel)
     if changed:
         raise ExportError(
-            f"{where}: {few(changed, 5)} in {out} changed since fmerge wrote them (size or SHA-256 differ from "
+            f"{where}: {few(changed, 5)} in {out} changed since fmerge wrote them (size or content differ from "
             f"the export's record {MARKER}), so they are yours now and fmerge will neither overwrite nor "
             f"delete them. Move them out of {out} (or restore them), then run again.")
     return owned, user, dirs
@@ -846,7 +929,7 @@ def export_tensor_file(store, target: Path, key: str, tensors: TensorSource, *, 
         keep: list[dict] = []
         if os.path.lexists(target):
             records = record["records"] if record else []
-            if record and record.get("key") == key and records and _matches(target, records[0]):
+            if export_file_state(target, key) is None:
                 return f"export {target} up to date"
             keep = [r for r in records if _matches(target, r)][:1]
             if not keep and record is None and _fmerge_header(target):
@@ -881,5 +964,123 @@ def export_tensor_file(store, target: Path, key: str, tensors: TensorSource, *, 
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _write_json(sidecar, {**entry, "records": [new]})
+        _write_json(sidecar, {**entry, "records": [_renamed_stamp(target, new)]})
     return f"wrote {target}"
+
+
+def _renamed_stamp(path: Path, rec: dict) -> dict:
+    """`rec` of a file just renamed into place: the rename moved its ctime, nothing else may
+    have moved (else the old stamp is kept, and the next check reads the file)."""
+    st = _stamp(path.lstat())
+    same = all(st[k] == rec[k] for k in ("size", "mtime_ns", "ino"))
+    return {**rec, **st} if same else rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Results files (an eval step's `output`, `fmerge eval --output`)
+
+OUTPUT_RECORD = ".fmerge-output.json"  # in an output directory: the files fmerge wrote there
+
+
+def _output_records(out: Path) -> dict[str, list[dict]]:
+    """{file name: its acceptable records} of the results files fmerge wrote in `out`."""
+    try:
+        data = json.loads((out / OUTPUT_RECORD).read_text())
+        files = data.get("files") if isinstance(data, dict) else None
+        return {n: r for n, r in files.items() if isinstance(r, list)} if isinstance(files, dict) else {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+
+
+def _output_record(path: Path, records: list[dict], expected: bytes | None) -> dict | bool | None:
+    """The record `path` still matches (a file fmerge wrote, unchanged); None: there is nothing at
+    `path`; False: it is the user's (unrecorded, or changed since) unless it holds exactly
+    `expected`, what fmerge would write (as an fmerge before records wrote it): then its new record."""
+    if not os.path.lexists(path):
+        return None
+    rec = next((r for r in records if _matches(path, r)), None)
+    if rec is not None:
+        return rec
+    if expected is not None and path.is_file() and not path.is_symlink() and len(expected) == path.lstat().st_size:
+        rec = _record(path)
+        return rec if rec["xxh3_128"] == xxhash.xxh3_128_hexdigest(expected) else False
+    return False
+
+
+def read_output(out: Path, name: str) -> bytes | None:
+    """The bytes of results file `name` in `out` if fmerge wrote it there, unchanged; else None."""
+    path = Path(out) / name
+    if any(_matches(path, r) for r in _output_records(Path(out)).get(name, [])):
+        try:
+            return path.read_bytes()
+        except OSError:
+            return None
+    return None
+
+
+def output_state(out: Path, files: dict[str, bytes], drawn: list[str]) -> str | None:
+    """None when `out` holds each of `files` with exactly these bytes and each `drawn` file (a plot
+    drawn from them) as fmerge wrote it; else what writing them would change. Stat calls while
+    the recorded stamps match."""
+    records = _output_records(out)
+    for name in [*files, *drawn]:
+        path, recs = out / name, records.get(name, [])
+        data = files.get(name)
+        if data is not None and not any(r.get("xxh3_128") == xxhash.xxh3_128_hexdigest(data) for r in recs):
+            return f"{path} is {'missing' if not os.path.lexists(path) else 'not what the recipe writes'}"
+        if not any(_matches(path, r) for r in recs):
+            return f"{path} is {'missing' if not os.path.lexists(path) else 'changed'}"
+    return None
+
+
+def write_outputs(store, out: Path, files: dict[str, bytes], draw: dict[str, Callable[[Path], None]],
+                  redraw: bool, where: str) -> list[str]:
+    """Write each of `files` (bytes) and draw each of `draw` (name -> draw(path), all of them when
+    `redraw` or missing) into `out`, recorded in `out/.fmerge-output.json`; returns the names
+    written. A file is written only when its bytes change, so Make sees no newer file otherwise.
+    A file fmerge did not write there, or one of its files changed since, is never overwritten:
+    refused by name before anything is written."""
+    out = Path(out)
+    with export_lock(store, out):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ExportError(f"{where}: cannot create the results directory {out}: {exc.strerror or exc}; choose "
+                              f"another 'output', then run again.") from exc
+        records = _output_records(out)
+        owned = {name: _output_record(out / name, records.get(name, []), files.get(name)) for name in [*files, *draw]}
+        if not os.path.lexists(out / OUTPUT_RECORD) and any(owned[n] for n in files):
+            # results written by an fmerge before records (the same bytes): its plots are fmerge's too, drawn again
+            owned.update({n: None for n in draw if owned[n] is False})
+        theirs = [name for name, rec in owned.items() if rec is False]
+        if theirs:
+            raise ExportError(
+                f"{where}: {few([str(out / n) for n in theirs], 4)} exist and were not written by fmerge (or were "
+                f"changed since, by the record {out / OUTPUT_RECORD}); fmerge never overwrites a file it did not "
+                f"write. Move them out of {out}, or choose another 'output' directory, then run again.")
+        records.update({name: [rec] for name, rec in owned.items() if rec})
+        todo: dict[str, Callable[[Path], None]] = {}
+        for name, data in files.items():
+            if not owned[name] or owned[name]["xxh3_128"] != xxhash.xxh3_128_hexdigest(data):
+                todo[name] = lambda tmp, data=data: tmp.write_bytes(data)
+        todo.update({name: fn for name, fn in draw.items() if redraw or not owned[name]})
+        for name, fn in todo.items():
+            path = out / name
+            tmp = out / f".{name}.tmp-{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            try:
+                fn(tmp)
+                os.chmod(tmp, 0o644)
+                new = _record(tmp)
+                records[name] = [new, *records.get(name, [])[:1]]  # both, until the new one is in place
+                _write_json(out / OUTPUT_RECORD, {"format": 1, "files": records})
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise ExportError(f"{where}: writing {path} failed: {exc.strerror or exc}; free space or choose "
+                                  f"another 'output', then run again.") from exc
+            finally:
+                if os.path.lexists(tmp):
+                    tmp.unlink()
+            records[name] = [_renamed_stamp(path, new)]
+        if todo or not os.path.lexists(out / OUTPUT_RECORD) or records != _output_records(out):
+            _write_json(out / OUTPUT_RECORD, {"format": 1, "files": records})
+    return list(todo)

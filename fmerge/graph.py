@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from .errors import RecipeError, quoted
 from .mergekit import recipe_from_mergekit
 from .recipe import Recipe, RecipeSpec, check_names, cut, format_validation_error, parse_yaml, read_recipe_text
-from .sweep import Variant, _assign, _split, apply_overrides, parse_set, variant_name
+from .sweep import Variant, _assign, _split, apply_overrides, parse_set, redirect_outputs, variant_name
 
 Kinds = Mapping[str, Any]  # step kind name -> StepKind (fmerge.steps.step_kinds())
 
@@ -33,6 +33,7 @@ def parse_recipe(text: str, kinds: Kinds, file: Path | None = None, sets: list[s
     data, lines = parse_yaml(text, file)
     if sets:
         apply_overrides(data, *parse_set(sets))
+        redirect_outputs(data, sets)
     mergekit = "merge_method" in data
     if mergekit:  # a mergekit config: read as the equivalent one-step recipe
         data = recipe_from_mergekit(data, lines, file)

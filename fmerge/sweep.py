@@ -20,7 +20,9 @@ thousand-value list cannot keep `validate` busy for minutes.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +103,36 @@ def apply_overrides(data: dict, overrides: dict[str, Any], sweeps: dict[str, lis
             raise RecipeError(f"--set adds to the recipe's 'sweep', which is {_what(old)}, not a mapping of "
                               f"STEP.PARAM: [values]; fix 'sweep' first.")
         data["sweep"] = {**(old or {}), **sweeps}
+
+
+# Step keys naming where a step writes outside the store: a run with --set moves them (see below).
+OUTPUT_KEYS = ("export", "output")
+_PLAIN_SUFFIX = re.compile(r"^[A-Za-z0-9._,=+\-\[\]]{1,120}$")
+
+
+def overrides_suffix(sets: list[str]) -> str:
+    """`@` and the --set items as written (spaces dropped), e.g. `@ta.params.lambda=0.1`; when that
+    is no plain file name, `@set-` and a digest of them."""
+    text = ",".join("".join(item.split()) for item in sets)
+    if _PLAIN_SUFFIX.match(text) and text not in (".", ".."):
+        return "@" + text
+    return "@set-" + hashlib.sha256("\0".join(sets).encode()).hexdigest()[:12]
+
+
+def redirect_outputs(data: dict, sets: list[str]) -> None:
+    """A recipe's declared `export` and `output` paths only ever hold what the recipe as written
+    makes: under --set, every step's export and results go beside them instead, to the declared
+    path with `overrides_suffix(sets)` appended (`out/ta@ta.params.lambda=0.1`), unless the --set
+    items name that path themselves."""
+    given = {item.partition("=")[0].strip() for item in sets}
+    suffix = overrides_suffix(sets)
+    for name, raw in (data.get("steps") or {}).items():
+        for key in OUTPUT_KEYS:
+            path = raw.get(key) if isinstance(raw, dict) else None
+            if isinstance(path, str) and path.strip() and f"{name}.{key}" not in given:
+                path = path.rstrip("/")
+                ext = ".safetensors" if path.endswith(".safetensors") else ""  # a file export keeps its type
+                raw[key] = path[:len(path) - len(ext)] + suffix + ext
 
 
 def _what(value: Any) -> str:

@@ -45,6 +45,37 @@ def test_language_model_eval_is_cached_and_written(tmp_path, lm):
     assert json.loads((tmp_path / "out" / "results.json").read_text())[0]["tokens"] == 25
 
 
+def test_eval_output_keeps_every_models_rows_and_never_overwrites_a_users_file(tmp_path, lm):
+    """Two models evaluated into one --output: both rows stay, each naming its model (as given,
+    and its content hash), data (and its hash), split and metric; a user's results file is refused."""
+    import shutil
+
+    data = write_jsonl(tmp_path / "lm.jsonl", TEXTS)
+    other = tmp_path / "llama2"
+    shutil.copytree(lm, other)
+    out = tmp_path / "out"
+    common = ["--data", data, "--prompt-column", "prompt", "--store", tmp_path / "st", "--output", out]
+    first = eval_json(lm, *common)
+    second = eval_json(other, *common)
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in rows] == [str(lm), str(other)]
+    assert rows[0]["model_key"] == rows[1]["model_key"]  # the same bytes: one content hash, two names
+    assert {r["eval_key"] for r in rows} == {first["scores"][0]["key"], second["scores"][0]["key"]}
+    for r in rows:
+        assert r["data"] == str(data) and r["data_hash"] and r["split"] == "test" and r["metric"] == "perplexity"
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["model"] for r in table] == [str(lm), str(other)] and all(r["data_hash"] for r in table)
+    eval_json(lm, *common)  # again: its row is replaced, not added
+    assert len(json.loads((out / "results.json").read_text())) == 2
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.csv").write_text("my own table\n")
+    refused = run(["eval", lm, *common[:-1], mine])
+    assert refused.code == 2 and f"{mine / 'results.csv'}" in refused.err and "not written by fmerge" in refused.err
+    assert (mine / "results.csv").read_text() == "my own table\n" and not (mine / "results.json").exists()
+
+
 def test_multiple_choice_eval_matches_the_api(tmp_path, lm):
     data = write_jsonl(tmp_path / "mc.jsonl", [{"q": r["question"], "choices": r["options"], "label": r["answer"]}
                                                for r in CHOICES])

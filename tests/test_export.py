@@ -124,19 +124,22 @@ def test_an_up_to_date_export_is_not_rewritten_and_a_changed_fmerge_file_is_refu
     run_ties(recipe_path)
     out = tmp_path / "out" / "ties"
     before = (out / "model.safetensors").stat().st_mtime_ns
-    (out / "README.md").write_text("my own model card\n")
-    (out / "eval.py").write_text("x = 1\n")
+    (out / "eval.py").write_text("x = 1\n")  # the user's own file: the export stays up to date
     assert "up to date" in run_ties(recipe_path).note
     assert (out / "model.safetensors").stat().st_mtime_ns == before
 
-    recipe_path.write_text(recipe_path.read_text().replace("density: 0.5", "density: 0.3"))
-    with pytest.raises(FmergeError) as exc:
-        run_ties(recipe_path)
-    msg = str(exc.value)
-    assert "steps.ties.export:" in msg and f"'README.md' in {out} changed since fmerge wrote them" in msg
-    assert "will neither overwrite nor delete them" in msg and "Move them out of" in msg
-    assert (out / "README.md").read_text() == "my own model card\n" and (out / "eval.py").is_file()
-    assert (out / "model.safetensors").stat().st_mtime_ns == before and leftovers(out.parent) == []
+    # fmerge's model card, edited: the export is no longer what the recipe makes, and the file is the
+    # user's now, so the run refuses, naming it, whether or not the artifact changed
+    (out / "README.md").write_text("my own model card\n")
+    for density in ("0.5", "0.3"):
+        recipe_path.write_text(recipe_path.read_text().replace("density: 0.5", f"density: {density}"))
+        with pytest.raises(FmergeError) as exc:
+            run_ties(recipe_path)
+        msg = str(exc.value)
+        assert "steps.ties.export:" in msg and f"'README.md' in {out} changed since fmerge wrote them" in msg
+        assert "will neither overwrite nor delete them" in msg and "Move them out of" in msg
+        assert (out / "README.md").read_text() == "my own model card\n" and (out / "eval.py").is_file()
+        assert (out / "model.safetensors").stat().st_mtime_ns == before and leftovers(out.parent) == []
 
 
 def test_a_user_file_the_new_export_would_overwrite_is_refused(recipe_path, tmp_path, zoo):

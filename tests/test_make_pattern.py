@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ZOO_RECIPE, write_recipe
+from fmerge.export import MARKER
 from test_start_fast import build_project, files_under
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,48 @@ def test_readme_makefile_runs_once_then_does_nothing(tmp_path):
     assert make(project, "-q").returncode == 0
 
 
+def test_readme_makefile_restores_a_deleted_export_or_results_file_and_stops_at_an_edited_one(tmp_path):
+    """Issue 26: `status --check` tells Make the truth about exports and results files too."""
+    recipe = build_project(tmp_path)
+    project = recipe.parent
+    (project / "Makefile").write_text(readme_makefile())
+    assert make(project).returncode == 0
+    assert "Nothing to be done" in make(project).stdout
+    export = project / "out" / "avg"
+
+    def contents() -> dict[Path, bytes]:  # the record aside, which holds stamps
+        return {p.relative_to(export): p.read_bytes() for p in export.rglob("*") if p.is_file() and p.name != MARKER}
+
+    exported = contents()
+
+    # a deleted export: Make runs fmerge, which restores it, and then has nothing to do
+    shutil.rmtree(export)
+    assert make(project, "-q").returncode == 1
+    again = make(project)
+    assert again.returncode == 0 and f"{FMERGE} run recipe.yaml" in again.stdout, again.stdout + again.stderr
+    assert contents() == exported
+    assert make(project, "-q").returncode == 0
+
+    # a deleted results file (not itself a target of the Makefile): restored the same way
+    (project / "results" / "results.json").unlink()
+    assert make(project, "-q").returncode == 1
+    assert make(project).returncode == 0 and (project / "results" / "results.json").is_file()
+    assert make(project, "-q").returncode == 0
+
+    # an exported file edited in place, its mtime given back: Make runs fmerge, which stops, naming
+    # the file (it is the user's now); moved away, the next make restores the export
+    card = export / "README.md"
+    st = card.stat()
+    card.write_text(card.read_text() + "my note\n")
+    os.utime(card, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert make(project, "-q").returncode == 1
+    stopped = make(project)
+    assert stopped.returncode != 0 and "README.md" in stopped.stderr and "changed since fmerge wrote" in stopped.stderr
+    card.rename(project / "my-card.md")
+    assert make(project).returncode == 0 and card.read_bytes() == exported[Path("README.md")]
+    assert make(project, "-q").returncode == 0
+
+
 def test_status_check_exit_status_with_table_and_json(tmp_path, zoo):
     project = tmp_path
     write_recipe(project, ZOO_RECIPE)
@@ -91,4 +134,7 @@ def test_status_check_exit_status_with_table_and_json(tmp_path, zoo):
     assert cached_json.returncode == 0 and {s["state"] for s in json.loads(cached_json.stdout)} == {"cached"}
     changed = fmerge(project, "status", "recipe.yaml", "--check", "--json", "--set", "ta.params.lambda=0.5")
     assert changed.returncode == 1
-    assert {s["step"]: s["state"] for s in json.loads(changed.stdout)} == {"avg": "cached", "ta": "stale", "ties": "cached"}
+    states = {s["step"]: (s["state"], s["note"]) for s in json.loads(changed.stdout)}
+    assert states["avg"] == ("cached", "") and states["ta"][0] == "stale"
+    # the merge is cached, but a run with --set exports beside the declared path (README: Exports)
+    assert states["ties"][0] == "stale" and states["ties"][1].endswith("out/ties@ta.params.lambda=0.5 is missing")

@@ -128,8 +128,13 @@ def test_cached_run_is_light_and_touches_no_output(project, torch_modules):
 def test_results_files_are_rewritten_when_their_content_changes(project):
     """The other half of write-only-if-changed: a results file that differs is replaced, and a
     missing sweep plot is drawn again."""
+    from fmerge.export import OUTPUT_RECORD, _record
+
     results = project.parent / "results"
-    (results / "results.json").write_text("[]")
+    (results / "results.json").write_text("[]")  # as if an earlier recipe's results, which fmerge wrote
+    record = json.loads((results / OUTPUT_RECORD).read_text())
+    record["files"]["results.json"] = [_record(results / "results.json")]
+    (results / OUTPUT_RECORD).write_text(json.dumps(record))
     (results / "sweep_ta.png").unlink()
     probe(project, "run", "recipe.yaml", no_read=False)
     assert json.loads((results / "results.json").read_text()) != []

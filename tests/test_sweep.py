@@ -82,8 +82,14 @@ def run(recipe_path, sets=None):
 
 
 def test_lambda_sweep_reuses_the_fisher_and_chooses_on_validation_only(project):  # noqa: F811
+    from fmerge.sweep import overrides_suffix
+
     lambdas = "[0.2, 1.0],[1.0, 1.0],[1.0, 0.2],[1.0, 5.0],[5.0, 1.0]"
     rt, states = run(project, [f"fisher.params.lambda={lambdas}"])
+    # a --set run writes its results beside the recipe's own `output` (README: Exports)
+    out = project.parent / ("results" + overrides_suffix([f"fisher.params.lambda={lambdas}"]))
+    assert out.name == "results@fisher.params.lambda=[0.2,1.0],[1.0,1.0],[1.0,0.2],[1.0,5.0],[5.0,1.0]"
+    assert not (project.parent / "results").exists()
     variants = [v.name for v in rt.recipe.sweeps["fisher"]]
     assert len(variants) == 5 and all(states[v] == "computed" for v in variants)
     fishers = [i for i in rt.store.list() if i.kind == "fisher"]
@@ -95,7 +101,7 @@ def test_lambda_sweep_reuses_the_fisher_and_chooses_on_validation_only(project):
     # the winner is the best validation average, read from the stored validation results alone
     avg = {v: sum(rt.store.open(p.key).meta["accuracy"] for p in select if p.extra["variant"] == v) / 2 for v in variants}
     winner = max(variants, key=lambda v: avg[v])
-    results = json.loads((project.parent / "results" / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
     reported = {r["variant"] for r in results}
     assert winner in reported and not (set(variants) - {winner}) & reported
     assert all(r["split"] == "test" for r in results)
@@ -104,8 +110,8 @@ def test_lambda_sweep_reuses_the_fisher_and_chooses_on_validation_only(project):
     test_evals = {(i.attrs["meta"]["variant"], i.attrs["meta"]["split"]) for i in rt.store.list() if i.kind == "eval"}
     assert not {(v, "test") for v in variants if v != winner} & test_evals
 
-    assert (project.parent / "results" / "sweep_fisher.png").stat().st_size > 1000
-    sweeps = json.loads((project.parent / "results" / "sweeps.json").read_text())
+    assert (out / "sweep_fisher.png").stat().st_size > 1000
+    sweeps = json.loads((out / "sweeps.json").read_text())
     assert sweeps[0]["chosen"] == winner and sweeps[0]["split"] == "validation"
 
     # a second run computes nothing
@@ -117,7 +123,8 @@ def test_lambda_sweep_reuses_the_fisher_and_chooses_on_validation_only(project):
     project.write_text(text.replace("merges: [avg, fisher]", "merges: [avg, fisher_tuned]"))
     _, states = run(project, [f"fisher_tuned.params.lambda={lambdas}"])
     assert set(states.values()) == {"cached"}
-    results = json.loads((project.parent / "results" / "results.json").read_text())
+    results = json.loads((out.parent / ("results" + overrides_suffix([f"fisher_tuned.params.lambda={lambdas}"]))
+                          / "results.json").read_text())
     assert "fisher_tuned" + winner.removeprefix("fisher") in {r["variant"] for r in results}
 
 

@@ -76,6 +76,17 @@ class StepKind:
         """Write the step's result outside the store if the recipe asks; return what was done."""
         return None
 
+    def outputs_state(self, rt: "Runtime", name: str, cfg: BaseModel, planned: list[Planned]) -> str | None:
+        """None when what `export` writes outside the store is there exactly as it would write it
+        now, else what it would change (for `fmerge status`; every planned artifact is cached and
+        intact). By default: the model directory `export` of the step's one artifact."""
+        export = getattr(cfg, "export", None)
+        if not export or len(planned) != 1:
+            return None
+        from ..export import export_dir_state
+
+        return export_dir_state(rt.recipe.resolve(export), planned[0].key)
+
 
 STEP_KINDS: dict[str, StepKind] = {}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 from pathlib import Path
 
@@ -306,43 +305,96 @@ class EvalStep(StepKind):
 
     def export(self, rt, name, cfg, planned):
         """Gather the results the plan named (all computed by now) into tables and files."""
-        results, selection = [], []
-        for p in planned:
-            if p.kind == "sweep_choice":
-                continue
-            # Names come from this recipe: a cached result may have been computed under other names.
-            variant = winner(rt, p)[0] if "choice" in p.inputs else p.extra["variant"]
-            row = {**rt.store.open(p.key).meta, "variant": variant, "task": p.extra["task"], "group": p.extra["group"]}
-            (results if p.extra["role"] == "test" else selection).append(row)
-        for row in results:
-            row["selected_on"] = selection_split(planned, row["group"])
-        rt.results[name] = results
-        sweeps = summarize_sweeps(rt, planned, selection)
-        rt.sweep_results[name] = sweeps
+        results, sweeps = gather_results(rt, name, planned)
+        rt.results[name], rt.sweep_results[name] = results, sweeps
         notes = export_chosen(rt, name, planned)
         if not cfg.output:
             return "; ".join(notes) or None
-        out = rt.recipe.resolve(cfg.output)
-        out.mkdir(parents=True, exist_ok=True)
-        # Each file is written only when its content changes, so a run that changes nothing leaves
-        # their mtimes alone and Make sees no newer file (README: "Make and fmerge").
-        write_if_changed(out / "results.json", json.dumps(results, indent=2))
-        table = io.StringIO(newline="")
-        lm_columns = [c for c in ("acc", "acc_norm", "loss", "perplexity", "tokens") if any(c in r for r in results)]
-        w = csv.DictWriter(table, fieldnames=["variant", "task", "split", "accuracy", "macro_f1", "n", *lm_columns,
-                                              "selected_on"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(results)
-        write_if_changed(out / "results.csv", table.getvalue())
-        if sweeps:
-            changed = write_if_changed(out / "sweeps.json", json.dumps(sweeps, indent=2, default=str))
-            for s in sweeps:
-                plot = out / f"sweep_{s['group']}.png"
-                if changed or not plot.is_file():  # a plot is drawn from sweeps.json's content
-                    from ..plots import sweep_plot  # matplotlib: only when a plot is drawn
+        from ..export import write_outputs
 
-                    sweep_plot(s, plot)
+        out = rt.recipe.resolve(cfg.output)
+        files, plots = output_files(results, sweeps)
+        # Each file is written only when its content changes, so a run that changes nothing leaves
+        # their mtimes alone and Make sees no newer file (README: "Make"); a plot is drawn from
+        # sweeps.json's content.
+        write_outputs(rt.store, out, files, {name: _plotter(s) for name, s in plots.items()},
+                      redraw="sweeps.json" in files and not _same_output(out, "sweeps.json", files["sweeps.json"]),
+                      where=rt.recipe.where("steps", name, "output"))
         return "; ".join([f"results in {out}", *notes])
+
+    def outputs_state(self, rt, name, cfg, planned):
+        """What the next run's `export` would change: a chosen variant's export, or a results file."""
+        from ..export import output_state
+        from ..graph import kind_of
+
+        for _, variant, vcfg in chosen_exports(rt, name, planned):
+            state = rt.recipe.kinds[kind_of(rt.recipe, variant)].outputs_state(rt, variant, vcfg, rt.planned[variant])
+            if state:
+                return state
+        if not cfg.output:
+            return None
+        results, sweeps = gather_results(rt, name, planned)
+        files, plots = output_files(results, sweeps)
+        return output_state(rt.recipe.resolve(cfg.output), files, list(plots))
+
+
+def gather_results(rt, name: str, planned: list[Planned]) -> tuple[list[dict], list[dict]]:
+    """(test-split result rows, sweep summaries) of an eval step whose artifacts are all cached;
+    reads only their attributes."""
+    results, selection = [], []
+    for p in planned:
+        if p.kind == "sweep_choice":
+            continue
+        # Names come from this recipe: a cached result may have been computed under other names.
+        variant = winner(rt, p)[0] if "choice" in p.inputs else p.extra["variant"]
+        row = {**rt.store.open(p.key).meta, "variant": variant, "task": p.extra["task"], "group": p.extra["group"]}
+        (results if p.extra["role"] == "test" else selection).append(row)
+    for row in results:
+        row["selected_on"] = selection_split(planned, row["group"])
+    return results, summarize_sweeps(rt, planned, selection)
+
+
+def output_files(results: list[dict], sweeps: list[dict]) -> tuple[dict[str, bytes], dict[str, dict]]:
+    """({file name: bytes} of results.json, results.csv and sweeps.json, {plot name: its sweep})."""
+    table = io.StringIO(newline="")
+    lm_columns = [c for c in ("acc", "acc_norm", "loss", "perplexity", "tokens") if any(c in r for r in results)]
+    w = csv.DictWriter(table, fieldnames=["variant", "task", "split", "accuracy", "macro_f1", "n", *lm_columns,
+                                          "selected_on"], extrasaction="ignore")
+    w.writeheader()
+    w.writerows(results)
+    files = {"results.json": json.dumps(results, indent=2).encode(), "results.csv": table.getvalue().encode()}
+    if sweeps:
+        files["sweeps.json"] = json.dumps(sweeps, indent=2, default=str).encode()
+    return files, {f"sweep_{s['group']}.png": s for s in sweeps}
+
+
+def _plotter(sweep: dict):
+    def draw(path: Path) -> None:
+        from ..plots import sweep_plot  # matplotlib: only when a plot is drawn
+
+        sweep_plot(sweep, path)
+    return draw
+
+
+def _same_output(out: Path, name: str, data: bytes) -> bool:
+    try:
+        return (out / name).read_bytes() == data
+    except OSError:
+        return False
+
+
+def chosen_exports(rt, name: str, planned: list[Planned]) -> list[tuple[str, str, object]]:
+    """(swept step, chosen variant, its config exporting to the step's `export`) of each sweep
+    this eval step chooses for and exports (graph: sweep exports); the choices are cached."""
+    found = []
+    for p in planned:
+        group = p.extra["group"]
+        if p.kind != "sweep_choice" or rt.recipe.chosen_exports.get(group, (None,))[0] != name:
+            continue
+        variant = p.extra["variants"][rt.store.open(p.key).meta["winner_index"]]
+        found.append((group, variant, rt.recipe.steps[variant].model_copy(
+            update={"export": rt.recipe.chosen_exports[group][1]})))
+    return found
 
 
 def export_chosen(rt, name: str, planned: list[Planned]) -> list[str]:
@@ -351,30 +403,10 @@ def export_chosen(rt, name: str, planned: list[Planned]) -> list[str]:
     from ..graph import kind_of
 
     notes = []
-    for p in planned:
-        group = p.extra["group"]
-        if p.kind != "sweep_choice" or rt.recipe.chosen_exports.get(group, (None,))[0] != name:
-            continue
-        variant = p.extra["variants"][rt.store.open(p.key).meta["winner_index"]]
-        cfg = rt.recipe.steps[variant].model_copy(update={"export": rt.recipe.chosen_exports[group][1]})
+    for _, variant, cfg in chosen_exports(rt, name, planned):
         note = rt.recipe.kinds[kind_of(rt.recipe, variant)].export(rt, variant, cfg, rt.planned[variant])
         notes.append(f"{note} (variant {variant}, chosen on validation)")
     return notes
-
-
-def write_if_changed(path: Path, text: str) -> bool:
-    """Write `text` to `path` (whole, by rename) unless the file holds exactly these bytes already;
-    whether it wrote."""
-    data = text.encode()
-    try:
-        if path.is_file() and path.read_bytes() == data:
-            return False
-    except OSError:
-        pass
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return True
 
 
 def winner(rt, p: Planned) -> tuple[str, str]:

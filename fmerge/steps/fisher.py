@@ -13,6 +13,8 @@ any data is read.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from pydantic import Field
 
@@ -125,14 +127,27 @@ class FisherStep(PerModelStep):
         from ..export import export_tensor_file
 
         out = rt.recipe.resolve(cfg.export)
-        single = len(planned) == 1 and out.suffix == ".safetensors"
         notes = []
-        for p in planned:
+        for p, target in export_targets(out, planned):
             art = rt.store.open(p.key)
-            target = out if single else out / f"{p.label}.safetensors"
             meta = {k: str(v) for k, v in art.meta.items() if k in ("estimator", "count", "count_unit", "examples")}
             notes.append(export_tensor_file(rt.store, target, p.key, art.view("fisher/"),
                                             where=rt.recipe.where("steps", name, "export"), metadata=meta))
         if all(n.endswith("up to date") for n in notes):
             return f"Fisher export {out} up to date"
         return f"Fisher written to {out}"
+
+    def outputs_state(self, rt, name, cfg, planned):
+        if not cfg.export:
+            return None
+        from ..export import export_file_state
+
+        states = (export_file_state(t, p.key) for p, t in export_targets(rt.recipe.resolve(cfg.export), planned))
+        return next((s for s in states if s), None)
+
+
+def export_targets(out: Path, planned: list[Planned]) -> list[tuple[Planned, Path]]:
+    """Where each Fisher goes: `out` itself for one model and a .safetensors name, else
+    `out/<model>.safetensors`."""
+    single = len(planned) == 1 and out.suffix == ".safetensors"
+    return [(p, out if single else out / f"{p.label}.safetensors") for p in planned]
