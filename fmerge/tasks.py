@@ -101,7 +101,7 @@ def _judging_model(rt, data_name: str) -> str | None:
     models = rt.recipe.models
     users = [m for m, spec in models.items() if spec.data == data_name]
     judged = next((m for m in users if models[m].from_step is None), BASE if users else None)
-    if judged is None or rt.spec(judged).from_step is not None:
+    if judged is None or (models[judged] if judged != BASE else rt.recipe.base).from_step is not None:
         return None
     return judged
 

@@ -310,6 +310,7 @@ def test_adamerging_and_eval_on_partitioned_files_record_their_splits(tmp_path):
     rt, states, _ = run(recipe)
     assert states == {"ada": "computed", "eval": "computed"}
     art = rt.store.open(rt.planned["ada"][0].key)
-    assert art.attrs["params"]["splits"] == {"sentiment": "validation", "animal": "validation", "color": "validation"}
+    assert art.attrs["params"]["splits"] == ["validation"] * 3  # by position: no name in a key
+    assert art.meta["adaptation_splits"] == {"sentiment": "validation", "animal": "validation", "color": "validation"}
     assert {(r["task"], r["split"], r["n"]) for r in rt.results["eval"]} == {
         ("sentiment", "test", 16), ("animal", "test", 16), ("color", "test", 16)}
