@@ -120,7 +120,8 @@ def data_spec(rt, data_name: str, split: str) -> DataSpec:
     else:
         local = recipe.resolve(d.path)
         path = str(local) if local.exists() else d.path
-    return DataSpec(path=path, text_column=d.image or d.text, text_pair_column=d.text_pair,
+    content = rt.data_hashes.tree(Path(path)) if Path(path).exists() else None  # cached by file stamp
+    return DataSpec(path=path, content=content, text_column=d.image or d.text, text_pair_column=d.text_pair,
                     label_column=None if task == "causal_lm" else d.label, split=split, config=d.config,
                     partition=tuple(sorted(partition.items())) if partition else None,
                     partition_seed=d.partition_seed, prompt_column=d.prompt if task == "causal_lm" else None,

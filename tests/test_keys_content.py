@@ -183,3 +183,15 @@ def test_an_edit_with_the_mtime_set_back_is_seen(tmp_path):
     new = hashes.file(data), HashCache(tmp_path / "models.json").hash_model(ModelDir(model)), \
         hashes.file(model / "config.json")
     assert all(a != b for a, b in zip(old, new))
+
+
+def test_an_edited_data_file_with_the_mtime_set_back_is_read_anew(tmp_path):
+    """The datasets library trusts its cached build of a file by the file's mtime; fmerge keeps each
+    build under the files' content hash, so the rows read are those the key was made from."""
+    from fmerge.data import DataSpec, load_dataset_split
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "good", "label": 0}\n{"text": "bad", "label": 1}\n')
+    assert list(load_dataset_split(DataSpec(path=str(path)))["text"]) == ["good", "bad"]
+    replace_once(path, '"good"', '"fine"')
+    assert list(load_dataset_split(DataSpec(path=str(path)))["text"]) == ["fine", "bad"]
