@@ -41,6 +41,7 @@ class Runtime:
         self._sources: dict[str, TensorSource] = {}
         self._dirs: dict[str, Path | None] = {}
         self._hashes: dict[str, str] = {}
+        self._files_hashed: dict[str, list[Path]] = {}  # model -> the weight files its hash covers
         self.key_files_of: dict[str, set[Path]] = {}  # step -> files whose bytes entered its keys (`planning`)
 
     def key_files(self) -> set[Path]:
@@ -131,13 +132,17 @@ class Runtime:
 
     def _weight_files(self, name: str) -> list[Path]:
         """The files a model's content hash covers (none for a step's output: its key stands for it)."""
-        if self.spec(name).from_step is not None:
-            return []
-        src = self.source(name)
-        src = getattr(src, "inner", src)
-        if isinstance(src, LoraMerged):
-            return [f.resolve() for f in src.adapter.weight_files()] + self._weight_files(BASE)
-        return [f.resolve() for f in src.weight_files()]
+        if name not in self._files_hashed:
+            src = self.source(name) if self.spec(name).from_step is None else None
+            src = getattr(src, "inner", src)
+            if src is None:
+                files = []
+            elif isinstance(src, LoraMerged):
+                files = [f.resolve() for f in src.adapter.weight_files()] + self._weight_files(BASE)
+            else:
+                files = [f.resolve() for f in src.weight_files()]
+            self._files_hashed[name] = files
+        return self._files_hashed[name]
 
     def model_hashes(self, names: list[str]) -> dict[str, str]:
         """Content hashes of several models, up to four at a time (reading and BLAKE3 release the

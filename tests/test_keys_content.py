@@ -37,7 +37,7 @@ steps:
   tv: {{kind: task_vectors}}
   avg: {{kind: merge, method: simple_average}}
   ta: {{kind: merge, method: task_arithmetic, params: {{lambda: {{{S}: 0.3, {A}: 0.4, {C}: 0.5}}}}}}
-  fm: {{kind: merge, method: fisher, fisher: fisher}}
+  fm: {{kind: merge, method: fisher, fisher: fisher, params: {{fallback: {A}}}}}
   ada: {{kind: adamerging, steps: 1, examples: 4}}
   fw: {{kind: frank_wolfe, max_iters: 1, merge_params: {{lambda: {{{S}: 0.2, {A}: 0.3, {C}: 0.4}}}}}}
   stack: {{kind: stack_layers, slices: [{{model: {S}, layers: [0, 1]}}, {{model: {A}, layers: [1, 2]}}]}}

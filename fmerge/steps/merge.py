@@ -223,21 +223,27 @@ def statistics_keys(rt, name: str, field: str, planned: list[Planned], models: l
 
 
 def positional_params(method, params: dict, models: list[str]) -> dict:
-    """A method's key parameters with each per-model map ({model: value}, `methods.per_model`) as
-    the list of its values in the models' order, so a model's name never enters a key: a map and
-    the list it stands for share one key, and renaming a model keeps it."""
-    from ..methods.base import PerModel
-
-    fields = {f.alias or n for n, f in method.Params.model_fields.items() if f.annotation == PerModel}
-    return {k: _in_model_order(v, models) if k in fields else v for k, v in params.items()}
+    """A method's key parameters with no model name in them: each per-model map ({model: value},
+    `methods.per_model`; also inside nested parameters such as a filter list's values) as the
+    list of its values in the models' order, and a parameter that names a model
+    (`MergeMethod.model_params`) as that model's position. A map and the list it stands for share
+    one key, and renaming a model keeps it."""
+    keyed = {k: _in_model_order(v, models) for k, v in params.items()}
+    for field, other_values in method.model_params.items():
+        value = keyed.get(field)
+        if isinstance(value, str) and value not in other_values and value in models:
+            keyed[field] = {"model_position": models.index(value)}
+    return keyed
 
 
 def _in_model_order(value, models: list[str]):
-    """A per-model value with its map by model name, also inside a per-tensor filter list, as a list."""
-    if isinstance(value, dict) and set(value) == set(models) and "gradient" not in value:
-        return [_in_model_order(value[m], models) for m in models]
-    if isinstance(value, list) and value and all(isinstance(e, dict) and "value" in e for e in value):
-        return [{**e, "value": _in_model_order(e["value"], models)} for e in value]
+    """`value` with every mapping keyed by exactly the merge's models turned into a list in their order."""
+    if isinstance(value, dict):
+        if models and set(value) == set(models):
+            return [_in_model_order(value[m], models) for m in models]
+        return {k: _in_model_order(v, models) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_in_model_order(v, models) for v in value]
     return value
 
 
