@@ -109,6 +109,7 @@ def reads_outside_key(recipe: Path, step: str, monkeypatch) -> tuple[set[Path], 
     rt = Runtime(r, Store(r.resolve(r.spec.store)), device="cpu")
     kind = r.kinds[kind_of(r, step)]
     compute = kind.compute
+    opened: list[Path] = []
 
     def recorded(*args, **kwargs):
         global _opened
@@ -116,8 +117,8 @@ def reads_outside_key(recipe: Path, step: str, monkeypatch) -> tuple[set[Path], 
         try:
             return compute(*args, **kwargs)
         finally:
-            opened, _opened = _opened, None
-            rt.opened = [Path(f).resolve() for f in opened]
+            opened.extend(Path(f).resolve() for f in _opened)
+            _opened = None
 
     monkeypatch.setattr(kind, "compute", recorded)
     try:
@@ -128,7 +129,7 @@ def reads_outside_key(recipe: Path, step: str, monkeypatch) -> tuple[set[Path], 
     keyed = rt.key_files_of[step]
     store = rt.store.root.resolve()
     project = recipe.parent.resolve()
-    stray = sorted({f for f in rt.opened if f not in keyed and not f.is_relative_to(store)
+    stray = sorted({f for f in opened if f not in keyed and not f.is_relative_to(store)
                     and (f.is_relative_to(project) or not allowed_outside(f))})
     return keyed, stray
 
