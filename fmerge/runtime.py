@@ -33,6 +33,7 @@ class Runtime:
         self.device = distributed.init(device or recipe.spec.device, where, available=store.writable)
         # Hash caches live in the store; a store opened read-only (status, gc) is never written.
         self.hashes = HashCache(store.hash_cache_file, write=store.writable)
+        # Data files and models' side files (config, tokenizer, processor: tasks.side_inputs), by bytes.
         self.data_hashes = FileHashes(store.root / "cache" / "data_hashes.json", write=store.writable)
         self.planned: dict[str, list] = {}  # the executor's record of this run's plan, for callers
         self.outputs: dict[str, str] = {}  # model-producing step -> its artifact key (set by the executor)
