@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -35,9 +34,6 @@ from .errors import DataError, ModelError, RecipeError
 VISION_PREFIX = "vision_model."
 # Bare CLIPVisionModel names as transformers 5 saves them (no `vision_model.` prefix).
 _BARE_VISION_ROOTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
-# Tokenizer files of the base: part of a zero-shot head's cache key.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-
 _DIGITS = [str(d) for d in range(10)]
 _NUMBER = ['a photo of the number: "{}".']
 
@@ -223,18 +219,15 @@ class VisionTower:
         return self.inner.get(self._names[name])
 
 
-def text_side_hash(source, directory: Path) -> str:
-    """Hash of everything a zero-shot head depends on besides its prompts: the base's tensors
-    outside the vision tower (text tower, both projections, logit scale) and its tokenizer files."""
+def text_side_hash(source) -> str:
+    """Hash of the tensors a zero-shot head depends on: the base's tensors outside the vision tower
+    (text tower, both projections, logit scale). Its config and tokenizer files enter the head's
+    key by their own content hashes."""
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(n for n in source.names() if not n.startswith(VISION_PREFIX)):
         t = source.get(name).contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-    for fname in TOKENIZER_FILES:
-        f = Path(directory) / fname
-        if f.is_file():
-            h.update(f"{fname}|".encode() + f.read_bytes())
     return h.hexdigest()
 
 

@@ -69,6 +69,9 @@ class DataSpec:
     partition_seed: int = 0
     prompt_column: str | None = None  # language modelling: text before `text_column`, not scored
     choices_column: str | None = None  # multiple choice: each row's list of choices; label = the answer's index
+    # The content hash of a local path's files (`fingerprint.FileHashes.tree`; hashed here if not
+    # given): the datasets library's cache of a build is kept under it (`_cache_dir`).
+    content: str | None = None
 
 
 def partition_sizes(n: int, shares: Sequence[tuple[str, float]]) -> dict[str, int]:
@@ -145,12 +148,12 @@ def load_dataset_split(spec: DataSpec):
                     f"use one of {', '.join(sorted(_BUILDERS))}."
                 )
             check_text_file(path, builder)
-            full = _read_file(datasets, path, builder)
+            full = _read_file(datasets, path, builder, _cache_dir(datasets, spec, path))
             if len(full):
                 _check_columns(full, spec, where)
             ds = _partitioned(spec, full)
         elif path.is_dir():
-            ds = datasets.load_dataset(str(path), spec.config, split=spec.split)
+            ds = datasets.load_dataset(str(path), spec.config, split=spec.split, cache_dir=_cache_dir(datasets, spec, path))
         elif _looks_local(spec.path):
             raise DataError(
                 f"Data file '{spec.path}' does not exist (resolved to '{path.resolve()}'); check the "
@@ -433,9 +436,19 @@ def _is_json_lines(text: str) -> bool:
         return False
 
 
-def _read_file(datasets, path: Path, builder: str):
+def _read_file(datasets, path: Path, builder: str, cache_dir: str):
     """Every row of one data file, in file order (the cached `datasets` build of it)."""
-    return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
+    return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", cache_dir=cache_dir)
+
+
+def _cache_dir(datasets, spec: DataSpec, path: Path) -> str:
+    """Where the datasets library keeps its build of a local path: a folder of its cache named by
+    the files' content hash. The library trusts a build by the files' mtime, so an edit with the
+    mtime set back (`touch -r`) would read the old rows under the new content's key."""
+    from .fingerprint import FileHashes
+
+    content = spec.content or FileHashes(None).tree(path)
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "fmerge-by-content" / content)
 
 
 def _partitioned(spec: DataSpec, ds):
@@ -486,7 +499,7 @@ def label_names_for(ds, spec: DataSpec) -> list[str] | None:
         # Over the whole file: a small split may lack a class, which would shift every index.
         import datasets
 
-        ds = _read_file(datasets, path, _BUILDERS[path.suffix.lower()])
+        ds = _read_file(datasets, path, _BUILDERS[path.suffix.lower()], _cache_dir(datasets, spec, path))
     feature = ds.features[spec.label_column]
     if hasattr(feature, "names"):
         return list(feature.names)

@@ -63,7 +63,8 @@ def plan_step(rt: Runtime, step: str) -> list[Planned]:
     if step in rt.planned:
         return rt.planned[step]
     upstream = {dep: plan_step(rt, dep) for dep in step_dependencies(rt.recipe, step)}
-    planned = rt.recipe.kinds[kind_of(rt.recipe, step)].plan(rt, step, rt.recipe.steps[step], upstream)
+    with rt.planning(step):  # which files' bytes entered this step's keys
+        planned = rt.recipe.kinds[kind_of(rt.recipe, step)].plan(rt, step, rt.recipe.steps[step], upstream)
     rt.planned[step] = planned
     if rt.recipe.kinds[kind_of(rt.recipe, step)].produces_model:
         rt.bind_output(step, planned[0].key)

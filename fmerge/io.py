@@ -614,11 +614,13 @@ def _staging_block() -> torch.Tensor:
 
 class HashCache:
     """Remembers a model's content hash by its weight files' paths and stat stamps (device, inode,
-    size, mtime_ns; fingerprint.file_stamp), in `file`, which is only read when `write` is false:
-    a store opened read-only is never written."""
+    size, mtime_ns, ctime_ns; fingerprint.file_stamp), in `file`, which is only read when `write`
+    is false: a store opened read-only is never written. The weight files of every model hashed
+    are recorded in `files` (what entered the run's keys, `Runtime.key_files`)."""
 
     def __init__(self, file: Path, write: bool = True):
         self.file, self.write = file, write
+        self.files: set[Path] = set()
 
     def _load(self) -> dict:
         try:
@@ -627,6 +629,7 @@ class HashCache:
             return {}
 
     def hash_model(self, model: ModelDir) -> str:
+        self.files.update(f.resolve() for f in model.weight_files())
         stamp = [[str(f.resolve()), file_stamp(f)] for f in model.weight_files()]
         cache_id = hashlib.blake2b(json.dumps(stamp).encode(), digest_size=16).hexdigest()
         cached = self._load().get(cache_id)

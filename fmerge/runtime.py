@@ -8,6 +8,7 @@ artifacts of the steps it depends on, and binds the outputs of model-producing s
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from rich.console import Console
 
@@ -32,6 +33,7 @@ class Runtime:
         self.device = distributed.init(device or recipe.spec.device, where, available=store.writable)
         # Hash caches live in the store; a store opened read-only (status, gc) is never written.
         self.hashes = HashCache(store.hash_cache_file, write=store.writable)
+        # Data files and models' side files (config, tokenizer, processor: tasks.side_inputs), by bytes.
         self.data_hashes = FileHashes(store.root / "cache" / "data_hashes.json", write=store.writable)
         self.planned: dict[str, list] = {}  # the executor's record of this run's plan, for callers
         self.outputs: dict[str, str] = {}  # model-producing step -> its artifact key (set by the executor)
@@ -40,6 +42,25 @@ class Runtime:
         self._sources: dict[str, TensorSource] = {}
         self._dirs: dict[str, Path | None] = {}
         self._hashes: dict[str, str] = {}
+        self._files_hashed: dict[str, list[Path]] = {}  # model -> the weight files its hash covers
+        self.key_files_of: dict[str, set[Path]] = {}  # step -> files whose bytes entered its keys (`planning`)
+
+    def key_files(self) -> set[Path]:
+        """Every file whose bytes entered a key this run planned (resolved paths): models' weight
+        files, data files, and models' side files (config, tokenizer, processor). What a step
+        computes from must be among these or in the store (tests/test_keys_cover_reads.py)."""
+        return self.hashes.files | self.data_hashes.files
+
+    @contextmanager
+    def planning(self, step: str):
+        """Record in `key_files_of[step]` the files whose bytes enter the keys `step` plans."""
+        outer = self.hashes.files, self.data_hashes.files
+        self.hashes.files, self.data_hashes.files = set(), set()
+        try:
+            yield
+        finally:
+            self.key_files_of[step] = self.key_files()
+            self.hashes.files, self.data_hashes.files = outer[0] | self.hashes.files, outer[1] | self.data_hashes.files
 
     def bind_output(self, step: str, key: str) -> None:
         self.outputs[step] = key
@@ -107,7 +128,22 @@ class Runtime:
                     return self._hashes[name]
                 assert isinstance(src, ModelDir)
                 self._hashes[name] = self.hashes.hash_model(src)
+        self.hashes.files.update(self._weight_files(name))  # also when remembered: each step's ledger
         return self._hashes[name]
+
+    def _weight_files(self, name: str) -> list[Path]:
+        """The files a model's content hash covers (none for a step's output: its key stands for it)."""
+        if name not in self._files_hashed:
+            src = self.source(name) if self.spec(name).from_step is None else None
+            src = getattr(src, "inner", src)
+            if src is None:
+                files = []
+            elif isinstance(src, LoraMerged):
+                files = [f.resolve() for f in src.adapter.weight_files()] + self._weight_files(BASE)
+            else:
+                files = [f.resolve() for f in src.weight_files()]
+            self._files_hashed[name] = files
+        return self._files_hashed[name]
 
     def model_hashes(self, names: list[str]) -> dict[str, str]:
         """Content hashes of several models, up to four at a time (reading and BLAKE3 release the

@@ -82,16 +82,28 @@ def data_task(rt, data_name: str) -> str:
     d = rt.recipe.spec.data[data_name]
     if d.image is not None or d.task is not None or d.choices is not None:
         return "image" if d.image else d.task or "multiple_choice"
-    users = [m for m, spec in rt.recipe.models.items() if spec.data == data_name]
-    models = rt.recipe.models
-    judged = next((m for m in users if models[m].from_step is None), BASE if users else None)
-    if judged is None or (models[judged] if judged != BASE else rt.recipe.base).from_step is not None:
+    judged = _judging_model(rt, data_name)
+    if judged is None:
         return "classification"
     try:
         config = raw_config(rt, judged)
     except ModelError:  # said when the model is built, by the step that needs it
         return "classification"
     return "causal_lm" if config_is_causal_lm(config) else "classification"
+
+
+def _judging_model(rt, data_name: str) -> str | None:
+    """The model directory whose config.json decides a data entry's task kind when the entry does
+    not say it (`data_task`), or None."""
+    d = rt.recipe.spec.data[data_name]
+    if d.image is not None or d.task is not None or d.choices is not None:
+        return None
+    models = rt.recipe.models
+    users = [m for m, spec in models.items() if spec.data == data_name]
+    judged = next((m for m in users if models[m].from_step is None), BASE if users else None)
+    if judged is None or (models[judged] if judged != BASE else rt.recipe.base).from_step is not None:
+        return None
+    return judged
 
 
 def data_spec(rt, data_name: str, split: str) -> DataSpec:
@@ -108,7 +120,8 @@ def data_spec(rt, data_name: str, split: str) -> DataSpec:
     else:
         local = recipe.resolve(d.path)
         path = str(local) if local.exists() else d.path
-    return DataSpec(path=path, text_column=d.image or d.text, text_pair_column=d.text_pair,
+    content = rt.data_hashes.tree(Path(path)) if Path(path).exists() else None  # cached by file stamp
+    return DataSpec(path=path, content=content, text_column=d.image or d.text, text_pair_column=d.text_pair,
                     label_column=None if task == "causal_lm" else d.label, split=split, config=d.config,
                     partition=tuple(sorted(partition.items())) if partition else None,
                     partition_seed=d.partition_seed, prompt_column=d.prompt if task == "causal_lm" else None,
@@ -163,16 +176,61 @@ def data_inputs(rt, data_name: str, split: str) -> dict:
     files = getattr(d, "splits", None)
     if files:
         content = {s: rt.data_hashes.tree(rt.recipe.resolve(f)) for s, f in sorted(files.items())}
-    return {"content": content, "split": split, "settings": settings}
+    inputs = {"content": content, "split": split, "settings": settings}
+    judged = _judging_model(rt, data_name)
+    if judged is not None and rt.model_dir(judged) is not None:  # its config.json decides the label column
+        inputs["task_from"] = rt.data_hashes.named_files(rt.model_dir(judged), (CONFIG_FILE,))
+    return inputs
+
+
+CONFIG_FILE = "config.json"
+# What AutoTokenizer.from_pretrained may read in a directory: the tokenizer's own files and the
+# model's config.json (which it consults for the tokenizer's class).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", CONFIG_FILE)
+# What AutoImageProcessor.from_pretrained may read: the processor's config and the model's.
+PROCESSOR_FILES = ("preprocessor_config.json", CONFIG_FILE)
+
+
+def side_inputs(rt, model: str) -> dict:
+    """What running `model` reads besides its tensors, by content, for the key of a step that runs
+    it: its config.json (a model a step made carries its config in that artifact, whose key is its
+    hash) and its task's tokenizer or, for a CLIP task, image processor files, from the directory
+    they are read from (its own, else the base's). No name or path enters; a missing file is
+    simply absent. Merges read tensors only and do not take these."""
+    inputs = {}
+    directory = rt.model_dir(model) if rt.spec(model).from_step is None else None
+    if directory is not None:
+        inputs["config"] = rt.data_hashes.named_files(directory, (CONFIG_FILE,))
+    if model != BASE and is_image_task(rt, model):
+        where = _side_dir(rt, model, ("preprocessor_config.json",))
+        inputs["processor"] = rt.data_hashes.named_files(where, PROCESSOR_FILES) if where else None
+    else:
+        where = _side_dir(rt, model, TOKENIZER_MARKERS)
+        inputs["tokenizer"] = rt.data_hashes.named_files(where, TOKENIZER_FILES) if where else None
+    return inputs
+
+
+TOKENIZER_MARKERS = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")  # a directory that has a tokenizer
+
+
+def _side_dir(rt, model: str, markers: tuple[str, ...]) -> Path | None:
+    """The model's directory if it holds one of `markers` (tokenizer or processor files), else the
+    base's, else None."""
+    for name in (model, BASE):
+        d = rt.model_dir(name) if rt.spec(name).from_step is None else None
+        if d is not None and any((d / f).is_file() for f in markers):
+            return d
+    return None
 
 
 def tokenizer_dir(rt, model: str) -> Path:
     """The model's own tokenizer if its directory has one, else the base's."""
-    for name in (model, BASE):
-        d = rt.model_dir(name) if rt.spec(name).from_step is None else None
-        if d is not None and any((d / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
-            return d
-    raise ModelError(f"No tokenizer found for model '{model}' nor the base model.")
+    d = _side_dir(rt, model, TOKENIZER_MARKERS)
+    if d is None:
+        raise ModelError(f"No tokenizer found for model '{model}' nor the base model.")
+    return d
 
 
 def load_tokenizer(rt, model: str):
@@ -316,10 +374,9 @@ def load_image_processor(rt, model: str):
     """The model's own CLIP image processor if its directory has one, else the base's."""
     from transformers import AutoImageProcessor
 
-    for name in (model, BASE):
-        d = rt.model_dir(name) if rt.spec(name).from_step is None else None
-        if d is not None and (d / "preprocessor_config.json").is_file():
-            return AutoImageProcessor.from_pretrained(d, local_files_only=True)
+    d = _side_dir(rt, model, ("preprocessor_config.json",))
+    if d is not None:
+        return AutoImageProcessor.from_pretrained(d, local_files_only=True)
     raise ModelError(f"No image processor (preprocessor_config.json) found for model '{model}' nor the base model.")
 
 

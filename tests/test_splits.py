@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import fmerge_cli, write_recipe
+from fmerge.fingerprint import FileHashes
 from fmerge.api import load_recipe
 from fmerge.data import DataSpec, label_names_for, load_dataset_split, partition_indices, partition_sizes
 from fmerge.errors import FmergeError
@@ -62,7 +63,7 @@ def error(root: Path, steps: str, data: str = "{path: data/t.jsonl}", extra: str
 
 
 def split_rows(recipe, split: str, entry: str = "t"):
-    return load_dataset_split(data_spec(types.SimpleNamespace(recipe=recipe), entry, split))
+    return load_dataset_split(data_spec(types.SimpleNamespace(recipe=recipe, data_hashes=FileHashes(None)), entry, split))
 
 
 def line_of(root: Path, text: str) -> int:
@@ -101,7 +102,7 @@ def test_single_file_is_partitioned_disjoint_covering_seeded_and_stable(tmp_path
                  data="{path: data/t.jsonl, partition_seed: 1}")
     moved = {s: ids(split_rows(other, s)) for s in parts}
     assert moved != parts and sorted(sum(moved.values(), [])) == list(range(50))
-    spec = data_spec(types.SimpleNamespace(recipe=other), "t", "test")
+    spec = data_spec(types.SimpleNamespace(recipe=other, data_hashes=FileHashes(None)), "t", "test")
     assert spec.partition == (("test", 0.1), ("train", 0.8), ("validation", 0.1)) and spec.partition_seed == 1
 
 
@@ -158,7 +159,7 @@ def test_named_split_files_are_read_as_they_are(tmp_path):
     assert ids(split_rows(recipe, "train")) == list(range(100, 107))
     assert ids(split_rows(recipe, "validation")) == [200, 201, 202]
     assert ids(split_rows(recipe, "test")) == [300, 301, 302, 303]
-    assert data_spec(types.SimpleNamespace(recipe=recipe), "t", "test").partition is None
+    assert data_spec(types.SimpleNamespace(recipe=recipe, data_hashes=FileHashes(None)), "t", "test").partition is None
 
 
 def test_a_directory_of_split_files_keeps_its_splits(tmp_path):
@@ -167,7 +168,7 @@ def test_a_directory_of_split_files_keeps_its_splits(tmp_path):
         write_rows(root / "data" / "dir" / f"{split}.jsonl", 4, start=start)
     recipe = load(root, "  ta: {kind: merge, method: task_arithmetic}\n", data="{path: data/dir}")
     assert ids(split_rows(recipe, "validation")) == [100, 101, 102, 103]
-    assert data_spec(types.SimpleNamespace(recipe=recipe), "t", "test").partition is None
+    assert data_spec(types.SimpleNamespace(recipe=recipe, data_hashes=FileHashes(None)), "t", "test").partition is None
 
 
 @pytest.mark.parametrize("data,expected", [
@@ -310,6 +311,7 @@ def test_adamerging_and_eval_on_partitioned_files_record_their_splits(tmp_path):
     rt, states, _ = run(recipe)
     assert states == {"ada": "computed", "eval": "computed"}
     art = rt.store.open(rt.planned["ada"][0].key)
-    assert art.attrs["params"]["splits"] == {"sentiment": "validation", "animal": "validation", "color": "validation"}
+    assert art.attrs["params"]["splits"] == ["validation"] * 3  # by position: no name in a key
+    assert art.meta["adaptation_splits"] == {"sentiment": "validation", "animal": "validation", "color": "validation"}
     assert {(r["task"], r["split"], r["n"]) for r in rt.results["eval"]} == {
         ("sentiment", "test", 16), ("animal", "test", 16), ("color", "test", 16)}

@@ -134,6 +134,9 @@ class MergeMethod:
     needs_stats: ClassVar[tuple[str, ...]] = ()
     # Bumped whenever the numerical result of the method changes: part of every cache key.
     version: ClassVar[int] = 1
+    # Parameters whose value may name one of the merged models, with the values that name none;
+    # a cache key holds the model's position instead of its name (steps/merge.positional_params).
+    model_params: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def validate(self, params: MethodParams, ctx: MergeContext) -> None:
         """Check parameters against the models before any tensor is read (fail early)."""

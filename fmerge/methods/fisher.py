@@ -81,6 +81,7 @@ class Fisher(MergeMethod):
     needs_base = False
     needs_stats = ("fisher",)
     version = 1
+    model_params = {"fallback": ("average",)}  # or a model's name
 
     def base_needed(self, params: FisherParams) -> bool:
         return params.base_prior

@@ -60,6 +60,6 @@ class AdaMergingStep(IterativeStep):
             result = adamerging(base, vectors, objective, names=plan.merge, tasks=tasks, granularity=cfg.granularity,
                                 steps=cfg.steps, lr=cfg.lr, init=cfg.init, clamp=cfg.clamp, on_step=advance,
                                 accuracy_fn=objective.accuracy)
-        meta = {"models": models, "tasks": tasks, "tensors": plan.merge, "adaptation_splits": p.params["splits"],
+        meta = {"models": models, "tasks": tasks, "tensors": plan.merge, "adaptation_splits": self.splits(p),
                 "trace": result.trace}
         self.write(rt, p, plan, result.body, meta, {"coefficients": result.coefficients})

@@ -30,7 +30,8 @@ from ..progress import tensor_progress
 from ..recipe import BASE, Strict
 from ..store import make_key
 from ..sweep import swept_values
-from ..tasks import build_task_model, data_inputs, data_spec, load_subset, task_batches, task_data, task_kind
+from ..tasks import (build_task_model, data_inputs, data_spec, load_subset, side_inputs, task_batches, task_data,
+                     task_kind)
 from .base import Planned, StepKind, register
 from .zeroshot_head import head_dependency
 
@@ -229,7 +230,8 @@ class EvalStep(StepKind):
         limit = cfg.limit if role == "test" else (cfg.select_limit or cfg.limit)
         params = {"split": split, "limit": limit, "max_length": cfg.max_length, "seed": seed}
         head, head_deps = head_dependency(rt, task)
-        inputs = {**weights, "task_model": rt.model_hash(task), "data": data_inputs(rt, data, split), **head}
+        inputs = {**weights, "task_model": rt.model_hash(task), "side": side_inputs(rt, task),
+                  "data": data_inputs(rt, data, split), **head}
         if cfg.head_file:
             head_file = rt.recipe.resolve(cfg.head_file)
             if not head_file.is_file():

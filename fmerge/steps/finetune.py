@@ -16,7 +16,7 @@ from ..finetune import finetune_classifier, fresh_classifier, tensor_batches
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict
 from ..store import make_key
-from ..tasks import data_inputs, data_spec, load_subset, load_tokenizer
+from ..tasks import data_inputs, data_spec, load_subset, load_tokenizer, side_inputs
 from .base import Planned, StepKind, register
 
 VERSION = 2  # 2: head drawn from a generator of its own, no dropout (fmerge/finetune.py)
@@ -59,7 +59,8 @@ class FinetuneStep(StepKind):
         seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
         split = rt.recipe.spec.data[cfg.data].train_split
         params = cfg.model_dump(mode="json", exclude={"data"}) | {"seed": seed, "split": split}
-        inputs = {"base": rt.model_hash(BASE), "data": data_inputs(rt, cfg.data, split)}
+        # the base's config (the fresh classifier's architecture) and tokenizer
+        inputs = {"base": rt.model_hash(BASE), "side": side_inputs(rt, BASE), "data": data_inputs(rt, cfg.data, split)}
         key = make_key("finetune", params, inputs, VERSION)
         return [Planned(name, "", "finetune", key, inputs, params, VERSION)]
 

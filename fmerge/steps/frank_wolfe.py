@@ -19,6 +19,7 @@ from ..progress import tensor_progress
 from ..recipe import format_validation_error
 from .base import register
 from .iterative import IterativeConfig, IterativeStep, Loss, Streamed, keep_large_blocks_mapped
+from .merge import positional_params
 
 
 class FrankWolfeCommon(IterativeConfig):
@@ -85,9 +86,14 @@ class FrankWolfeStep(IterativeStep):
                               f"model directory (no {recipe.resolve(cfg.init) / 'config.json'}).")
 
     def key_params(self, rt, name, cfg):
-        """merge_params validated and dumped with defaults, so `{}` and the explicit defaults share a key."""
-        tparams = TensorParams(get_method(cfg.merge_fn), cfg.merge_params, rt.recipe.where("steps", name, "merge_params"))
-        return super().key_params(rt, name, cfg) | {"merge_params": tparams.key()}
+        """merge_params validated and dumped with defaults, so `{}` and the explicit defaults share a
+        key, with per-model maps in the candidates' order; `init` as what it is, never a directory's
+        path (its weights' hash is an input)."""
+        method = get_method(cfg.merge_fn)
+        tparams = TensorParams(method, cfg.merge_params, rt.recipe.where("steps", name, "merge_params"))
+        init = cfg.init if cfg.init in ("base", "merge") else "weights"
+        return super().key_params(rt, name, cfg) | {
+            "merge_params": positional_params(method, tparams.key(), self.candidates(cfg, rt.recipe)), "init": init}
 
     def extra_inputs(self, rt, name, cfg):
         if cfg.init in ("base", "merge"):
@@ -148,7 +154,7 @@ class FrankWolfeStep(IterativeStep):
                       oracle=cfg.oracle, granularity=cfg.granularity, grad_noise_rtol=cfg.grad_noise_rtol)
         with tensor_progress(rt.console, f"{name}: {self.kind}", cfg.max_iters) as advance:
             body, trace = self.run(rt, cfg, x0, vertices, raw, objective, p, common, advance)
-        meta = {"models": models, "tasks": tasks, "splits": p.params["splits"], "trace": trace}
+        meta = {"models": models, "tasks": tasks, "splits": self.splits(p), "trace": trace}
         self.write(rt, p, plan, body, meta)
 
     def losses(self, cfg) -> tuple[str, ...]:

@@ -34,7 +34,7 @@ from ..objective import Objective, TaskModel, predicted_tokens
 from ..recipe import BASE, Strict
 from ..store import make_key
 from ..tasks import (build_task_model, data_inputs, data_spec, is_image_task, load_subset, load_tokenizer, model_kind,
-                     task_batches, task_data)
+                     side_inputs, task_batches, task_data)
 from .base import Planned, StepKind
 from .task_vectors import task_vector_planned
 from .zeroshot_head import head_dependency
@@ -124,25 +124,28 @@ class IterativeStep(StepKind):
         return {}
 
     def key_params(self, rt, name: str, cfg) -> dict[str, Any]:
-        """The config as it enters the cache key (subclasses canonicalise free-form fields)."""
-        return cfg.model_dump(mode="json", exclude={"export"})
+        """The config as it enters the cache key (subclasses canonicalise free-form fields): the
+        models and tasks enter by content and position, in the inputs, never by name."""
+        return cfg.model_dump(mode="json", exclude={"export", "models", "tasks"})
 
     def plan(self, rt, name, cfg, upstream):
         seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
-        tasks, splits, task_in, deps = {}, {}, {}, []
+        tasks, splits, task_in, deps = {}, [], [], []
         for t in self.task_names(cfg, rt.recipe):
             data = task_data(rt, t, ("steps", name, "tasks"))
             split = cfg.split or rt.recipe.spec.data[data].validation_split
             head, head_deps = head_dependency(rt, t)
-            tasks[t] = {"data": data, "split": split}
-            splits[t] = split
-            task_in[t] = {"model": rt.model_hash(t), "data": data_inputs(rt, data, split), **head}
+            tasks[t] = {"data": data, "split": split, **head}
+            splits.append(split)
+            task_in.append({"model": rt.model_hash(t), "side": side_inputs(rt, t), "data": data_inputs(rt, data, split),
+                            **head})
             deps += head_deps
         if self.reads_task_vectors(cfg):
             deps += [task_vector_planned(rt, m, name) for m in self.candidates(cfg, rt.recipe)]
         spec = rt.recipe.spec
+        # models and tasks by position (the coefficients and the loss's sum follow their order)
         inputs = {"base": rt.model_hash(BASE),
-                  "models": {m: rt.model_hash(m) for m in self.candidates(cfg, rt.recipe)},
+                  "models": [rt.model_hash(m) for m in self.candidates(cfg, rt.recipe)],
                   "tasks": task_in, **self.extra_inputs(rt, name, cfg)}
         params = self.key_params(rt, name, cfg) | {
             "seed": seed, "splits": splits, "exclude": spec.exclude, "heads": spec.heads,
@@ -151,6 +154,11 @@ class IterativeStep(StepKind):
         return [Planned(name, "", self.kind, key, inputs, params, self.VERSION, {"tasks": tasks}, deps)]
 
     # -- computing ---------------------------------------------------------------------------
+
+    @staticmethod
+    def splits(p: Planned) -> dict[str, str]:
+        """{task: split adapted on}, for the artifact's meta (the key holds the splits by position)."""
+        return {t: info["split"] for t, info in p.extra["tasks"].items()}
 
     def tensor_plan(self, rt, cfg) -> TensorPlan:
         sources = {m: rt.source(m) for m in self.models_used(cfg, rt.recipe)}
@@ -195,7 +203,7 @@ class IterativeStep(StepKind):
             info = {**info, "rows": sub.rows, "labels": sub.labels}
             names = plan.name_maps[t]
             copied = {names[r]: base.get(r) for r in plan.copy if r in names and not any(h.search(names[r]) for h in head)}
-            net = build_task_model(rt, t, copied, head=p.inputs["tasks"][t].get("head")).float().requires_grad_(False)
+            net = build_task_model(rt, t, copied, head=info.get("head")).float().requires_grad_(False)
             causal_lm = model_kind(rt, t) == "causal_lm"
             if not causal_lm and net.config.num_labels < 2:
                 raise ModelError(f"Task '{t}': its head has {net.config.num_labels} output; {self.kind} needs a "

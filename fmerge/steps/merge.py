@@ -101,8 +101,9 @@ class MergeStep(StepKind):
         params = tparams.params
         models = self.models_used(cfg, rt.recipe)
         hashes = rt.model_hashes([*models, BASE])
-        # The order too: per-model lists (weights, λ) follow it, and so does the sum's rounding.
-        inputs: dict[str, Any] = {"models": {m: hashes[m] for m in models}, "order": [hashes[m] for m in models]}
+        # By position, never by name: per-model lists (weights, λ) follow the order, and so does the
+        # sum's rounding; a per-model map in params is turned into that order (`positional_params`).
+        inputs: dict[str, Any] = {"models": [hashes[m] for m in models]}
         if method.base_needed(params):
             inputs["base"] = rt.model_hash(BASE)
         else:
@@ -121,7 +122,7 @@ class MergeStep(StepKind):
             inputs["kfac"] = statistics_keys(rt, name, "kfac", upstream[cfg.kfac], models, "K-FAC factors")
         spec = rt.recipe.spec
         key_params = {
-            "method": cfg.method, "params": tparams.key(),
+            "method": cfg.method, "params": positional_params(method, tparams.key(), models),
             "exclude": spec.exclude, "heads": spec.heads, "out_dtype": cfg.out_dtype,
             **({"missing_tensors": "base"} if spec.missing_tensors == "base" else {}),  # keys unchanged by default
             **({"out_shard_size": shard_bytes(cfg)} if cfg.out_shard_size is not None else {}),  # the files' layout
@@ -144,7 +145,7 @@ class MergeStep(StepKind):
         ctx = MergeContext(models, seed=p.params["seed"])
         stats = {}
         if cfg.fisher:
-            fishers = {m: rt.store.open(p.inputs["fisher"][m]) for m in models}
+            fishers = {m: rt.store.open(k) for m, k in zip(models, p.inputs["fisher"])}
             stats["fisher"] = {m: a.view("fisher/") for m, a in fishers.items()}
             ctx.summaries["fisher_mean"] = [a.meta["fisher_mean"] for a in fishers.values()]
         if cfg.base_fisher:
@@ -152,7 +153,7 @@ class MergeStep(StepKind):
             stats["fisher"][BASE] = Renamed(prior, align_names(plan.reference, prior.names()))
         for field in ("gram", "kfac"):
             if getattr(cfg, field):
-                arts = {m: rt.store.open(p.inputs[field][m]) for m in models}
+                arts = {m: rt.store.open(k) for m, k in zip(models, p.inputs[field])}
                 for group in sorted({n.split("/")[0] for a in arts.values() for n in a.names()}):
                     stats[group] = {m: a.view(group + "/") for m, a in arts.items()}  # e.g. gram, gram_rows, kfac_a
         tparams.validate(ctx)  # again, now with the statistics' summaries
@@ -210,15 +211,40 @@ def config_dtype(directory: Path, out_dtype: str | None) -> None:
     config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def statistics_keys(rt, name: str, field: str, planned: list[Planned], models: list[str], what: str) -> dict[str, str]:
-    """{model: artifact key} of a statistics step's planned artifacts for every merged model."""
+def statistics_keys(rt, name: str, field: str, planned: list[Planned], models: list[str], what: str) -> list[str]:
+    """The artifact keys of a statistics step's planned artifacts for the merged models, in their order."""
     keys = {p.label: p.key for p in planned}
     missing = [m for m in models if m not in keys]
     if missing:
         step = getattr(rt.recipe.steps[name], field)
         raise RecipeError(f"{rt.recipe.where('steps', name, field)}: step '{step}' has no {what} for "
                           f"model(s) {', '.join(missing)}.")
-    return {m: keys[m] for m in models}
+    return [keys[m] for m in models]
+
+
+def positional_params(method, params: dict, models: list[str]) -> dict:
+    """A method's key parameters with no model name in them: each per-model map ({model: value},
+    `methods.per_model`; also inside nested parameters such as a filter list's values) as the
+    list of its values in the models' order, and a parameter that names a model
+    (`MergeMethod.model_params`) as that model's position. A map and the list it stands for share
+    one key, and renaming a model keeps it."""
+    keyed = {k: _in_model_order(v, models) for k, v in params.items()}
+    for field, other_values in method.model_params.items():
+        value = keyed.get(field)
+        if isinstance(value, str) and value not in other_values and value in models:
+            keyed[field] = {"model_position": models.index(value)}
+    return keyed
+
+
+def _in_model_order(value, models: list[str]):
+    """`value` with every mapping keyed by exactly the merge's models turned into a list in their order."""
+    if isinstance(value, dict):
+        if models and set(value) == set(models):
+            return [_in_model_order(value[m], models) for m in models]
+        return {k: _in_model_order(v, models) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_in_model_order(v, models) for v in value]
+    return value
 
 
 class Renamed:

@@ -69,8 +69,14 @@ class StackLayersStep(StepKind):
 
     def plan(self, rt, name: str, cfg: StackLayersConfig, upstream) -> list[Planned]:
         models = self.models_used(cfg, rt.recipe)
-        inputs = {"models": rt.model_hashes(models)}
-        params = {"slices": [s.model_dump(mode="json") for s in cfg.slices], "out_dtype": cfg.out_dtype}
+        hashes = rt.model_hashes(models)
+        # By position: a slice names its model by its index in `models`, never by name. Each
+        # model's config.json is read too (its layer count bounds the slices).
+        inputs = {"models": [hashes[m] for m in models],
+                  "configs": [rt.data_hashes.named_files(rt.model_dir(m), ("config.json",))
+                              if rt.model_dir(m) is not None else None for m in models]}
+        params = {"slices": [{**s.model_dump(mode="json"), "model": models.index(s.model)} for s in cfg.slices],
+                  "out_dtype": cfg.out_dtype}
         key = make_key("stack_layers", params, inputs, VERSION)
         return [Planned(name, "", "merge", key, inputs, params, VERSION)]
 
@@ -90,7 +96,7 @@ class StackLayersStep(StepKind):
                                              f"model, a scale, or the cast to {cfg.out_dtype}); fmerge will not write it.")
                     writer.write("weights/" + n, tensor)
                     advance()
-            writer.commit({"step": name, "layers": stacked.layers, "slices": p.params["slices"]})
+            writer.commit({"step": name, "layers": stacked.layers, "slices": [s.model_dump(mode="json") for s in cfg.slices]})
 
     def export(self, rt, name: str, cfg: StackLayersConfig, planned: list[Planned]) -> str | None:
         if not cfg.export:

@@ -34,10 +34,10 @@ class PerModelStep(StepKind):
 
     def subset_artifacts(self, rt, name: str, cfg, settings: dict):
         """(model, data entry, params, inputs, deps) of each covered model's artifact: `settings`
-        and the seeded subset (examples, split, max_length, seed) as params; the model's, the
-        data's and any zero-shot head's hashes as inputs, the head's artifact as a dep. The rows
-        themselves are drawn when computing (`tasks.load_subset`)."""
-        from ..tasks import data_inputs, task_data
+        and the seeded subset (examples, split, max_length, seed) as params; the model's (its
+        tensors and side files), the data's and any zero-shot head's hashes as inputs, the head's
+        artifact as a dep. The rows themselves are drawn when computing (`tasks.load_subset`)."""
+        from ..tasks import data_inputs, side_inputs, task_data
 
         seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
         for m in self.models_used(cfg, rt.recipe):
@@ -45,7 +45,8 @@ class PerModelStep(StepKind):
             split = cfg.split or rt.recipe.spec.data[data].train_split
             params = {**settings, "examples": cfg.examples, "split": split, "max_length": cfg.max_length, "seed": seed}
             head, deps = head_dependency(rt, m)
-            yield m, data, params, {"model": rt.model_hash(m), "data": data_inputs(rt, data, split), **head}, deps
+            inputs = {"model": rt.model_hash(m), "side": side_inputs(rt, m), "data": data_inputs(rt, data, split), **head}
+            yield m, data, params, inputs, deps
 
     @staticmethod
     def labelled_rows(rt, p: Planned):

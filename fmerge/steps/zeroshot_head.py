@@ -1,7 +1,7 @@
 """The `zeroshot_head` step: each CLIP task's zero-shot head, computed once from the base's text tower.
 
 A head's key is the content of what determines it: the base's tensors outside the vision tower
-(text tower, projections, logit scale) and tokenizer files, the class names and the templates;
+(text tower, projections, logit scale), its config and tokenizer files, the class names and the templates;
 never a model name, so a reused hub id with new weights cannot serve a stale head. A
 recipe needs this step only to precompute heads (or to see them in `fmerge status`): the Fisher,
 eval, gram and iterative steps declare a CLIP task's head as a dependency (`head_dependency`) and
@@ -94,12 +94,13 @@ def classnames_from_data(rt, data: str) -> list[str]:
 def head_planned(rt, model: str, step: str = "") -> Planned:
     """A task's head: keyed by the base's text side, the prompts, and, where class names come from
     the dataset, the data's content (read when the head is computed, not now)."""
-    from ..tasks import data_inputs, task_data
+    from ..tasks import TOKENIZER_FILES, data_inputs, task_data
 
     data = task_data(rt, model, ("models", model))
     classnames, templates = prompts(rt, data)
     params = {"classnames": classnames, "templates": templates}
-    inputs = {"text_side": text_hash(rt)}
+    # the text side's tensors, and the base's config and tokenizer files (TextEncoder reads them)
+    inputs = {"text_side": text_hash(rt), "side": rt.data_hashes.named_files(rt.model_dir(BASE), TOKENIZER_FILES)}
     if classnames is None:
         inputs["labels_from"] = data_inputs(rt, data, rt.recipe.spec.data[data].test_split)
     return Planned(step, model, "zeroshot_head", make_key("zeroshot_head", params, inputs, VERSION), inputs,
@@ -134,15 +135,14 @@ _TEXT_HASHES: dict[str, str] = {}  # base content hash -> text-side hash, for th
 
 
 def _text_hash(rt, base_hash: str) -> str:
-    cache = rt.store.root / "cache" / "clip_text_hashes.json"
+    cache = rt.store.root / "cache" / "clip_text_tensor_hashes.json"  # the tensors' hash only (no tokenizer)
     try:
         known = json.loads(cache.read_text())
     except (OSError, json.JSONDecodeError):
         known = {}
     if base_hash in known:
         return known[base_hash]
-    directory = rt.model_dir(BASE)
-    digest = text_side_hash(_full_base(rt), directory)
+    digest = text_side_hash(_full_base(rt))
     if not rt.store.writable:
         return digest
     try:
