@@ -23,11 +23,11 @@ import hostile
 from conftest import ZOO_RECIPE, make_zoo
 from test_fisher_cli import make_classifier
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(600, func_only=True)  # a hang guard only: never a speed check (busy machines)
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NOT_AS_ROOT = pytest.mark.skipif(AS_ROOT, reason="root ignores file permissions, so nothing is unwritable")
-BOUND = 15.0  # seconds a case may take (a refusal comes before any heavy work)
+BOUND = 300.0  # seconds: a hang guard only, generous for a busy machine (a refusal comes before any heavy work)
 
 
 def cli(args: list, cwd: Path, env: dict | None = None) -> hostile.Result:
