@@ -500,22 +500,29 @@ def label_names_for(ds, spec: DataSpec) -> list[str] | None:
 
 # Where a message tells the user to give class names.
 _NAMES_HINT = ("give the class names in head order: 'label_names' in the recipe's data entry, --label-names "
-               "neg,neu,pos on the command line, label_names=[...] in the API")
+               "neg,neu,pos on the command line, label_names=[...] in the API (or, for a step that needs no "
+               "labels, set the label column to null: --label-column '')")
 
 
 def label_targets(ds, spec: DataSpec, num_labels: int, label_names: Sequence[str] | None = None,
                   id2label: dict | None = None) -> np.ndarray:
-    """The label column of `ds` (a whole split: rows counted from 1 in its order) as a head of
+    """The label column of `ds` (a whole split; rows named as the file counts them, or for a
+    directory or hub dataset, as the split does) as a head of
     `num_labels` outputs reads it: int64 class indices, or float32 targets for a regression head
     (num_labels 1). The label rule of the module docstring; whatever breaks it is refused with
     the first offending row, its value and what to do."""
     column = spec.label_column
-    whole_file = spec.partition is None and Path(spec.path).expanduser().is_file()
-    where = f"Dataset '{spec.path}'" + ("" if whole_file else f" (split '{spec.split}')")
+    path = Path(spec.path).expanduser()
+    where = f"Dataset '{spec.path}'" + ("" if path.is_file() else f" (split '{spec.split}')")
     feature = ds.features[column]
     kind, dtype = type(feature).__name__, getattr(feature, "dtype", None)
 
     def refuse(row: int, value, problem: str, todo: str):
+        if spec.partition is not None and path.is_file():  # the split's row as the file counts it
+            import datasets
+
+            count = len(_read_file(datasets, path, _BUILDERS[path.suffix.lower()]))
+            row = int(partition_indices(count, spec.partition, spec.partition_seed)[spec.split][row])
         raise DataError(f"{where}: row {row + 1} of label column '{column}' holds {quoted(value, 60)}, {problem}. "
                         f"{todo}")
 

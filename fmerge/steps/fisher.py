@@ -70,7 +70,7 @@ class FisherStep(PerModelStep):
 
     def compute(self, rt, name, cfg, todo):
         for p in todo:
-            model, spec, rows = self.labelled_rows(rt, p, cfg.estimator == "empirical")
+            model, spec, rows = self.labelled_rows(rt, p)
             previous, done = self._cached_prefix(rt, p)
             rows = shard_by_rank(rows.select(range(done, len(rows))))
             batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length)

@@ -51,7 +51,7 @@ class KfacStep(PerModelStep):
 
     def compute(self, rt, name, cfg, todo):
         for p in todo:
-            model, spec, rows = self.labelled_rows(rt, p, cfg.estimator == "empirical")
+            model, spec, rows = self.labelled_rows(rt, p)
             batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length)
             with tensor_progress(rt.console, f"{name}: {p.label}", -(-len(rows) // cfg.batch_size)) as advance:
                 counted = (advance() or b for b in batches)

@@ -4,7 +4,6 @@ of its estimator."""
 
 from __future__ import annotations
 
-import dataclasses
 from difflib import get_close_matches
 
 from pydantic import Field
@@ -49,19 +48,16 @@ class PerModelStep(StepKind):
             yield m, data, params, {"model": rt.model_hash(m), "data": data_inputs(rt, data, split), **head}, deps
 
     @staticmethod
-    def labelled_rows(rt, p: Planned, needs_labels: bool):
-        """(task model, data spec, subset rows) of a gradient statistic's item: with `needs_labels`
-        (the empirical estimators) the labels under the label rule of the model's head
-        (`tasks.load_subset`), else none read (the spec has no label column); each row numbered in EXAMPLE_ID_COLUMN by its
+    def labelled_rows(rt, p: Planned):
+        """(task model, data spec, subset rows) of a gradient statistic's item: the labels under
+        the label rule of the model's head (`tasks.load_subset`), checked whether or not the
+        estimator reads them, as a sign of data paired with the wrong model; each row numbered in EXAMPLE_ID_COLUMN by its
         position in the whole subset, which seeds its label draws whatever shard or chunk runs it."""
         from ..tasks import build_task_model, data_spec, load_subset
 
         model = build_task_model(rt, p.label, head=p.inputs.get("head"))
         spec = data_spec(rt, p.extra["data"], p.params["split"])
-        if not needs_labels:
-            spec = dataclasses.replace(spec, label_column=None)
-        sub = load_subset(rt, p.extra["data"], p.params["split"], p.params["examples"], p.params["seed"],
-                          model.config if needs_labels else None)
+        sub = load_subset(rt, p.extra["data"], p.params["split"], p.params["examples"], p.params["seed"], model.config)
         return model, spec, sub.rows.add_column(EXAMPLE_ID_COLUMN, list(range(len(sub.rows))))
 
 
