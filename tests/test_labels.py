@@ -134,3 +134,17 @@ def test_label_names_map_strings_as_given(classifier, tmp_path):
     assert shown.code == 0 and json.loads(shown.out)["scores"][0]["metrics"]["accuracy"] == pytest.approx(got)
     assert_refused(run(eval_args(classifier, data, tmp_path / "st", "--label-names", "c,a")),
                    "name 2 classes", "head has 3")
+
+
+def test_a_regression_head_reads_float_targets_and_refuses_others(tmp_path):
+    from fmerge.data import DataSpec, label_targets, load_dataset_split
+
+    spec = DataSpec(path=str(write_labels(tmp_path / "r.jsonl", [0.25, 3, -1.5])))
+    targets = label_targets(load_dataset_split(spec), spec, num_labels=1)
+    assert targets.dtype == "float32" and targets.tolist() == [0.25, 3.0, -1.5]
+    spec = DataSpec(path=str(write_labels(tmp_path / "s.jsonl", ["high", "low", "low"])))
+    with pytest.raises(DataError, match="row 1 .*'high', but the model has a regression head"):
+        label_targets(load_dataset_split(spec), spec, num_labels=1)
+    spec = DataSpec(path=str(write_labels(tmp_path / "b.jsonl", [1, True, 0])))
+    with pytest.raises(DataError, match="row 2 .*holds True, but row 1 holds 1: the column mixes"):
+        label_targets(load_dataset_split(spec), spec, num_labels=2)
