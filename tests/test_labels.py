@@ -148,3 +148,18 @@ def test_a_regression_head_reads_float_targets_and_refuses_others(tmp_path):
     spec = DataSpec(path=str(write_labels(tmp_path / "b.jsonl", [1, True, 0])))
     with pytest.raises(DataError, match="row 2 .*holds True, but row 1 holds 1: the column mixes"):
         label_targets(load_dataset_split(spec), spec, num_labels=2)
+
+
+def test_adamerging_refuses_a_label_outside_a_tasks_head(tmp_path):
+    """The iterative steps go through the same rule: row 5 of a 3-class task's validation file says 7."""
+    from _iterative_project import HEADER, build
+
+    root = build(tmp_path / "p")
+    split = root / "data" / "animal" / "validation.jsonl"
+    rows = [json.loads(line) for line in split.read_text().splitlines()]
+    rows[4]["label"] = 7
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = root / "ada.yaml"
+    recipe.write_text(HEADER + "  ada: {kind: adamerging, steps: 2, batch_size: 4, examples: 8, max_length: 16}\n")
+    assert_refused(run(["-q", "run", recipe]), "data/animal' (split 'validation')", "row 5 of label column 'label'",
+                   "holds 7", "0..2")
