@@ -144,6 +144,7 @@ class ClipHeadConfig:
 
     num_labels: int
     problem_type: str = "single_label_classification"
+    id2label: dict[int, str] | None = None  # the head's class names, which string labels map through
 
 
 @dataclass
@@ -159,13 +160,13 @@ class ClipClassifier(nn.Module):
     fisher_kind = "classification"
 
     def __init__(self, vision_model: nn.Module, visual_projection: torch.Tensor, head_weights: torch.Tensor,
-                 logit_scale: torch.Tensor):
+                 logit_scale: torch.Tensor, labels: Sequence[str] | None = None):
         super().__init__()
         self.vision_model = vision_model
         self.register_buffer("visual_projection", visual_projection.detach().float().clone())
         self.register_buffer("head_weights", head_weights.detach().float().clone())
         self.register_buffer("logit_scale", logit_scale.detach().float().reshape(()).clone())
-        self.config = ClipHeadConfig(num_labels=head_weights.shape[0])
+        self.config = ClipHeadConfig(num_labels=head_weights.shape[0], id2label=dict(enumerate(labels or [])) or None)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pooled = self.vision_model(pixel_values=pixel_values).pooler_output

@@ -2,12 +2,14 @@
 
 Kept free of the CLI and recipes so the Fisher, RegMean and evaluation steps share one path.
 
-Labels: integer (or bool, or `datasets.ClassLabel`) columns are used as they are. String labels
-are mapped to class indices through an explicit list, `label_names` (index = position in the
-list). There is no silent default, because sorting the labels seen in one subset would shift the
-indices whenever a class is missing from it: compute the list once over the full split with
-`label_names_for` (sorted unique values, or the ClassLabel names) and record it with the model.
-Float labels are regression targets.
+Labels (`label_targets`, the one rule every step that reads labels goes through): a classifier's
+labels are class indices within its head (integers, bools, a `datasets.ClassLabel` column, or floats
+that are whole numbers), or strings mapped through the data's `label_names` (index = position in
+the list) or else through the model's `id2label` when it names every string (transformers' default
+`LABEL_0`.. names only where the data says those). There is no silent default: sorting the strings
+seen in one subset would shift the indices whenever a class is missing from it. Anything else, out
+of range, unknown, fractional or of mixed types, is refused naming the row. A regression head
+(num_labels 1) reads finite numbers as targets.
 
 Splits: a directory of split files or a hub dataset has its own splits. A single file is one
 split as it stands (`partition=None`), or is cut into named splits by a seeded partition
@@ -489,9 +491,10 @@ def select_examples(ds, n: int, seed: int, *, source: str | None = None):
 
 
 def label_names_for(ds, spec: DataSpec) -> list[str] | None:
-    """The class names of a string or ClassLabel label column (sorted unique values for strings);
-    None for numeric labels, which are class indices or regression targets already. For a split
-    of a partitioned file they are read over the whole file, so every split maps alike."""
+    """The class names of a string or ClassLabel label column (sorted unique values for strings),
+    for a head made from the data (a finetune's, a CLIP zero-shot head), which records them as its
+    id2label; never to guess an existing head's order (see `label_targets`). None for numeric
+    labels. For a split of a partitioned file they are read over the whole file."""
     if spec.label_column is None:
         return None
     path = Path(spec.path).expanduser()
@@ -508,64 +511,112 @@ def label_names_for(ds, spec: DataSpec) -> list[str] | None:
     return None
 
 
-def _label_values(ds, spec: DataSpec, label_names: Sequence[str] | None) -> np.ndarray:
-    """The label column as class indices (string labels mapped through label_names) or floats."""
+# Where a message tells the user to give class names.
+_NAMES_HINT = ("give the class names in head order: 'label_names' in the recipe's data entry, --label-names "
+               "neg,neu,pos on the command line, label_names=[...] in the API (or, for a step that needs no "
+               "labels, set the label column to null: --label-column '')")
+
+
+def label_targets(ds, spec: DataSpec, num_labels: int, label_names: Sequence[str] | None = None,
+                  id2label: dict | None = None) -> np.ndarray:
+    """The label column of `ds` (a whole split; rows named as the file counts them, or for a
+    directory or hub dataset, as the split does) as a head of
+    `num_labels` outputs reads it: int64 class indices, or float32 targets for a regression head
+    (num_labels 1). The label rule of the module docstring; whatever breaks it is refused with
+    the first offending row, its value and what to do."""
     column = spec.label_column
-    values = ds.with_format("numpy")[column]
-    values = np.asarray(values)
-    if values.dtype.kind in "OUS":
-        if label_names is None:
-            raise DataError(
-                f"Dataset '{spec.path}': label column '{column}' holds strings; pass label_names (the class names in head "
-                "order, e.g. from fmerge.data.label_names_for on the full split, or the model's "
-                "id2label) so each string maps to a fixed class index."
-            )
-        index = {name: i for i, name in enumerate(label_names)}
-        unknown = sorted({str(v) for v in values if v not in index})
-        if unknown:
-            raise DataError(
-                f"Dataset '{spec.path}': label column '{column}' holds value(s) "
-                f"{', '.join(quoted(u, 60) for u in unknown[:5])} that are not in label_names "
-                f"({quoted(', '.join(map(str, label_names)))}), which map each label to a head index. Add them to "
-                f"label_names (fmerge fisher: --label-names) in head order, or remove those rows."
-            )
-        return np.array([index[v] for v in values], dtype=np.int64)
-    if values.dtype.kind == "b":
-        return values.astype(np.int64)
+    path = Path(spec.path).expanduser()
+    where = f"Dataset '{spec.path}'" + ("" if path.is_file() else f" (split '{spec.split}')")
+    feature = ds.features[column]
+    kind, dtype = type(feature).__name__, getattr(feature, "dtype", None)
+
+    def refuse(row: int, value, problem: str, todo: str):
+        if spec.partition is not None and path.is_file():  # the split's row as the file counts it
+            import datasets
+
+            count = len(_read_file(datasets, path, _BUILDERS[path.suffix.lower()]))
+            row = int(partition_indices(count, spec.partition, spec.partition_seed)[spec.split][row])
+        raise DataError(f"{where}: row {row + 1} of label column '{column}' holds {quoted(value, 60)}, {problem}. "
+                        f"{todo}")
+
+    if kind not in ("Value", "ClassLabel") or dtype not in (*_NUMERIC, "string", "large_string"):
+        values = list(ds[column][:])
+        row = _first_type_change(spec, values)
+        refuse(row, values[row], f"but row 1 holds {quoted(values[0], 60)}: the column mixes labels of different "
+               f"types (text, numbers, true/false), or holds something other than one label a row",
+               "Write every label alike, class indices as numbers or class names as text, then run again.")
+    values = np.asarray(ds.with_format("numpy")[column])
+    if num_labels == 1:
+        if dtype in ("string", "large_string"):
+            refuse(0, str(values[0]), "but the model has a regression head (num_labels 1), which reads numbers",
+                   "Give numeric targets, or evaluate a classifier.")
+        bad = np.flatnonzero(~np.isfinite(values.astype(np.float64)))
+        if bad.size:
+            refuse(bad[0], values[bad[0]].item(), "not a finite regression target", "Fix or remove that row.")
+        return values.astype(np.float32)
+    if dtype in ("string", "large_string"):
+        values = _mapped_names(values, num_labels, label_names, id2label, refuse)
+    elif values.dtype.kind == "f":
+        bad = np.flatnonzero(values != np.round(values))
+        if bad.size:
+            refuse(bad[0], values[bad[0]].item(), f"which is no class index of the model's head of {num_labels} "
+                   f"classes (0..{num_labels - 1})", "Give whole class indices, or use a regression model "
+                   "(num_labels 1) for numeric targets.")
+    values = values.astype(np.int64)
+    bad = np.flatnonzero((values < 0) | (values >= num_labels))
+    if bad.size:
+        refuse(bad[0], values[bad[0]].item(), f"outside the model's head of {num_labels} classes (labels "
+               f"0..{num_labels - 1}; {bad.size} row(s) so)", "Check the data (-1 often marks an unlabelled test "
+               "split: evaluate a labelled split, or set the label column to null) or the model's num_labels.")
     return values
 
 
-def check_labels(ds, spec: DataSpec, num_labels: int, label_names: Sequence[str] | None = None) -> None:
-    """Fail early, naming the value, if a label is outside a head of `num_labels` outputs
-    (num_labels == 1: a regression head, whose targets must be finite numbers)."""
-    if spec.label_column is None:
-        return
-    column = spec.label_column
-    values = _label_values(ds, spec, label_names)
-    if values.dtype.kind not in "iuf":
-        raise DataError(f"Dataset '{spec.path}': label column '{column}' holds {values.dtype} values, neither "
-                        f"classes nor numbers; give class indices, class names (with label_names) or numbers.")
-    if num_labels == 1:
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            raise DataError(f"Dataset '{spec.path}': label column '{column}' holds a NaN or infinite regression "
-                            f"target; fix or remove that row.")
-        return
-    if values.dtype.kind == "f":
-        fractional = values[values != np.round(values)]
-        if fractional.size:
-            raise DataError(
-                f"Dataset '{spec.path}': label column '{column}' holds the non-integer value "
-                f"{fractional[0].item()!r}, but the model's head has {num_labels} classes (0..{num_labels - 1}); "
-                f"give class indices, or use a regression model (num_labels 1)."
-            )
-    bad = values[(values < 0) | (values >= num_labels)]
-    if bad.size:
-        raise DataError(
-            f"Dataset '{spec.path}': label column '{column}' holds the value {bad[0].item()!r} ({bad.size} row(s) out of "
-            f"range), but the model's head has {num_labels} classes, so labels must lie in "
-            f"0..{num_labels - 1}. Check the data (-1 often marks an unlabelled test split) or the "
-            "model's num_labels."
-        )
+_NUMERIC = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32",
+            "float64")
+
+
+def _mapped_names(values: np.ndarray, num_labels: int, label_names, id2label, refuse):
+    """String labels as class indices through label_names, else through an id2label naming them all."""
+    default = [f"LABEL_{i}" for i in range(num_labels)]
+    if label_names is not None:
+        names, source = list(label_names), "the data's label_names"
+        if len(names) != num_labels:
+            raise DataError(f"The data's label_names name {len(names)} classes ({quoted(', '.join(names), 80)}), but "
+                            f"the model's head has {num_labels}; give one name per head output, in head order.")
+    else:
+        names = [str((id2label or {}).get(i, (id2label or {}).get(str(i), ""))) for i in range(num_labels)]
+        source = "the model's id2label"
+    index = {name: i for i, name in enumerate(names)}
+    unknown = np.flatnonzero([v not in index for v in values])
+    if not unknown.size:
+        return np.array([index[v] for v in values], dtype=np.int64)
+    value = str(values[unknown[0]])
+    digits = " (it looks like a class index written as text: write it as a number)" if value.isdigit() else ""
+    if label_names is not None:
+        refuse(unknown[0], value, f"which is not among {source} ({quoted(', '.join(names), 80)}){digits}",
+               "Add it to label_names in head order, or remove the row.")
+    if names == default or not id2label:
+        shown = "only transformers' default names (LABEL_0..)" if id2label else "no class names"
+        refuse(unknown[0], value, f"text, but no label_names map text labels to head indices and the model's "
+               f"id2label holds {shown}{digits}", f"So as not to guess an order, {_NAMES_HINT}.")
+    refuse(unknown[0], value, f"which is not among {source} ({quoted(', '.join(names), 80)}){digits}",
+           f"Fix the row, or {_NAMES_HINT}.")
+
+
+def _first_type_change(spec: DataSpec, values: list) -> int:
+    """The first row whose label's type differs from row 1's: in the values as read, else in a JSON
+    lines file's own text (the reader may have turned "1" into 1); row 1 if neither tells."""
+    def kind(v):
+        return type(v).__name__
+    row = next((i for i, v in enumerate(values) if kind(v) != kind(values[0])), None)
+    path = Path(spec.path).expanduser()
+    if row is None and spec.partition is None and path.is_file() and path.suffix.lower() == ".jsonl":
+        raw = [json.loads(line).get(spec.label_column) for line in path.read_text(encoding="utf-8").splitlines()
+               if line.strip()]
+        row = next((i for i, v in enumerate(raw) if kind(v) != kind(raw[0])), None)
+        if row is not None:
+            values[0], values[row] = raw[0], raw[row]
+    return row or 0
 
 
 def encode_batches(
@@ -574,12 +625,12 @@ def encode_batches(
     spec: DataSpec,
     batch_size: int,
     max_length: int,
-    label_names: Sequence[str] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Tokenized batches in dataset order, padded on the right to the longest row of each batch.
 
     Yields `input_ids`, `attention_mask`, `token_type_ids` (if the tokenizer makes them),
-    `labels` (int64 classes or float32 targets, when the spec has a label column) and
+    `labels` (int64 classes or float32 targets, when the spec has a label column, which must
+    hold `label_targets` already: `tasks.load_subset` puts them there) and
     `example_ids` (column `fmerge_example_id` if present, else the row's position in `ds`).
     """
     if batch_size < 1:
@@ -589,7 +640,7 @@ def encode_batches(
             raise DataError(
                 f"The dataset has no column '{column}'; its columns are {', '.join(ds.column_names)}."
             )
-    labels = _label_values(ds, spec, label_names) if spec.label_column is not None else None
+    labels = mapped_labels(ds, spec.label_column) if spec.label_column is not None else None
     ids = np.asarray(ds[EXAMPLE_ID_COLUMN]) if EXAMPLE_ID_COLUMN in ds.column_names else np.arange(len(ds))
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     for start in range(0, len(ds), batch_size):
@@ -604,6 +655,15 @@ def encode_batches(
             batch["labels"] = torch.as_tensor(chunk, dtype=dtype)
         batch["example_ids"] = torch.as_tensor(ids[start : start + batch_size], dtype=torch.int64)
         yield batch
+
+
+def mapped_labels(ds, column: str) -> np.ndarray:
+    """A label column that `label_targets` has filled (class indices or regression targets)."""
+    values = np.asarray(ds.with_format("numpy")[column])
+    if values.dtype.kind not in "iuf":
+        raise FmergeError(f"Label column '{column}' reached batching as {values.dtype} values, not mapped by the "
+                          f"label rule (data.label_targets); this is a bug in fmerge, please report it.")
+    return values
 
 
 def _texts(rows: dict, column: str, offset: int) -> list[str]:
@@ -765,13 +825,13 @@ def shard_by_rank(ds, rank: int | None = None, world_size: int | None = None):
 __all__ = [
     "DataSpec",
     "EXAMPLE_ID_COLUMN",
-    "check_labels",
     "encode_batches",
     "encode_choice_batches",
     "encode_lm_batches",
     "encode_pair",
     "answer_index",
     "label_names_for",
+    "label_targets",
     "load_dataset_split",
     "partition_indices",
     "partition_sizes",

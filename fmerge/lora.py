@@ -6,7 +6,10 @@ products is not the product of averages).
 embedding, (B·A)ᵀ), s = lora_alpha / r, or lora_alpha / √r with use_rslora; r is each module's
 rank read from its A matrix (so rank_pattern needs no parsing). Names: PEFT saves
 `base_model.model.<module>.lora_A.weight` for the base's `<module>.weight`; other tensors it saves
-(modules_to_save, trained biases) replace the base's tensor of the same name. The adapter is
+(modules_to_save, trained biases) replace the base's tensor of the same name; a LoRA layer's own
+tensors, saved as `<module>.base_layer.weight`/`.bias` (a trained bias with `bias: lora_only` or
+`all`, an adapted embedding saved whole), stand for the base's `<module>.weight`/`.bias`, ΔW added
+to a saved weight as to the base's. The adapter is
 applied to the recipe's base model, computed in fp32. Refused, with the reason: other PEFT types,
 DoRA, alpha_pattern, convolution LoRA, and adapter tensors that match no base tensor.
 """
@@ -27,6 +30,7 @@ from .io import ModelDir, TensorSource
 ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
 FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<embedding>embedding_)?(?P<which>[AB])(?:\.weight)?$")
+BASE_LAYER = re.compile(r"\.base_layer\.(?=(weight|bias)$)")  # PEFT's LoRA layer wraps the base's module
 
 
 def is_adapter_dir(path: Path | None) -> bool:
@@ -78,7 +82,7 @@ class LoraMerged:
         self.replaced: dict[str, str] = {}  # base name -> adapter tensor replacing it
         unmatched = []
         for name in adapter.names():
-            inner = name[len(PREFIX):] if name.startswith(PREFIX) else name
+            inner = BASE_LAYER.sub(".", name[len(PREFIX):] if name.startswith(PREFIX) else name)
             m = FACTOR.match(inner)
             if m:
                 factors.setdefault(m.group("module") + ".weight", {})[m.group("which") + ("e" if m.group("embedding") else "")] = name
@@ -132,16 +136,13 @@ class LoraMerged:
         return tuple(self.base.shape(name))
 
     def dtype(self, name: str) -> torch.dtype:
-        if name in self.replaced:
-            return self.adapter.dtype(self.replaced[name])
-        return torch.float32 if name in self.deltas else self.base.dtype(name)
+        if name in self.deltas:
+            return torch.float32
+        return self.adapter.dtype(self.replaced[name]) if name in self.replaced else self.base.dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
-        if name in self.replaced:
-            return self.adapter.get(self.replaced[name])
-        if name in self.deltas:
-            return self.base.get(name).to(torch.float32) + self.delta(name)
-        return self.base.get(name)
+        weight = self.adapter.get(self.replaced[name]) if name in self.replaced else self.base.get(name)
+        return weight.to(torch.float32) + self.delta(name) if name in self.deltas else weight
 
     def content_key(self, adapter_hash: str, base_hash: str) -> str:
         """A content hash of the adapted model: the adapter's tensors, the settings that shape ΔW, the base."""

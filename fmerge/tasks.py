@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .data import (DataSpec, encode_batches, encode_choice_batches, encode_lm_batches, label_names_for,
+from .data import (DataSpec, encode_batches, encode_choice_batches, encode_lm_batches, label_targets,
                    load_dataset_split, select_examples)
 from .distributed import launched
 from .errors import FmergeError, ModelError, RecipeError
@@ -138,23 +138,29 @@ def task_data(rt, model: str, where: tuple) -> str:
 
 @dataclass
 class Subset:
-    """A seeded subset of a task's rows, with the label names that map string labels to classes."""
+    """A seeded subset of a task's rows, its label column (if any) holding `data.label_targets`."""
 
     spec: DataSpec
     rows: object  # datasets.Dataset
-    labels: list[str] | None
 
 
-def load_subset(rt, data_name: str, split: str, n: int | None, seed: int) -> Subset:
-    """A seeded subset of n rows (all rows if n is None or larger)."""
+def load_subset(rt, data_name: str, split: str, n: int | None, seed: int, head=None) -> Subset:
+    """A seeded subset of n rows (all rows if n is None or larger). `head`: the config (num_labels,
+    id2label) of the classifier reading the labels; its label column is then replaced by each row's
+    class index or target under the label rule (`data.label_targets`), checked over the whole
+    split so that a bad row is refused whichever rows are drawn. Without it the rows are as read,
+    for steps that read no labels (the spec they batch with has no label column)."""
     spec = data_spec(rt, data_name, split)
     ds = load_dataset_split(spec)
-    names = rt.recipe.spec.data[data_name].label_names or label_names_for(ds, spec)
+    if head is not None and spec.label_column is not None and spec.choices_column is None:
+        targets = label_targets(ds, spec, head.num_labels, rt.recipe.spec.data[data_name].label_names,
+                                getattr(head, "id2label", None))
+        ds = ds.remove_columns(spec.label_column).add_column(spec.label_column, targets)
     count = len(ds) if n is None else min(n, len(ds))
     if count < (n or 0):
         rt.console.print(f"[yellow]warning[/]: {n} examples asked of data '{data_name}' (split '{split}'), "
                          f"which has {len(ds)} rows: all of them are used.", highlight=False)
-    return Subset(spec, select_examples(ds, count, seed, source=f"{data_name}:{split}"), names)
+    return Subset(spec, select_examples(ds, count, seed, source=f"{data_name}:{split}"))
 
 
 def data_inputs(rt, data_name: str, split: str) -> dict:
@@ -350,7 +356,7 @@ def build_task_model(rt, model: str, weights: dict[str, torch.Tensor] | None = N
     return build_classifier(rt, model, weights)
 
 
-def task_batches(rt, model: str, rows, spec: DataSpec, batch_size: int, max_length: int, labels=None):
+def task_batches(rt, model: str, rows, spec: DataSpec, batch_size: int, max_length: int):
     """Batches of `rows` for the model's task model: tokenized text, or CLIP-processed images
     (`pixel_values`), with `labels` and `example_ids` as `data.encode_batches` gives them; for a
     causal LM, next-token `labels` (`data.encode_lm_batches`, or one row per choice with
@@ -361,11 +367,11 @@ def task_batches(rt, model: str, rows, spec: DataSpec, batch_size: int, max_leng
     if kind == "multiple_choice":
         return encode_choice_batches(load_tokenizer(rt, model), rows, spec, batch_size, max_length)
     if kind != "image":
-        return encode_batches(load_tokenizer(rt, model), rows, spec, batch_size, max_length, labels)
+        return encode_batches(load_tokenizer(rt, model), rows, spec, batch_size, max_length)
     from .clip import image_batches
-    from .data import EXAMPLE_ID_COLUMN, _label_values
+    from .data import EXAMPLE_ID_COLUMN, mapped_labels
 
-    values = _label_values(rows, spec, labels) if spec.label_column is not None else None
+    values = mapped_labels(rows, spec.label_column) if spec.label_column is not None else None
     ids = rows[EXAMPLE_ID_COLUMN] if EXAMPLE_ID_COLUMN in rows.column_names else None
     return image_batches(load_image_processor(rt, model), rows, spec.text_column, values, batch_size, ids)
 
@@ -398,7 +404,8 @@ def build_clip_classifier(rt, model: str, head, weights: dict[str, torch.Tensor]
     if missing:
         raise ModelError(f"Model '{model}': its vision tower lacks {len(missing)} tensor(s) the architecture "
                           f"needs, e.g. {', '.join(VISION_PREFIX + m for m in missing[:3])}.")
-    net = ClipClassifier(tower, head.get("visual_projection"), head.get("head"), head.get("logit_scale"))
+    net = ClipClassifier(tower, head.get("visual_projection"), head.get("head"), head.get("logit_scale"),
+                         head.meta.get("labels"))
     return placed(rt, net)
 
 

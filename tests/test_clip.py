@@ -187,8 +187,8 @@ def test_fisher_through_the_head_equals_per_example_loop(project):
     head = next(p.key for p in rt.planned["heads"] if p.label == "colors")
     model = build_task_model(rt, "colors", head=head)
     assert [n for n, _ in model.named_parameters()][0].startswith("vision_model.")
-    sub = load_subset(rt, "colors", "train", 6, 0)
-    batches = list(task_batches(rt, "colors", sub.rows, sub.spec, 4, 64, sub.labels))
+    sub = load_subset(rt, "colors", "train", 6, 0, model.config)
+    batches = list(task_batches(rt, "colors", sub.rows, sub.spec, 4, 64))
     fast = fisher_diagonal(model, batches, "exact", chunk_size=3).mean()
 
     params = dict(model.named_parameters())

@@ -309,7 +309,8 @@ def test_labels_outside_the_head(tmp_path):
     rows = [{"text": "good cat", "label": i % 3} for i in range(24)]  # label 2 for a 2-class head
     classifier_project(tmp_path, rows=rows)
     msg = run_error(write_recipe(tmp_path, FISHER_RECIPE))
-    assert "t.jsonl': label column 'label' holds the value 2" in msg and "labels must lie in 0..1" in msg
+    assert "t.jsonl': row 3 of label column 'label' holds 2, outside the model's head of 2 classes" in msg
+    assert "(labels 0..1; " in msg  # a count of the split's rows
 
 
 def test_text_column_missing(tmp_path):

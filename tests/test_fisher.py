@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from _fisher_dist_worker import ESTIMATORS, shard_fisher, tiny_bert, tiny_tokenizer
-from fmerge.data import DataSpec, check_labels, encode_batches, label_names_for, load_dataset_split, select_examples
+from fmerge.data import DataSpec, encode_batches, label_names_for, label_targets, load_dataset_split, select_examples
 from fmerge.errors import FmergeError
 from fmerge.data import shard_by_rank
 from fmerge.fisher import example_generator, fisher_diagonal
@@ -275,7 +275,10 @@ def test_load_encode_pairs_and_string_labels(tmp_path):
     ds = load_dataset_split(spec)
     names = label_names_for(ds, spec)
     assert names == ["neg", "neu", "pos"]
-    batches = list(encode_batches(tiny_tokenizer(), ds, spec, batch_size=2, max_length=12, label_names=names))
+    targets = label_targets(ds, spec, 3, names)
+    assert targets.tolist() == [2, 0, 1, 2, 0]
+    mapped = ds.remove_columns("y").add_column("y", targets)
+    batches = list(encode_batches(tiny_tokenizer(), mapped, spec, batch_size=2, max_length=12))
     assert [b["labels"].tolist() for b in batches] == [[2, 0], [1, 2], [0]]
     assert [b["example_ids"].tolist() for b in batches] == [[0, 1], [2, 3], [4]]
     first = batches[0]
@@ -285,9 +288,11 @@ def test_load_encode_pairs_and_string_labels(tmp_path):
     assert lengths.max() == first["input_ids"].shape[1] <= 12  # padded to the batch's longest row
     assert (first["input_ids"][0, lengths[0]:] == 0).all()  # on the right
     with pytest.raises(FmergeError, match="label_names"):
+        label_targets(ds, spec, 3)
+    with pytest.raises(FmergeError, match="row 3 .*'neu'"):
+        label_targets(ds, spec, 2, ["neg", "pos"])
+    with pytest.raises(FmergeError, match="not mapped by the label rule"):  # raw strings never reach a batch
         next(encode_batches(tiny_tokenizer(), ds, spec, 2, 12))
-    with pytest.raises(FmergeError, match="'neu'"):
-        next(encode_batches(tiny_tokenizer(), ds, spec, 2, 12, label_names=["neg", "pos"]))
 
 
 def test_missing_file_is_named(tmp_path):
@@ -317,13 +322,13 @@ def test_empty_dataset_is_an_error(tmp_path):
         assert str(path) in str(err.value)
 
 
-def test_check_labels_names_value_column_and_range(tmp_path):
+def test_label_targets_name_value_column_and_range(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": i} for i in (0, 2, 5, 1)])
     spec = DataSpec(path=str(path))
     ds = load_dataset_split(spec)
-    check_labels(ds, spec, num_labels=6)
-    with pytest.raises(FmergeError, match=r"'label' holds the value 5 .*0\.\.2"):
-        check_labels(ds, spec, num_labels=3)
+    assert label_targets(ds, spec, num_labels=6).tolist() == [0, 2, 5, 1]
+    with pytest.raises(FmergeError, match=r"row 3 of label column 'label' holds 5, .*0\.\.2"):
+        label_targets(ds, spec, num_labels=3)
 
 
 def test_select_examples_is_seeded_random_and_extends(tmp_path):

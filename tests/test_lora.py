@@ -105,6 +105,28 @@ def test_saved_modules_replace_the_bases_tensors(tmp_path):
     assert torch.equal(src.get("model.norm.weight"), load_file(str(base / "model.safetensors"))["model.norm.weight"])
 
 
+def test_base_layer_tensors_stand_for_the_bases(tmp_path):
+    """PEFT saves a LoRA layer's own tensors as `<module>.base_layer.*` (a bias with `bias: lora_only`,
+    an adapted embedding saved whole): they replace the base's, and ΔW adds to the saved weight."""
+    base = make_base(tmp_path)
+    torch.manual_seed(4)
+    bias, embed = torch.randn(5), torch.randn(10, 6)
+    a_emb, b_emb = torch.randn(2, 10), torch.randn(6, 2)
+    adapter = make_adapter(tmp_path, "lora", 5, r=2, alpha=8, extra={
+        "base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias": bias,
+        "base_model.model.model.embed_tokens.base_layer.weight": embed,
+        "base_model.model.model.embed_tokens.lora_embedding_A": a_emb,
+        "base_model.model.model.embed_tokens.lora_embedding_B": b_emb})
+    src, base_w = adapted(base, adapter), load_file(str(base / "model.safetensors"))
+    a, b = factors(adapter)
+    want_proj = base_w[PROJ].double() + torch.tensor(ref_delta(a, b, 4.0), dtype=torch.float64)
+    torch.testing.assert_close(src.get(PROJ).double(), want_proj, rtol=1e-6, atol=1e-6)
+    assert torch.equal(src.get("model.layers.0.self_attn.q_proj.bias"), bias)
+    want_emb = embed.double() + torch.tensor(ref_delta(a_emb, b_emb, 4.0), dtype=torch.float64).T
+    torch.testing.assert_close(src.get(EMBED).double(), want_emb, rtol=1e-6, atol=1e-6)
+    assert src.dtype(EMBED) == torch.float32 and src.dtype("model.layers.0.self_attn.q_proj.bias") == bias.dtype
+
+
 def test_two_adapters_merge_as_whole_models_not_factor_by_factor(tmp_path):
     from fmerge import executor
     from fmerge.api import merge_recipe

@@ -275,14 +275,14 @@ class EvalStep(StepKind):
             body = {**(body or {}), **read_head_file(rt.recipe.resolve(cfg.head_file), rt.source(task).names())}
         model = build_task_model(rt, task, body, head=p.inputs.get("head"))
         spec = data_spec(rt, p.extra["data"], p.params["split"])
-        sub = load_subset(rt, p.extra["data"], p.params["split"], p.params["limit"], p.params["seed"])
+        sub = load_subset(rt, p.extra["data"], p.params["split"], p.params["limit"], p.params["seed"], model.config)
         kind = task_kind(rt, task)
         # An LM reads at most its position table's length at once; longer texts are scored in windows.
         positions = getattr(model.config, "max_position_embeddings", None) if kind == "causal_lm" else None
         length = min(cfg.max_length, positions or cfg.max_length)
         # Under torchrun each rank scores its rows (rank::world_size) and the scorers gather them.
         rows = shard_by_rank(sub.rows)
-        batches = task_batches(rt, task, rows, spec, cfg.batch_size, length, sub.labels)
+        batches = task_batches(rt, task, rows, spec, cfg.batch_size, length)
         with torch.no_grad():
             if kind == "causal_lm":
                 scores = language_model_scores(rt, model, batches, spec)

@@ -8,9 +8,11 @@ fine-tunes run in several threads of one process.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from pydantic import Field
 
-from ..data import encode_batches
+from ..data import encode_batches, label_names_for, load_dataset_split
 from ..errors import RecipeError
 from ..finetune import finetune_classifier, fresh_classifier, tensor_batches
 from ..progress import tensor_progress
@@ -19,7 +21,7 @@ from ..store import make_key
 from ..tasks import data_inputs, data_spec, load_subset, load_tokenizer, side_inputs
 from .base import Planned, StepKind, register
 
-VERSION = 2  # 2: head drawn from a generator of its own, no dropout (fmerge/finetune.py)
+VERSION = 2  # 2: head drawn from a generator of its own, no dropout (fmerge/finetune.py); id2label names the classes
 
 
 class FinetuneConfig(Strict):
@@ -66,17 +68,23 @@ class FinetuneStep(StepKind):
 
     def compute(self, rt, name: str, cfg: FinetuneConfig, todo: list[Planned]) -> None:
         (p,) = todo
-        sub = load_subset(rt, cfg.data, p.params["split"], cfg.examples, p.params["seed"])
-        labels = sub.labels
+        dspec = data_spec(rt, cfg.data, p.params["split"])
+        # The new head's classes: the data's label_names, else its ClassLabel names or sorted string
+        # labels over the whole split; its id2label records them, so evaluations map by them.
+        labels = rt.recipe.spec.data[cfg.data].label_names
+        if not labels and dspec.label_column is not None:
+            labels = label_names_for(load_dataset_split(dspec), dspec)
         if not labels:
             raise RecipeError(f"{rt.recipe.where('steps', name, 'data')}: finetune needs class labels; "
                               f"set 'label_names' in data.{cfg.data}.")
-        dspec = data_spec(rt, cfg.data, rt.recipe.spec.data[cfg.data].train_split)
+        head = SimpleNamespace(num_labels=len(labels), id2label=dict(enumerate(labels)))
+        sub = load_subset(rt, cfg.data, p.params["split"], cfg.examples, p.params["seed"], head)
         tok = load_tokenizer(rt, BASE)
-        batches = list(encode_batches(tok, sub.rows, dspec, len(sub.rows), cfg.max_length, labels))
+        batches = list(encode_batches(tok, sub.rows, dspec, len(sub.rows), cfg.max_length))
         (features,) = batches
         features.pop("example_ids")
         model = fresh_classifier(rt.model_dir(BASE), len(labels), p.params["seed"], **cfg.config_overrides)
+        model.config.id2label, model.config.label2id = head.id2label, {n: i for i, n in head.id2label.items()}
         with tensor_progress(rt.console, f"{name}: fine-tune", cfg.steps) as advance:
             log = finetune_classifier(model, tensor_batches(features, cfg.batch_size, p.params["seed"]),
                                       steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,

@@ -72,10 +72,10 @@ class FisherStep(PerModelStep):
 
     def compute(self, rt, name, cfg, todo):
         for p in todo:
-            model, spec, rows, labels = self.labelled_rows(rt, p)
+            model, spec, rows = self.labelled_rows(rt, p)
             previous, done = self._cached_prefix(rt, p)
             rows = shard_by_rank(rows.select(range(done, len(rows))))
-            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length, labels)
+            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length)
             with tensor_progress(rt.console, f"{name}: {p.label}", -(-len(rows) // cfg.batch_size)) as advance:
                 counted = (advance() or b for b in batches)
                 sums = allreduce_sums(fisher_diagonal(model, counted, cfg.estimator, samples=cfg.samples,

@@ -53,7 +53,9 @@ class GramStep(PerModelStep):
         for p in todo:
             model = build_task_model(rt, p.label, head=p.inputs.get("head"))
             spec = dataclasses.replace(data_spec(rt, p.extra["data"], p.params["split"]), label_column=None)
-            rows = load_subset(rt, p.extra["data"], p.params["split"], p.params["examples"], p.params["seed"]).rows
+            # Labels are checked (the label rule), not read: a bad one is a sign of data paired with the wrong model.
+            rows = load_subset(rt, p.extra["data"], p.params["split"], p.params["examples"], p.params["seed"],
+                               model.config).rows
             batches = task_batches(rt, p.label, shard_by_rank(rows), spec, cfg.batch_size, cfg.max_length)
             sums = allreduce_grams(gram_matrices(model, batches))
             if not distributed.is_main():

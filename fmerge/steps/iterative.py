@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal
 import torch
 from pydantic import Field
 
-from ..data import check_labels, encode_batches, encode_lm_batches
+from ..data import encode_batches, encode_lm_batches
 from ..errors import DataError, ModelError, RecipeError
 from ..export import export_model_dir
 from ..merging import TensorPlan, plan_tensors
@@ -199,8 +199,6 @@ class IterativeStep(StepKind):
         head = [re.compile(h) for h in rt.recipe.spec.heads]
         tasks = {}
         for t, info in p.extra["tasks"].items():
-            sub = load_subset(rt, info["data"], info["split"], self.pool_size(cfg), p.params["seed"])
-            info = {**info, "rows": sub.rows, "labels": sub.labels}
             names = plan.name_maps[t]
             copied = {names[r]: base.get(r) for r in plan.copy if r in names and not any(h.search(names[r]) for h in head)}
             net = build_task_model(rt, t, copied, head=info.get("head")).float().requires_grad_(False)
@@ -209,11 +207,13 @@ class IterativeStep(StepKind):
                 raise ModelError(f"Task '{t}': its head has {net.config.num_labels} output; {self.kind} needs a "
                                   f"classification head (regression is not supported).")
             spec = data_spec(rt, info["data"], info["split"])
-            if "cross_entropy" in losses and not causal_lm:
-                if spec.label_column is None:
-                    raise RecipeError(f"{rt.recipe.where('steps', p.step, 'loss')}: cross_entropy needs labels but "
-                                      f"data '{info['data']}' has none; use loss: entropy.")
-                check_labels(info["rows"], spec, net.config.num_labels, info["labels"])
+            if "cross_entropy" in losses and not causal_lm and spec.label_column is None:
+                raise RecipeError(f"{rt.recipe.where('steps', p.step, 'loss')}: cross_entropy needs labels but "
+                                  f"data '{info['data']}' has none; use loss: entropy.")
+            # A classifier's labels (read for the accuracy trace whatever the loss) under the label rule.
+            sub = load_subset(rt, info["data"], info["split"], self.pool_size(cfg), p.params["seed"],
+                              None if causal_lm else net.config)
+            info = {**info, "rows": sub.rows}
             own = dict(net.named_parameters())
             params = {r: names[r] for r in plan.merge if names[r] in own}
             for n in params.values():
@@ -226,16 +226,16 @@ class IterativeStep(StepKind):
     @staticmethod
     def _draws(rt, cfg, task: str, info, spec, per_draw: int):
         """Draw d: the next `per_draw` rows of the seeded row order, cycling through it."""
-        rows, labels = info["rows"], info["labels"]
+        rows = info["rows"]
         n = min(per_draw, len(rows))
         if is_image_task(rt, task):
             def encode(picked):
-                return task_batches(rt, task, picked, spec, cfg.chunk_size, cfg.max_length, labels)
+                return task_batches(rt, task, picked, spec, cfg.chunk_size, cfg.max_length)
         else:  # loading a tokenizer takes ~0.1 s, too long to repeat at every draw as task_batches would
             tok = load_tokenizer(rt, task)
 
             def encode(picked):
-                return encode_batches(tok, picked, spec, cfg.chunk_size, cfg.max_length, labels)
+                return encode_batches(tok, picked, spec, cfg.chunk_size, cfg.max_length)
 
         def batches(draw: int):
             return list(encode(rows.select([(draw * n + i) % len(rows) for i in range(n)])))

@@ -51,8 +51,8 @@ class KfacStep(PerModelStep):
 
     def compute(self, rt, name, cfg, todo):
         for p in todo:
-            model, spec, rows, labels = self.labelled_rows(rt, p)
-            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length, labels)
+            model, spec, rows = self.labelled_rows(rt, p)
+            batches = task_batches(rt, p.label, rows, spec, cfg.batch_size, cfg.max_length)
             with tensor_progress(rt.console, f"{name}: {p.label}", -(-len(rows) // cfg.batch_size)) as advance:
                 counted = (advance() or b for b in batches)
                 sums = kfac_factors(model, counted, cfg.estimator, samples=cfg.samples, seed=p.params["seed"],

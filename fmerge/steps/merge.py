@@ -303,7 +303,8 @@ def write_heads(rt, name: str, cfg, p: Planned, out: Path) -> None:
 
 def write_task_dir(rt, task: str, merged, out: Path, card: CardFacts, out_dtype: str | None,
                    max_shard_bytes: int) -> None:
-    """`out`: the task's classifier, its own tensors with the merged body in place of its body."""
+    """`out`: the task's classifier, its own tensors with the merged body in place of its body, all
+    in the merge's dtype (the base's, or `out_dtype`), whatever dtype the task was saved in."""
     from ..tasks import model_config, tokenizer_dir
 
     if os.path.lexists(out):
@@ -313,15 +314,22 @@ def write_task_dir(rt, task: str, merged, out: Path, card: CardFacts, out_dtype:
     body = align_names(merged.names(), src.names())  # merged (base naming) -> the task model's names
     from_merge = {n: r for r, n in body.items() if not any(re.search(h, n) for h in rt.recipe.spec.heads)}
     dtype = parse_dtype(out_dtype, "out_dtype") if out_dtype else None
+    # Without out_dtype, each body tensor as the merge wrote it and the head in the body's dtype.
+    body_dtype = dtype or next((merged.dtype(r) for r in from_merge.values() if merged.dtype(r).is_floating_point),
+                               None)
+
+    def written(n: str) -> torch.dtype:
+        own = merged.dtype(from_merge[n]) if n in from_merge else src.dtype(n)
+        if not own.is_floating_point:
+            return own
+        return dtype or (own if n in from_merge else body_dtype or own)
 
     def tensor(n: str) -> torch.Tensor:
-        t = merged.get(from_merge[n]) if n in from_merge else src.get(n)
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return (merged.get(from_merge[n]) if n in from_merge else src.get(n)).to(written(n))
 
     out.mkdir()
     names = src.names()
-    layout = [(n, dtype if dtype is not None and src.dtype(n).is_floating_point else src.dtype(n), src.shape(n))
-              for n in names]
+    layout = [(n, written(n), src.shape(n)) for n in names]
     write_weight_files(out, layout, ((n, tensor(n)) for n in names), {"format": "pt", "fmerge_key": card.key},
                        max_shard_bytes)
     notes: list[str] = []
@@ -341,8 +349,8 @@ def write_task_dir(rt, task: str, merged, out: Path, card: CardFacts, out_dtype:
                              f"again.")
         config.id2label = dict(enumerate(labels))
         config.label2id = {label: i for i, label in enumerate(labels)}
-    if dtype is not None:
-        config.dtype = dtype
+    if body_dtype is not None:
+        config.dtype = body_dtype
     (out / "config.json").unlink(missing_ok=True)  # the tokenizer directory's copy, not this task's
     config.save_pretrained(out)
     (out / "README.md").write_text(render_card(card) + "".join(notes))

@@ -8,7 +8,7 @@ from difflib import get_close_matches
 
 from pydantic import Field
 
-from ..data import EXAMPLE_ID_COLUMN, check_labels
+from ..data import EXAMPLE_ID_COLUMN
 from ..errors import RecipeError
 from ..recipe import Strict
 from .base import Planned, StepKind
@@ -50,17 +50,16 @@ class PerModelStep(StepKind):
 
     @staticmethod
     def labelled_rows(rt, p: Planned):
-        """(task model, data spec, subset rows, label names) of a gradient statistic's item: the
-        labels checked against the model's head, and each row numbered in EXAMPLE_ID_COLUMN by its
+        """(task model, data spec, subset rows) of a gradient statistic's item: the labels under
+        the label rule of the model's head (`tasks.load_subset`), checked whether or not the
+        estimator reads them, as a sign of data paired with the wrong model; each row numbered in EXAMPLE_ID_COLUMN by its
         position in the whole subset, which seeds its label draws whatever shard or chunk runs it."""
         from ..tasks import build_task_model, data_spec, load_subset
 
         model = build_task_model(rt, p.label, head=p.inputs.get("head"))
         spec = data_spec(rt, p.extra["data"], p.params["split"])
-        sub = load_subset(rt, p.extra["data"], p.params["split"], p.params["examples"], p.params["seed"])
-        if spec.label_column:
-            check_labels(sub.rows, spec, model.config.num_labels, sub.labels)
-        return model, spec, sub.rows.add_column(EXAMPLE_ID_COLUMN, list(range(len(sub.rows)))), sub.labels
+        sub = load_subset(rt, p.extra["data"], p.params["split"], p.params["examples"], p.params["seed"], model.config)
+        return model, spec, sub.rows.add_column(EXAMPLE_ID_COLUMN, list(range(len(sub.rows))))
 
 
 def check_estimator(recipe, name: str, estimator: str, estimators, what: str = "estimator") -> None:

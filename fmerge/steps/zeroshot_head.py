@@ -28,7 +28,7 @@ from ..recipe import BASE, Strict
 from ..store import make_key
 from .base import Planned, StepKind, register
 
-VERSION = 1
+VERSION = 2  # 2: the meta's labels name the classes (the classifier's id2label)
 
 
 class ZeroshotHeadConfig(Strict):
@@ -75,8 +75,9 @@ def prompts(rt, data: str) -> tuple[list[str] | None, list[str]]:
     return (list(classnames) if classnames is not None else None), list(templates)
 
 
-def classnames_from_data(rt, data: str) -> list[str]:
-    """Class names from the dataset's label names (a ClassLabel column, or sorted string labels)."""
+def labels_from_data(rt, data: str) -> list[str]:
+    """The dataset's label names (a ClassLabel column's, or its sorted string labels), which define
+    the head's classes in that order (the head records them as its id2label)."""
     from ..tasks import data_spec
 
     d = rt.recipe.spec.data[data]
@@ -88,7 +89,7 @@ def classnames_from_data(rt, data: str) -> list[str]:
     if not labels:
         raise RecipeError(f"{where}: CLIP task '{data}' has no class names: give 'classnames' (a list in label "
                           f"order) or 'label_names', or use a dataset whose label column is a ClassLabel.")
-    return names_from_labels(labels)
+    return labels
 
 
 def head_planned(rt, model: str, step: str = "") -> Planned:
@@ -205,7 +206,8 @@ class TextEncoder:
 
 def write_head(rt, p: Planned, encoder: TextEncoder) -> None:
     full = _full_base(rt)
-    classnames = p.params["classnames"] or classnames_from_data(rt, p.extra["data"])
+    labels = p.params["classnames"] or labels_from_data(rt, p.extra["data"])
+    classnames = p.params["classnames"] or names_from_labels(labels)
     with torch.no_grad():
         head = zeroshot_head(encoder, classnames, p.params["templates"]).cpu()
     with rt.store.writer(p.key, p.kind, p.inputs, p.params, p.version) as writer:
@@ -213,5 +215,5 @@ def write_head(rt, p: Planned, encoder: TextEncoder) -> None:
         writer.write("visual_projection", full.get("visual_projection.weight").float())
         writer.write("logit_scale", full.get("logit_scale").float().reshape(()))
         prompts_id = hashlib.blake2b(json.dumps(p.params).encode(), digest_size=8).hexdigest()
-        writer.commit({"step": p.step, "model": p.label, "data": p.extra["data"], "classes": head.shape[0],
+        writer.commit({"step": p.step, "model": p.label, "data": p.extra["data"], "classes": head.shape[0], "labels": labels,
                        "templates": len(p.params["templates"]), "prompts": prompts_id})
