@@ -309,6 +309,10 @@ class RecipeSpec(Strict):
         "error", description="a floating-point tensor of the base that some model lacks: 'error' (default) "
         "refuses to merge; 'base' takes the base's value for it, unmerged, and lists it in the artifact "
         "and the exported model card")
+    allow_crimes: bool = Field(
+        False, description="merge models whose config.json files describe different architectures (rope_theta, "
+        "widths, layer counts, vocabulary...; see fmerge/compat.py), which fmerge refuses by default (mergekit's "
+        "--allow-crimes); the exported model card then says so and lists the differences")
     allow_pickle: bool = False
     trust_remote_code: bool = False
     steps: dict[str, dict[str, Any]] = Field(min_length=1)

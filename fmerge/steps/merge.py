@@ -12,12 +12,14 @@ import torch
 import yaml
 from pydantic import Field, ValidationError
 
+from ..compat import config_differences, describe_differences, vision_tower
 from ..errors import FmergeError, ModelError, RecipeError
 from ..export import copy_side_files, export_model_dir
 from ..io import DEFAULT_SHARD_SIZE, parse_byte_size, parse_dtype, write_weight_files
+from ..lora import is_adapter_dir
 from ..merging import TensorParams, align_names, all_finite, merge_stream, plan_tensors, write_behind
 from ..methods import MergeContext, get_method
-from ..model_card import CardFacts, clip_section, render_card, task_dirs_section
+from ..model_card import CardFacts, clip_section, crimes_section, render_card, task_dirs_section
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict, format_validation_error
 from ..store import make_key
@@ -96,6 +98,7 @@ class MergeStep(StepKind):
             raise RecipeError(f"{recipe.where('steps', name, 'params')}: {exc}")
 
     def plan(self, rt, name: str, cfg: MergeConfig, upstream) -> list[Planned]:
+        check_architectures(rt, name, [BASE, *self.models_used(cfg, rt.recipe)])
         method = get_method(cfg.method)
         tparams = TensorParams(method, cfg.params, rt.recipe.where("steps", name, "params"))
         params = tparams.params
@@ -234,6 +237,49 @@ class Renamed:
         return self.src.get(self.map[name])
 
 
+def check_architectures(rt, name: str, models: list[str], ignore: tuple[str, ...] = (), why: str = "") -> None:
+    """Refuse models whose config.json files describe different architectures (fmerge/compat.py:
+    which fields, and why those), unless the recipe says `allow_crimes: true`. The configs are read
+    as plain JSON, so planning stays cheap."""
+    if rt.recipe.spec.allow_crimes:
+        return
+    differences = architecture_differences(rt, models, ignore)
+    if differences:
+        raise ModelError(
+            f"{rt.recipe.where('steps', name)}: the models do not share one architecture, so their tensors do not "
+            f"mean the same thing{why}: {describe_differences(differences)} (from their config.json files). Merge "
+            f"models fine-tuned from one base model; or, if you mean to combine these anyway, set "
+            f"'allow_crimes: true' at the top of the recipe or mergekit config (mergekit's --allow-crimes), and the "
+            f"exported model card will say so.")
+
+
+def architecture_differences(rt, models: list[str], ignore: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """[(field, {model: value})] where the models' configs differ (a CLIP recipe: their vision towers')."""
+    configs = {}
+    for m in models:
+        config = stated_config(rt, m)
+        if config is not None:
+            configs[rt.label(m)] = vision_tower(config) if rt.recipe.is_clip else config
+    return config_differences(configs, ignore)
+
+
+def stated_config(rt, model: str) -> dict | None:
+    """A model's config.json as plain JSON; None where there is none to compare: a PEFT adapter (the
+    base plus a delta, so the base's architecture), a directory without config.json (its tensors
+    are still checked when merged), a model its step has not made yet (e.g. under `fmerge status`)."""
+    from ..tasks import raw_config
+
+    spec = rt.spec(model)
+    if spec.from_step is not None:
+        key = rt.output_of(spec.from_step)
+        config = rt.store.open(key).meta.get("config") if rt.store.has(key) else None
+        return dict(config) if isinstance(config, dict) else None
+    directory = rt.model_dir(model)
+    if is_adapter_dir(directory) or not (directory / "config.json").is_file():
+        return None
+    return raw_config(rt, model)
+
+
 def get_method_at(recipe, name: str, method: str):
     try:
         return get_method(method)
@@ -362,6 +408,8 @@ def card_facts_for(rt, name: str, cfg, p: Planned, task: str | None = None) -> C
     elif recipe.is_clip:
         sections.append(clip_section(base.path or "path/to/base"))
     sections += [sweep_section(rt, name), from_base_section(rt.store.open(p.key).meta)]
+    if recipe.spec.allow_crimes:
+        sections.append(crimes_section(describe_differences(architecture_differences(rt, [BASE, *models]))))
     return CardFacts(
         step=name, method=method, params=params, base=given(rt, BASE),
         base_hub_id=base.path if base.path and recipe.is_hub_id(base.path) else None,
