@@ -25,7 +25,8 @@ and, for the other methods, when there is one slice whose sources each cover all
 layers (the common slerp config): that is the same merge as a `models:` list.
 `allow_crimes: true` at the top of the config is mergekit's `--allow-crimes` (a command-line option
 there, a key that mergekit's config schema ignores): fmerge then merges models whose configs
-describe different architectures (fmerge/compat.py), which it refuses otherwise, as mergekit does.
+describe different architectures (fmerge/compat.py), which it refuses otherwise (mergekit refuses
+different architecture classes; fmerge also different widths, RoPE settings or vocabularies).
 `tokenizer_source` other than the base, and `tokenizer:` blocks, are refused: they build a new
 vocabulary, and every embedding and output row would have to be re-mapped to it.
 

@@ -38,7 +38,7 @@ from ..tasks import (build_task_model, data_inputs, data_spec, is_image_task, lo
 from .base import Planned, StepKind
 from .task_vectors import task_vector_planned
 from .zeroshot_head import head_dependency
-from .merge import model_card, write_heads
+from .merge import check_architectures, model_card, write_heads
 
 
 # glibc's mallopt parameter for the size from which a block is its own mapping, unmapped when freed.
@@ -128,6 +128,7 @@ class IterativeStep(StepKind):
         return cfg.model_dump(mode="json", exclude={"export"})
 
     def plan(self, rt, name, cfg, upstream):
+        check_architectures(rt, name, [BASE, *self.models_used(cfg, rt.recipe)])
         seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
         tasks, splits, task_in, deps = {}, {}, {}, []
         for t in self.task_names(cfg, rt.recipe):
