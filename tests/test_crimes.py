@@ -173,3 +173,22 @@ def test_passthrough_of_different_layer_counts_is_what_it_is_for(tmp_path, llama
                                     f"  - sources: [{{model: {llamas['deep']}, layer_range: [1, 3]}}]\n", "stack.yml")
     fmerge_cli("run", config, "--store", tmp_path / "store")
     assert json.loads((tmp_path / "stack-merged" / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_validate_compares_local_model_directories(tmp_path, llamas):
+    proc = fmerge_cli("validate", recipe_for(tmp_path, llamas, "rope"), check=False)
+    assert proc.returncode == 2 and "rope_theta is 10000.0 in base, 10000.0 in a, 500000.0 in b" in \
+        " ".join(proc.stderr.split())
+    fmerge_cli("validate", recipe_for(tmp_path, llamas, "rope", "allow_crimes: true\n"))
+    fmerge_cli("validate", recipe_for(tmp_path, llamas, "same"))
+
+
+def test_adamerging_refuses_models_of_other_architectures(tmp_path, llamas):
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)))
+    recipe = write_recipe(tmp_path, f"base: {llamas['base']}\nmodels:\n  a: {{path: {llamas['same']}, data: lm}}\n"
+                                    f"  b: {{path: {llamas['wide']}, data: lm}}\n"
+                                    f"data: {{lm: {{path: {data}, task: causal_lm, label: null}}}}\nstore: store\n"
+                                    f"steps:\n  ada: {{kind: adamerging, steps: 1, examples: 2}}\n")
+    proc = fmerge_cli("validate", recipe, check=False)
+    assert proc.returncode == 2 and "steps.ada" in proc.stderr and "hidden_size" in proc.stderr

@@ -38,7 +38,7 @@ from ..tasks import (build_task_model, data_inputs, data_spec, is_image_task, lo
 from .base import Planned, StepKind
 from .task_vectors import task_vector_planned
 from .zeroshot_head import head_dependency
-from .merge import check_architectures, model_card, write_heads
+from .merge import check_architectures, check_local_architectures, model_card, write_heads
 
 
 # glibc's mallopt parameter for the size from which a block is its own mapping, unmapped when freed.
@@ -99,6 +99,7 @@ class IterativeStep(StepKind):
         return list(dict.fromkeys(self.candidates(cfg, recipe) + self.task_names(cfg, recipe)))
 
     def check(self, recipe, name, cfg):
+        check_local_architectures(recipe, name, [BASE, *self.models_used(cfg, recipe)])
         for t in self.task_names(cfg, recipe):
             if recipe.models[t].data is None:
                 raise RecipeError(f"{recipe.where('steps', name)}: task '{t}' has no data; give model '{t}' "

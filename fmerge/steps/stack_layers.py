@@ -19,7 +19,7 @@ from ..recipe import Strict
 from ..slices import Slice, StackedLayers, layer_count, stacked_config
 from ..store import make_key
 from .base import Planned, StepKind, register
-from .merge import architecture_differences, check_architectures
+from .merge import architecture_differences, check_architectures, check_local_architectures, stated_configs
 
 VERSION = 1
 
@@ -57,6 +57,7 @@ class StackLayersStep(StepKind):
                                   f"must be [start, end) with 0 ≤ start < end.")
         if cfg.out_dtype:
             parse_dtype(cfg.out_dtype, recipe.where("steps", name, "out_dtype"))
+        check_local_architectures(recipe, name, self.models_used(cfg, recipe), LAYER_COUNT_FIELDS, " for stacking")
 
     def _stacked(self, rt, name: str, cfg: StackLayersConfig) -> StackedLayers:
         where = rt.recipe.where("steps", name, "slices")
@@ -122,7 +123,8 @@ class StackLayersStep(StepKind):
                   + f" ({artifact.meta['layers']} layers). Artifact key `{p.key}`.\n")
         if rt.recipe.spec.allow_crimes:
             readme += "\n" + crimes_section(describe_differences(architecture_differences(
-                rt, self.models_used(cfg, rt.recipe), LAYER_COUNT_FIELDS)), f"model '{first}''s") + "\n"
+                rt.recipe, stated_configs(rt, self.models_used(cfg, rt.recipe)), LAYER_COUNT_FIELDS)),
+                f"model '{first}''s") + "\n"
         return export_model_dir(rt.store, rt.recipe.resolve(cfg.export), p.key, artifact.view("weights/"), step=name,
                                 where=rt.recipe.where("steps", name, "export"), readme=readme,
                                 side_files_from=source_dir, finish=write_config)
