@@ -50,6 +50,10 @@ ARCHITECTURE_FIELDS: dict[str, tuple[str, ...]] = {
     "layer_norm_eps": ("layer_norm_eps", "layer_norm_epsilon", "rms_norm_eps", "norm_eps"),
     "tie_word_embeddings": ("tie_word_embeddings",),
 }
+# Model types whose position ids start after the padding index (RoBERTa's scheme): pad_token_id + 1
+# rows of their position table are never a text's.
+PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "longformer", "roberta-prelayernorm",
+                                      "data2vec-text", "mpnet", "xmod"})
 # Fields a layer stack (mergekit's passthrough) changes on purpose: its sources may differ there.
 LAYER_COUNT_FIELDS = ("num_hidden_layers",)
 _UNSTATED = object()
@@ -123,3 +127,14 @@ def _value(value: Any) -> str:
     text = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value) \
         if isinstance(value, str) else str(value)
     return text if len(text) <= 80 else text[:80] + "..."
+
+
+def usable_positions(config: dict) -> int | None:
+    """How many tokens the model reads at once: its position table's length (`max_position_embeddings`
+    or `n_positions`), less RoBERTa's padding offset; None when the config names no table (relative
+    positions, RoPE models without a limit)."""
+    positions = next((config[n] for n in ARCHITECTURE_FIELDS["max_position_embeddings"]
+                      if isinstance(config.get(n), int)), None)
+    if positions is not None and config.get("model_type") in PADDING_OFFSET_POSITIONS:
+        positions -= (config.get("pad_token_id") if isinstance(config.get("pad_token_id"), int) else 1) + 1
+    return positions

@@ -33,7 +33,7 @@ from ..merging import TensorPlan, plan_tensors
 from ..objective import Objective, TaskModel, predicted_tokens
 from ..recipe import BASE, Strict
 from ..store import make_key
-from ..tasks import (build_task_model, data_inputs, data_spec, is_image_task, load_subset, load_tokenizer, model_kind,
+from ..tasks import (build_task_model, capped_length, data_inputs, data_spec, is_image_task, load_subset, load_tokenizer, model_kind,
                      task_batches, task_data)
 from .base import Planned, StepKind
 from .task_vectors import task_vector_planned
@@ -227,9 +227,10 @@ class IterativeStep(StepKind):
                 return task_batches(rt, task, picked, spec, cfg.chunk_size, cfg.max_length, labels)
         else:  # loading a tokenizer takes ~0.1 s, too long to repeat at every draw as task_batches would
             tok = load_tokenizer(rt, task)
+            length = capped_length(rt, task, cfg.max_length)
 
             def encode(picked):
-                return encode_batches(tok, picked, spec, cfg.chunk_size, cfg.max_length, labels)
+                return encode_batches(tok, picked, spec, cfg.chunk_size, length, labels)
 
         def batches(draw: int):
             return list(encode(rows.select([(draw * n + i) % len(rows) for i in range(n)])))
