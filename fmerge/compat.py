@@ -50,6 +50,12 @@ ARCHITECTURE_FIELDS: dict[str, tuple[str, ...]] = {
     "layer_norm_eps": ("layer_norm_eps", "layer_norm_epsilon", "rms_norm_eps", "norm_eps"),
     "tie_word_embeddings": ("tie_word_embeddings",),
 }
+# max_length (tokens per example, or per window of a text) when a step or command names none, on
+# every route (recipe steps, `fmerge fisher`, `fmerge eval`, the API); always capped at the model's
+# usable positions (tasks.capped_length), so a BERT reads 512 tokens and a tiny test model its own.
+DEFAULT_MAX_LENGTH = 512
+MAX_LENGTH_HELP = (f"tokens per example or per window of a language-modelling text (default {DEFAULT_MAX_LENGTH}, "
+                   f"at most the model's position table; a classifier's longer texts are cut)")
 # Model types whose position ids start after the padding index (RoBERTa's scheme): pad_token_id + 1
 # rows of their position table are never a text's.
 PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "longformer", "roberta-prelayernorm",

@@ -77,3 +77,19 @@ def test_a_huge_row_costs_the_character_budget_only(classifier):
     assert batch["input_ids"].shape == (1, 32)
     assert batch["input_ids"][0].tolist() == tok(huge[:CHARS_PER_TOKEN * 32], truncation=True, max_length=32)["input_ids"]
     assert time.process_time() - start < 60  # a hang guard: tokenizing the whole row takes far longer
+
+
+def test_one_default_on_every_route():
+    import inspect
+
+    from fmerge import api, cli
+    from fmerge.compat import DEFAULT_MAX_LENGTH
+    from fmerge.steps import step_kinds
+
+    kinds = step_kinds()
+    steps = {k: kinds[k].Config.model_fields["max_length"].default for k in kinds
+             if "max_length" in kinds[k].Config.model_fields}
+    assert {"eval", "finetune", "fisher", "gram", "kfac", "adamerging", "frank_wolfe", "frank_wolfe_soft"} <= set(steps)
+    functions = {f.__name__: inspect.signature(f).parameters["max_length"].default
+                 for f in (api.fisher, api.fisher_many, api.evaluate, cli.fisher, cli.eval_command)}
+    assert set(steps.values()) | {getattr(d, "default", d) for d in functions.values()} == {DEFAULT_MAX_LENGTH}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ..compat import DEFAULT_MAX_LENGTH, MAX_LENGTH_HELP
 from ..data import encode_batches
 from ..errors import RecipeError
 from ..finetune import finetune_classifier, fresh_classifier, tensor_batches
@@ -30,7 +31,7 @@ class FinetuneConfig(Strict):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = 0.01
     warmup: float = Field(0.1, ge=0, lt=1)
-    max_length: int = Field(64, ge=2)
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=2, description=MAX_LENGTH_HELP)
     seed: int | None = None
     config_overrides: dict = Field({}, description="transformers config changes, e.g. num_hidden_layers")
 

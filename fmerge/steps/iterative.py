@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal
 import torch
 from pydantic import Field
 
+from ..compat import DEFAULT_MAX_LENGTH, MAX_LENGTH_HELP
 from ..data import check_labels, encode_batches, encode_lm_batches
 from ..errors import DataError, ModelError, RecipeError
 from ..export import export_model_dir
@@ -68,7 +69,7 @@ class IterativeConfig(Strict):
                                                       "(default: the merged models)")
     split: str | None = Field(None, description="data split adapted on (default: each task's validation split)")
     chunk_size: int = Field(32, ge=1, description="examples per forward/backward pass (bounds memory)")
-    max_length: int = Field(64, ge=2, description="tokens per example (longer ones are cut)")
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=2, description=MAX_LENGTH_HELP)
     seed: int | None = Field(None, description="seed of the rows drawn (default: the recipe's seed)")
     export: str | None = Field(None, description="write the merged model here as a Hugging Face directory")
 
