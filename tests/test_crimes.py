@@ -192,3 +192,16 @@ def test_adamerging_refuses_models_of_other_architectures(tmp_path, llamas):
                                     f"steps:\n  ada: {{kind: adamerging, steps: 1, examples: 2}}\n")
     proc = fmerge_cli("validate", recipe, check=False)
     assert proc.returncode == 2 and "steps.ada" in proc.stderr and "hidden_size" in proc.stderr
+
+
+def test_a_stack_allowed_as_a_crime_says_so_in_its_card(tmp_path, llamas):
+    config = write_recipe(tmp_path, f"merge_method: passthrough\nslices:\n"
+                                    f"  - sources: [{{model: {llamas['base']}, layer_range: [0, 2]}}]\n"
+                                    f"  - sources: [{{model: {llamas['rope']}, layer_range: [0, 2]}}]\n", "stack.yml")
+    proc = fmerge_cli("run", config, "--store", tmp_path / "store", check=False)
+    assert proc.returncode == 2 and "for stacking" in proc.stderr and "rope_theta" in proc.stderr
+    config.write_text(config.read_text() + "allow_crimes: true\n")
+    fmerge_cli("run", config, "--store", tmp_path / "store")
+    card = (tmp_path / "stack-merged" / "README.md").read_text()
+    assert "allow_crimes" in card and "rope_theta is 10000.0 in base, 500000.0 in rope" in card
+    assert "that of model 'base' (the first slice's)" in card

@@ -124,7 +124,7 @@ class StackLayersStep(StepKind):
         if rt.recipe.spec.allow_crimes:
             readme += "\n" + crimes_section(describe_differences(architecture_differences(
                 rt.recipe, stated_configs(rt, self.models_used(cfg, rt.recipe)), LAYER_COUNT_FIELDS)),
-                f"model '{first}''s") + "\n"
+                f"that of model '{first}' (the first slice's)") + "\n"
         return export_model_dir(rt.store, rt.recipe.resolve(cfg.export), p.key, artifact.view("weights/"), step=name,
                                 where=rt.recipe.where("steps", name, "export"), readme=readme,
                                 side_files_from=source_dir, finish=write_config)
