@@ -23,6 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from . import executor, graph
+from .compat import DEFAULT_MAX_LENGTH
 from .errors import RecipeError, StoreError, quoted
 from .executor import StepReport
 from .recipe import Recipe
@@ -354,7 +355,7 @@ def merge_recipe(method: str, models: Sequence[PathLike] | Mapping[str, PathLike
 def fisher(model: PathLike, data: PathLike, estimator: str = "exact", examples: int = 256, split: str = "train",
            text_column: str = "text", text_pair_column: str | None = None, label_column: str | None = "label",
            label_names: Sequence[str] | None = None, samples: int = 1, batch_size: int = 32, chunk_size: int = 32,
-           max_length: int = 128, seed: int = 0, export: PathLike | None = None,
+           max_length: int = DEFAULT_MAX_LENGTH, seed: int = 0, export: PathLike | None = None,
            store: Store | PathLike | None = None, device: str | None = None, allow_pickle: bool = False,
            console: Console | None = None, on_report: OnReport | None = None) -> FisherResult:
     """A classifier's diagonal Fisher on its task data (a csv/json/jsonl/parquet file, a directory of
@@ -373,7 +374,7 @@ def fisher_many(models: Sequence[PathLike] | Mapping[str, PathLike], data: PathL
                 examples: int = 256, split: str = "train", text_column: str = "text",
                 text_pair_column: str | None = None, label_column: str | None = "label",
                 label_names: Sequence[str] | None = None, samples: int = 1, batch_size: int = 32,
-                chunk_size: int = 32, max_length: int = 128, seed: int = 0, export: PathLike | None = None,
+                chunk_size: int = 32, max_length: int = DEFAULT_MAX_LENGTH, seed: int = 0, export: PathLike | None = None,
                 store: Store | PathLike | None = None, device: str | None = None, allow_pickle: bool = False,
                 console: Console | None = None, on_report: OnReport | None = None) -> list[FisherResult]:
     """The Fisher diagonals of several classifiers on the same data, one result each, in order.
@@ -396,7 +397,7 @@ def fisher_recipe(models: Sequence[PathLike] | Mapping[str, PathLike], data: Pat
                   examples: int = 256, split: str = "train", text_column: str = "text",
                   text_pair_column: str | None = None, label_column: str | None = "label",
                   label_names: Sequence[str] | None = None, samples: int = 1, batch_size: int = 32,
-                  chunk_size: int = 32, max_length: int = 128, seed: int = 0, export: PathLike | None = None,
+                  chunk_size: int = 32, max_length: int = DEFAULT_MAX_LENGTH, seed: int = 0, export: PathLike | None = None,
                   allow_pickle: bool = False) -> Recipe:
     """The one-step recipe of a direct Fisher estimate (`fmerge fisher` runs it too): every model
     on the same data entry; a data file is read whole as `split`, a directory or hub id by splits."""
@@ -525,7 +526,7 @@ def evaluate(model: PathLike, data: PathLike | None = None, task: str | None = N
              limit: int | None = None, text_column: str = "text", text_pair_column: str | None = None,
              label_column: str | None = "label", prompt_column: str | None = None, choices_column: str | None = None,
              label_names: Sequence[str] | None = None, head: PathLike | None = None, like: PathLike | None = None,
-             batch_size: int = 16, max_length: int = 512, seed: int = 0, lm_eval: Sequence[str] | None = None,
+             batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH, seed: int = 0, lm_eval: Sequence[str] | None = None,
              output: PathLike | None = None, store: Store | PathLike | None = None, device: str | None = None,
              allow_pickle: bool = False, console: Console | None = None,
              on_report: OnReport | None = None) -> EvalResult:

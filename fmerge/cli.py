@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .compat import DEFAULT_MAX_LENGTH, MAX_LENGTH_HELP
 from .errors import FmergeError, RecipeError
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -256,7 +257,7 @@ def fisher(
     samples: int = typer.Option(1, "--samples", help="draws per example for 'sampled'"),
     batch_size: int = typer.Option(32, "--batch-size", help="examples per batch"),
     chunk_size: int = typer.Option(32, "--chunk-size", help="examples per forward/backward pass (bounds memory)"),
-    max_length: int = typer.Option(128, "--max-length", help="tokens per example (longer ones are cut)"),
+    max_length: int = typer.Option(DEFAULT_MAX_LENGTH, "--max-length", help=MAX_LENGTH_HELP),
     seed: int = typer.Option(0, "--seed", help="seed of the random subset (and of 'sampled' draws)"),
     export: Optional[Path] = typer.Option(None, "--export", help="write the mean diagonal here (.safetensors)"),
     device: Optional[str] = DeviceOpt,
@@ -583,8 +584,7 @@ def eval_command(
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="also run these lm-evaluation-harness tasks, "
                                           "comma-separated (needs `pip install lm-eval`)"),
     batch_size: int = typer.Option(16, "--batch-size", help="sequences per forward pass"),
-    max_length: int = typer.Option(512, "--max-length", help="tokens per pass (language modelling: longer texts "
-                                   "are scored in windows; classification: longer ones are cut)"),
+    max_length: int = typer.Option(DEFAULT_MAX_LENGTH, "--max-length", help=MAX_LENGTH_HELP),
     seed: int = typer.Option(0, "--seed", help="seed of the --limit subset"),
     output: Optional[Path] = typer.Option(None, "--output", help="add this evaluation's rows (model, data, split, "
                                           "metric and their hashes) to results.json and results.csv here; a file "

@@ -23,6 +23,10 @@ mergekit 0.1.5's defaults:
 `slices:` are read for passthrough (each slice one source: a frankenmerge, see fmerge/slices.py)
 and, for the other methods, when there is one slice whose sources each cover all their model's
 layers (the common slerp config): that is the same merge as a `models:` list.
+`allow_crimes: true` at the top of the config is mergekit's `--allow-crimes` (a command-line option
+there, a key that mergekit's config schema ignores): fmerge then merges models whose configs
+describe different architectures (fmerge/compat.py), which it refuses otherwise (mergekit refuses
+different architecture classes; fmerge also different widths, RoPE settings or vocabularies).
 `tokenizer_source` other than the base, and `tokenizer:` blocks, are refused: they build a new
 vocabulary, and every embedding and output row would have to be re-mapped to it.
 
@@ -53,7 +57,7 @@ from typing import Any
 from .errors import FmergeError, RecipeError, quoted
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-            "tokenizer"}
+            "tokenizer", "allow_crimes"}
 UNSUPPORTED_TOP = {"modules", "chat_template"}
 TOKENIZER_REFUSAL = (
     "fmerge keeps the base model's tokenizer and embedding rows. A vocabulary built from other tokenizers (union, "
@@ -284,9 +288,12 @@ def _stacked_recipe(data: dict, where, file: Path | None, config_dir: Path) -> d
 def recipe_from_mergekit(data: dict, lines, file: Path | None) -> dict:
     """The fmerge recipe (a dict, as parsed YAML) equivalent to a mergekit config."""
     try:
-        return _convert(data, lines, file)
+        recipe = _convert(data, lines, file)
     except FmergeError as exc:
         raise type(exc)(f"{exc} (Read as a mergekit config because it has 'merge_method'.)") from None
+    if "allow_crimes" in data:  # mergekit's --allow-crimes, which its command line takes and its configs do not
+        recipe["allow_crimes"] = data["allow_crimes"]
+    return recipe
 
 
 def _convert(data: dict, lines, file: Path | None) -> dict:

@@ -115,6 +115,17 @@ def clip_section(base: str) -> str:
         "    logits = model.logit_scale.exp() * images @ heads.T\n```")
 
 
+def crimes_section(differences: str, config_from: str = "the base model's") -> str:
+    """Said in the card of a merge whose recipe sets `allow_crimes: true`: `differences`, the
+    architecture fields the models' configs disagree on (fmerge/compat.py), or ''; `config_from`:
+    whose config.json the export holds."""
+    found = (f"Their config.json files differ: {differences}. The merged tensors mix models that do not compute "
+             f"alike, and this directory's config.json is {config_from}." if differences else
+             "Their config.json files agree on every architecture field fmerge compares.")
+    return (f"## Architectures differ (allow_crimes)\n\nThe recipe sets `allow_crimes: true`: fmerge merged these "
+            f"models without requiring them to share one architecture. {found}")
+
+
 def tokenizer_fallback_note(model_dir: str, reason: str) -> str:
     """Said in the card when the base's tokenizer could not be loaded and saved again."""
     return (f"\n## Tokenizer\n\nThe base model's tokenizer in `{model_dir}` could not be loaded ({reason}), so "

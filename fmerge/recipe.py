@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from .errors import FmergeError, RecipeError, quoted
+from .errors import RecipeError, quoted
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -309,6 +309,10 @@ class RecipeSpec(Strict):
         "error", description="a floating-point tensor of the base that some model lacks: 'error' (default) "
         "refuses to merge; 'base' takes the base's value for it, unmerged, and lists it in the artifact "
         "and the exported model card")
+    allow_crimes: bool = Field(
+        False, description="merge models whose config.json files describe different architectures (rope_theta, "
+        "widths, layer counts, vocabulary...; see fmerge/compat.py), which fmerge refuses by default (mergekit's "
+        "--allow-crimes); the exported model card then says so and lists the differences")
     allow_pickle: bool = False
     trust_remote_code: bool = False
     steps: dict[str, dict[str, Any]] = Field(min_length=1)

@@ -70,6 +70,25 @@ def stacked_config(config: dict, layers: int, source_layers: int, what: str) -> 
     return {**config, key: layers}
 
 
+def check_widths(sources: dict[str, TensorSource], first: str, where: str) -> None:
+    """Refuse sources whose tensors of one name have different shapes (other widths, heads or
+    vocabulary): stacked, their layers would not fit one another, and the model written would not
+    load. Read from the files' headers, before anything is written."""
+    ref = sources[first]
+    ref_names = set(ref.names())
+    for model, src in sources.items():
+        if model == first:
+            continue
+        wrong = [(n, tuple(ref.shape(n)), tuple(src.shape(n))) for n in src.names()
+                 if n in ref_names and tuple(src.shape(n)) != tuple(ref.shape(n))]
+        if wrong:
+            shown = "; ".join(f"'{n}' is {list(a)} in {first} but {list(b)} in {model}" for n, a, b in wrong[:3])
+            more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+            raise ModelError(f"{where}: the layers of models '{first}' and '{model}' do not fit together: {shown}"
+                             f"{more}. Stacked, they would make a model that does not load; stack layers of models "
+                             f"of one width (hidden size, heads, vocabulary).")
+
+
 class StackedLayers:
     """The stacked model's tensors, read lazily from the source models (a TensorSource)."""
 
@@ -101,6 +120,7 @@ class StackedLayers:
             if not LAYER_NAME.match(name) and not EMBEDDING.search(name):
                 self._map[name] = (slices[-1].model, name, slices[-1].scale, 0.0)
         self.layers = out_index
+        check_widths(sources, slices[0].model, where)
 
     def names(self) -> list[str]:
         return list(self._map)

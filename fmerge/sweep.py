@@ -19,15 +19,12 @@ thousand-value list cannot keep `validate` busy for minutes.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
 from .errors import RecipeError, quoted
 

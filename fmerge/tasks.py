@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import usable_positions
 from .data import (DataSpec, encode_batches, encode_choice_batches, encode_lm_batches, label_targets,
                    load_dataset_split, select_examples)
 from .distributed import launched
@@ -360,8 +361,11 @@ def task_batches(rt, model: str, rows, spec: DataSpec, batch_size: int, max_leng
     """Batches of `rows` for the model's task model: tokenized text, or CLIP-processed images
     (`pixel_values`), with `labels` and `example_ids` as `data.encode_batches` gives them; for a
     causal LM, next-token `labels` (`data.encode_lm_batches`, or one row per choice with
-    `choice_ids` for multiple choice: `data.encode_choice_batches`)."""
+    `choice_ids` for multiple choice: `data.encode_choice_batches`). `max_length` is capped at the
+    model's position table (`capped_length`), whatever route asked for more."""
     kind = task_kind(rt, model)
+    if kind != "image":
+        max_length = capped_length(rt, model, max_length)
     if kind == "causal_lm":
         return encode_lm_batches(load_tokenizer(rt, model), rows, spec, batch_size, max_length)
     if kind == "multiple_choice":
@@ -374,6 +378,16 @@ def task_batches(rt, model: str, rows, spec: DataSpec, batch_size: int, max_leng
     values = mapped_labels(rows, spec.label_column) if spec.label_column is not None else None
     ids = rows[EXAMPLE_ID_COLUMN] if EXAMPLE_ID_COLUMN in rows.column_names else None
     return image_batches(load_image_processor(rt, model), rows, spec.text_column, values, batch_size, ids)
+
+
+def capped_length(rt, model: str, max_length: int) -> int:
+    """`max_length`, or the model's usable positions if fewer (`compat.usable_positions`): a longer
+    sequence would index past the position table (and crash, or read garbage)."""
+    try:
+        positions = usable_positions(raw_config(rt, model))
+    except (ModelError, KeyError):  # no config to read: the model says so when it is built
+        positions = None
+    return min(max_length, positions) if positions else max_length
 
 
 def load_image_processor(rt, model: str):

@@ -17,7 +17,7 @@ LAYERS = [
     ["fmerge.recipe", "fmerge.sweep", "fmerge.mergekit"],
     ["fmerge.export", "fmerge.merging", "fmerge.store", "fmerge.io", "fmerge.data", "fmerge.fingerprint",
      "fmerge.distributed", "fmerge.progress", "fmerge.report", "fmerge.plots", "fmerge.clip",
-     "fmerge.model_card", "fmerge.slices", "fmerge.lora"],
+     "fmerge.model_card", "fmerge.slices", "fmerge.lora", "fmerge.compat"],
     ["fmerge.methods", "fmerge.fisher", "fmerge.gram", "fmerge.kfac", "fmerge.objective", "fmerge.finetune",
      "fmerge.lm_scoring"],
     ["fmerge.errors", "fmerge"],

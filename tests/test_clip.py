@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fmerge import executor
 from fmerge.fisher import fisher_diagonal
@@ -180,7 +179,7 @@ def test_zeroshot_head_equals_hand_computation_and_is_cached_by_content(project)
 
 
 def test_fisher_through_the_head_equals_per_example_loop(project):
-    from fmerge.tasks import build_task_model, data_spec, load_subset, task_batches
+    from fmerge.tasks import build_task_model, load_subset, task_batches
 
     rt = runtime(project)
     executor.run(rt, only=["heads"])

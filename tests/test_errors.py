@@ -196,7 +196,10 @@ def test_shape_mismatch_names_first_tensors(tmp_path, zoo):
 
     torch.manual_seed(3)
     BertForSequenceClassification(tiny_bert_config(intermediate_size=48, num_labels=3)).save_pretrained(tmp_path / "zoo" / "wide")
-    msg = run_error(write_recipe(tmp_path, ZOO_RECIPE.replace("zoo/task1", "zoo/wide")))
+    recipe = ZOO_RECIPE.replace("zoo/task1", "zoo/wide")
+    assert "intermediate_size is 32 in base, 32 in a, 48 in b" in run_error(write_recipe(tmp_path, recipe))
+    # allowed as a crime (tests/test_crimes.py), the tensors that do not fit are still refused
+    msg = run_error(write_recipe(tmp_path, recipe + "allow_crimes: true\n"))
     assert "Tensor shapes differ between the models: 'encoder.layer.0.intermediate.dense.bias' is [32] in the base " \
            "but [48] in b; 'encoder.layer.0.intermediate.dense.weight' is [32, 16] in the base but [48, 16] in b" in msg
     assert "(and 3 more)" in msg and "exclude" in msg
@@ -206,7 +209,9 @@ def test_vocabulary_size_mismatch_is_named(tmp_path, zoo):
     from transformers import BertForSequenceClassification
 
     BertForSequenceClassification(tiny_bert_config(vocab_size=80, num_labels=3)).save_pretrained(tmp_path / "zoo" / "bigvocab")
-    msg = run_error(write_recipe(tmp_path, ZOO_RECIPE.replace("zoo/task1", "zoo/bigvocab")))
+    recipe = ZOO_RECIPE.replace("zoo/task1", "zoo/bigvocab")
+    assert "vocab_size is 64 in base, 64 in a, 80 in b" in run_error(write_recipe(tmp_path, recipe))
+    msg = run_error(write_recipe(tmp_path, recipe + "allow_crimes: true\n"))
     assert "'embeddings.word_embeddings.weight' is [64, 16] in the base but [80, 16] in b" in msg
     assert "vocabulary-size mismatch" in msg
 

@@ -9,7 +9,6 @@ nn.Module.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 import pytest

@@ -342,6 +342,10 @@ def test_vocabulary_mismatch_is_named_and_exclude_takes_the_base_rows(tmp_path, 
              "steps:\n  m: {kind: merge, method: task_arithmetic, params: {lambda: 0.5}, export: out}\n"
     write_recipe(tmp_path, recipe)
     proc = fmerge_cli("run", tmp_path / "recipe.yaml", check=False)
+    assert proc.returncode == 2 and "vocab_size is 64 in base, 64 in a, 72 in b" in " ".join(proc.stderr.split())
+    recipe += "allow_crimes: true\n"  # merged as a crime, the embedding rows still do not fit:
+    write_recipe(tmp_path, recipe)
+    proc = fmerge_cli("run", tmp_path / "recipe.yaml", check=False)
     assert proc.returncode == 2 and "model.embed_tokens.weight" in proc.stderr and "vocabulary" in proc.stderr
     write_recipe(tmp_path, recipe + "exclude: [embed_tokens, lm_head]\n")
     fmerge_cli("run", tmp_path / "recipe.yaml")

@@ -292,7 +292,9 @@ def test_remote_code_is_not_run_unless_the_recipe_trusts_it(tmp_path):
     (tmp_path / "clf_a" / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
                                                 "from transformers import BertConfig\n"
                                                 "class EvilConfig(BertConfig):\n    model_type = 'evilbert'\n")
-    r = load_recipe(write_recipe(tmp_path, "base: base\nmodels: {a: clf_a}\nsteps:\n  m: {kind: merge, method: simple_average}\n"))
+    # allow_crimes: its model_type is no longer the base's, which a merge refuses (tests/test_crimes.py)
+    r = load_recipe(write_recipe(tmp_path, "base: base\nmodels: {a: clf_a}\nallow_crimes: true\n"
+                                           "steps:\n  m: {kind: merge, method: simple_average}\n"))
     assert r.spec.trust_remote_code is False
     with pytest.raises(FmergeError, match=r"Model 'a': cannot read the transformers config .* fmerge does only when "
                                           r"the recipe sets 'trust_remote_code: true'"):

@@ -5,7 +5,6 @@ store read it whole again. The merge driver reads ahead and writes behind in thr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil

@@ -22,6 +22,7 @@ import torch
 from pydantic import Field
 
 from .. import distributed
+from ..compat import DEFAULT_MAX_LENGTH, MAX_LENGTH_HELP
 from ..data import EXAMPLE_ID_COLUMN, answer_index, shard_by_rank
 from ..errors import DataError, RecipeError
 from ..lm_scoring import choice_accuracy, nll_sum, perplexity, sequence_logliks
@@ -52,7 +53,7 @@ class EvalConfig(Strict):
                                      "task's validation split); the test split is never used to choose")
     select_limit: int | None = Field(None, ge=1, description="rows per task for choosing (default: limit)")
     batch_size: int = Field(64, ge=1)
-    max_length: int = Field(64, ge=2)
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=2, description=MAX_LENGTH_HELP)
     seed: int | None = None
     models: list[str] | None = Field(None, description="tasks (models) to evaluate on (default: all)")
     output: str | None = Field(None, description="write results.json and results.csv in this directory")

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 from pydantic import Field
 
+from ..compat import DEFAULT_MAX_LENGTH, MAX_LENGTH_HELP
 from ..data import encode_batches, label_names_for, load_dataset_split
 from ..errors import RecipeError
 from ..finetune import finetune_classifier, fresh_classifier, tensor_batches
@@ -32,7 +33,7 @@ class FinetuneConfig(Strict):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = 0.01
     warmup: float = Field(0.1, ge=0, lt=1)
-    max_length: int = Field(64, ge=2)
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=2, description=MAX_LENGTH_HELP)
     seed: int | None = None
     config_overrides: dict = Field({}, description="transformers config changes, e.g. num_hidden_layers")
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal
 import torch
 from pydantic import Field
 
+from ..compat import DEFAULT_MAX_LENGTH, MAX_LENGTH_HELP
 from ..data import encode_batches, encode_lm_batches
 from ..errors import DataError, ModelError, RecipeError
 from ..export import export_model_dir
@@ -33,12 +34,12 @@ from ..merging import TensorPlan, plan_tensors
 from ..objective import Objective, TaskModel, predicted_tokens
 from ..recipe import BASE, Strict
 from ..store import make_key
-from ..tasks import (build_task_model, data_inputs, data_spec, is_image_task, load_subset, load_tokenizer, model_kind,
-                     side_inputs, task_batches, task_data)
+from ..tasks import (build_task_model, capped_length, data_inputs, data_spec, is_image_task, load_subset,
+                     load_tokenizer, model_kind, side_inputs, task_batches, task_data)
 from .base import Planned, StepKind
 from .task_vectors import task_vector_planned
 from .zeroshot_head import head_dependency
-from .merge import model_card, write_heads
+from .merge import check_architectures, check_local_architectures, model_card, write_heads
 
 
 # glibc's mallopt parameter for the size from which a block is its own mapping, unmapped when freed.
@@ -68,7 +69,7 @@ class IterativeConfig(Strict):
                                                       "(default: the merged models)")
     split: str | None = Field(None, description="data split adapted on (default: each task's validation split)")
     chunk_size: int = Field(32, ge=1, description="examples per forward/backward pass (bounds memory)")
-    max_length: int = Field(64, ge=2, description="tokens per example (longer ones are cut)")
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=2, description=MAX_LENGTH_HELP)
     seed: int | None = Field(None, description="seed of the rows drawn (default: the recipe's seed)")
     export: str | None = Field(None, description="write the merged model here as a Hugging Face directory")
 
@@ -99,6 +100,7 @@ class IterativeStep(StepKind):
         return list(dict.fromkeys(self.candidates(cfg, recipe) + self.task_names(cfg, recipe)))
 
     def check(self, recipe, name, cfg):
+        check_local_architectures(recipe, name, [BASE, *self.models_used(cfg, recipe)])
         for t in self.task_names(cfg, recipe):
             if recipe.models[t].data is None:
                 raise RecipeError(f"{recipe.where('steps', name)}: task '{t}' has no data; give model '{t}' "
@@ -129,6 +131,7 @@ class IterativeStep(StepKind):
         return cfg.model_dump(mode="json", exclude={"export", "models", "tasks"})
 
     def plan(self, rt, name, cfg, upstream):
+        check_architectures(rt, name, [BASE, *self.models_used(cfg, rt.recipe)])
         seed = cfg.seed if cfg.seed is not None else rt.recipe.spec.seed
         tasks, splits, task_in, deps = {}, [], [], []
         for t in self.task_names(cfg, rt.recipe):
@@ -233,9 +236,10 @@ class IterativeStep(StepKind):
                 return task_batches(rt, task, picked, spec, cfg.chunk_size, cfg.max_length)
         else:  # loading a tokenizer takes ~0.1 s, too long to repeat at every draw as task_batches would
             tok = load_tokenizer(rt, task)
+            length = capped_length(rt, task, cfg.max_length)
 
             def encode(picked):
-                return encode_batches(tok, picked, spec, cfg.chunk_size, cfg.max_length)
+                return encode_batches(tok, picked, spec, cfg.chunk_size, length)
 
         def batches(draw: int):
             return list(encode(rows.select([(draw * n + i) % len(rows) for i in range(n)])))

@@ -12,12 +12,14 @@ import torch
 import yaml
 from pydantic import Field, ValidationError
 
+from ..compat import config_differences, describe_differences, vision_tower
 from ..errors import FmergeError, ModelError, RecipeError
 from ..export import copy_side_files, export_model_dir
 from ..io import DEFAULT_SHARD_SIZE, parse_byte_size, parse_dtype, write_weight_files
+from ..lora import is_adapter_dir
 from ..merging import TensorParams, align_names, all_finite, merge_stream, plan_tensors, write_behind
 from ..methods import MergeContext, get_method
-from ..model_card import CardFacts, clip_section, render_card, task_dirs_section
+from ..model_card import CardFacts, clip_section, crimes_section, render_card, task_dirs_section
 from ..progress import tensor_progress
 from ..recipe import BASE, Strict, format_validation_error
 from ..store import make_key
@@ -90,12 +92,14 @@ class MergeStep(StepKind):
         if cfg.out_shard_size is not None:
             parse_byte_size(cfg.out_shard_size, recipe.where("steps", name, "out_shard_size"))
         models = self.models_used(cfg, recipe)
+        check_local_architectures(recipe, name, [BASE, *models])
         try:
             tparams.validate(MergeContext(models, seed=cfg.seed or recipe.spec.seed))
         except FmergeError as exc:
             raise RecipeError(f"{recipe.where('steps', name, 'params')}: {exc}")
 
     def plan(self, rt, name: str, cfg: MergeConfig, upstream) -> list[Planned]:
+        check_architectures(rt, name, [BASE, *self.models_used(cfg, rt.recipe)])
         method = get_method(cfg.method)
         tparams = TensorParams(method, cfg.params, rt.recipe.where("steps", name, "params"))
         params = tparams.params
@@ -260,6 +264,81 @@ class Renamed:
         return self.src.get(self.map[name])
 
 
+def check_architectures(rt, name: str, models: list[str], ignore: tuple[str, ...] = (), why: str = "") -> None:
+    """At plan time: refuse models whose config.json files describe different architectures
+    (fmerge/compat.py: which fields, and why those), unless the recipe says `allow_crimes: true`.
+    The configs are read as plain JSON, so planning stays cheap."""
+    refuse_differences(rt.recipe, name, stated_configs(rt, models), ignore, why)
+
+
+def check_local_architectures(recipe, name: str, models: list[str], ignore: tuple[str, ...] = (),
+                              why: str = "") -> None:
+    """At load time (`fmerge validate`), the same for the models that are local directories (a hub
+    model, or one a step makes, is compared when planned)."""
+    refuse_differences(recipe, name, local_configs(recipe, models), ignore, why)
+
+
+def refuse_differences(recipe, name: str, configs: dict[str, dict], ignore: tuple[str, ...], why: str) -> None:
+    if recipe.spec.allow_crimes:
+        return
+    differences = architecture_differences(recipe, configs, ignore)
+    if differences:
+        raise ModelError(
+            f"{recipe.where('steps', name)}: the models do not share one architecture, so their tensors do not "
+            f"mean the same thing{why}: {describe_differences(differences)} (from their config.json files). Merge "
+            f"models fine-tuned from one base model; or, if you mean to combine these anyway, set "
+            f"'allow_crimes: true' at the top of the recipe or mergekit config (mergekit's --allow-crimes), and the "
+            f"exported model card will say so.")
+
+
+def architecture_differences(recipe, configs: dict[str, dict], ignore: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """[(field, {model: value})] where the configs differ (a CLIP recipe: their vision towers')."""
+    return config_differences({m: vision_tower(c) if recipe.is_clip else c for m, c in configs.items()}, ignore)
+
+
+def label(model: str) -> str:
+    return "base" if model == BASE else model
+
+
+def local_configs(recipe, models: list[str]) -> dict[str, dict]:
+    """{model: config.json} of the models given as local directories that hold one (a PEFT adapter,
+    the base plus a delta, has the base's architecture and is skipped); one that cannot be read is
+    left to the step that reads it."""
+    out = {}
+    for m in models:
+        spec = recipe.base if m == BASE else recipe.models[m]
+        directory = recipe.resolve(spec.path) if spec.path is not None else None
+        if directory is None or is_adapter_dir(directory) or not (directory / "config.json").is_file():
+            continue
+        try:
+            out[label(m)] = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def stated_configs(rt, models: list[str]) -> dict[str, dict]:
+    """{model: config.json as plain JSON} of the models that have one to compare; skipped: a PEFT
+    adapter (the base plus a delta, so the base's architecture), a directory without config.json
+    (its tensors are still checked when merged), a model its step has not made yet (e.g. under
+    `fmerge status`; a fine-tune's artifact records its config)."""
+    from ..tasks import raw_config
+
+    out = {}
+    for m in models:
+        spec = rt.spec(m)
+        if spec.from_step is not None:
+            key = rt.output_of(spec.from_step)
+            config = rt.store.open(key).meta.get("config") if rt.store.has(key) else None
+            if isinstance(config, dict):
+                out[label(m)] = dict(config)
+            continue
+        directory = rt.model_dir(m)
+        if not is_adapter_dir(directory) and (directory / "config.json").is_file():
+            out[label(m)] = raw_config(rt, m)
+    return out
+
+
 def get_method_at(recipe, name: str, method: str):
     try:
         return get_method(method)
@@ -396,6 +475,9 @@ def card_facts_for(rt, name: str, cfg, p: Planned, task: str | None = None) -> C
     elif recipe.is_clip:
         sections.append(clip_section(base.path or "path/to/base"))
     sections += [sweep_section(rt, name), from_base_section(rt.store.open(p.key).meta)]
+    if recipe.spec.allow_crimes:
+        configs = stated_configs(rt, [BASE, *models])
+        sections.append(crimes_section(describe_differences(architecture_differences(recipe, configs))))
     return CardFacts(
         step=name, method=method, params=params, base=given(rt, BASE),
         base_hub_id=base.path if base.path and recipe.is_hub_id(base.path) else None,

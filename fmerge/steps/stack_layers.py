@@ -8,15 +8,18 @@ from typing import Any
 
 from pydantic import Field
 
+from ..compat import LAYER_COUNT_FIELDS, describe_differences
 from ..errors import ModelError, RecipeError
 from ..export import export_model_dir
 from ..io import parse_dtype
 from ..merging import all_finite
+from ..model_card import crimes_section
 from ..progress import tensor_progress
 from ..recipe import Strict
 from ..slices import Slice, StackedLayers, layer_count, stacked_config
 from ..store import make_key
 from .base import Planned, StepKind, register
+from .merge import architecture_differences, check_architectures, check_local_architectures, stated_configs
 
 VERSION = 1
 
@@ -54,6 +57,7 @@ class StackLayersStep(StepKind):
                                   f"must be [start, end) with 0 ≤ start < end.")
         if cfg.out_dtype:
             parse_dtype(cfg.out_dtype, recipe.where("steps", name, "out_dtype"))
+        check_local_architectures(recipe, name, self.models_used(cfg, recipe), LAYER_COUNT_FIELDS, " for stacking")
 
     def _stacked(self, rt, name: str, cfg: StackLayersConfig) -> StackedLayers:
         where = rt.recipe.where("steps", name, "slices")
@@ -69,6 +73,7 @@ class StackLayersStep(StepKind):
 
     def plan(self, rt, name: str, cfg: StackLayersConfig, upstream) -> list[Planned]:
         models = self.models_used(cfg, rt.recipe)
+        check_architectures(rt, name, models, ignore=LAYER_COUNT_FIELDS, why=" for stacking")
         hashes = rt.model_hashes(models)
         # By position: a slice names its model by its index in `models`, never by name. Each
         # model's config.json is read too (its layer count bounds the slices).
@@ -122,6 +127,10 @@ class StackLayersStep(StepKind):
         readme = (f"---\ntags: [fmerge, stack_layers]\n---\n# Layers stacked with fmerge\n\nStep `{name}`: "
                   + ", ".join(f"{s.model} layers {s.layers[0]}..{s.layers[1] - 1}" for s in cfg.slices)
                   + f" ({artifact.meta['layers']} layers). Artifact key `{p.key}`.\n")
+        if rt.recipe.spec.allow_crimes:
+            readme += "\n" + crimes_section(describe_differences(architecture_differences(
+                rt.recipe, stated_configs(rt, self.models_used(cfg, rt.recipe)), LAYER_COUNT_FIELDS)),
+                f"that of model '{first}' (the first slice's)") + "\n"
         return export_model_dir(rt.store, rt.recipe.resolve(cfg.export), p.key, artifact.view("weights/"), step=name,
                                 where=rt.recipe.where("steps", name, "export"), readme=readme,
                                 side_files_from=source_dir, finish=write_config)

@@ -8,6 +8,7 @@ from difflib import get_close_matches
 
 from pydantic import Field
 
+from ..compat import DEFAULT_MAX_LENGTH, MAX_LENGTH_HELP
 from ..data import EXAMPLE_ID_COLUMN
 from ..errors import RecipeError
 from ..recipe import Strict
@@ -77,6 +78,6 @@ class StatisticsConfig(Strict):
     examples: int = Field(256, ge=1, description="seeded random subset of the task's rows")
     split: str | None = Field(None, description="data split (default: the task's train split)")
     batch_size: int = Field(32, ge=1)
-    max_length: int = Field(64, ge=2)
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=2, description=MAX_LENGTH_HELP)
     seed: int | None = None
     models: list[str] | None = None
