@@ -70,23 +70,27 @@ def stacked_config(config: dict, layers: int, source_layers: int, what: str) -> 
     return {**config, key: layers}
 
 
-def check_widths(sources: dict[str, TensorSource], first: str, where: str) -> None:
-    """Refuse sources whose tensors of one name have different shapes (other widths, heads or
-    vocabulary): stacked, their layers would not fit one another, and the model written would not
-    load. Read from the files' headers, before anything is written."""
-    ref = sources[first]
-    ref_names = set(ref.names())
-    for model, src in sources.items():
-        if model == first:
+def check_widths(sources: dict[str, TensorSource], stacked: dict[str, tuple], blocks: str, where: str) -> None:
+    """Refuse a stack whose layers do not fit one another: each per-layer tensor (`<blocks>.<n>.<rest>`)
+    must have the shape it has in the first stacked layer (another width, other heads). Only what is
+    stacked is compared (a head taken from the last model alone may differ). Read from the files'
+    headers, before anything is written."""
+    first: dict[str, tuple[str, str, tuple]] = {}
+    wrong = []
+    for out, (model, inner, _, _) in stacked.items():
+        m = LAYER_NAME.match(out)
+        if not m or m.group("blocks") != blocks:
             continue
-        wrong = [(n, tuple(ref.shape(n)), tuple(src.shape(n))) for n in src.names()
-                 if n in ref_names and tuple(src.shape(n)) != tuple(ref.shape(n))]
-        if wrong:
-            shown = "; ".join(f"'{n}' is {list(a)} in {first} but {list(b)} in {model}" for n, a, b in wrong[:3])
-            more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
-            raise ModelError(f"{where}: the layers of models '{first}' and '{model}' do not fit together: {shown}"
-                             f"{more}. Stacked, they would make a model that does not load; stack layers of models "
-                             f"of one width (hidden size, heads, vocabulary).")
+        shape = tuple(sources[model].shape(inner))
+        ref = first.setdefault(m.group("rest"), (model, inner, shape))
+        if ref[2] != shape:
+            wrong.append((ref, (model, inner, shape)))
+    if wrong:
+        shown = "; ".join(f"'{a[1]}' is {list(a[2])} in {a[0]} but '{b[1]}' is {list(b[2])} in {b[0]}"
+                          for a, b in wrong[:3])
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise ModelError(f"{where}: the stacked layers do not fit together: {shown}{more}. Stacked, they would make "
+                         f"a model that does not load; stack layers of models of one width (hidden size, heads).")
 
 
 class StackedLayers:
@@ -120,7 +124,7 @@ class StackedLayers:
             if not LAYER_NAME.match(name) and not EMBEDDING.search(name):
                 self._map[name] = (slices[-1].model, name, slices[-1].scale, 0.0)
         self.layers = out_index
-        check_widths(sources, slices[0].model, where)
+        check_widths(sources, self._map, blocks, where)
 
     def names(self) -> list[str]:
         return list(self._map)

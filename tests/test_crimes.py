@@ -162,7 +162,8 @@ def test_passthrough_of_different_widths_is_refused_before_writing(tmp_path, lla
     config.write_text(text)
     proc = fmerge_cli("run", config, "--store", tmp_path / "store", check=False)
     message = " ".join(proc.stderr.split())
-    assert proc.returncode == 2 and "do not fit together" in message and "[16] in base but [32] in wide" in message
+    assert proc.returncode == 2 and "do not fit together" in message and "is [16] in base but" in message
+    assert "is [32] in wide" in message
     assert "Traceback" not in proc.stderr and not (tmp_path / "stack-merged").exists()
     assert not [p for p in (tmp_path / "store" / "objects").rglob("zarr.json")]
 
