@@ -534,7 +534,7 @@ def label_targets(ds, spec: DataSpec, num_labels: int, label_names: Sequence[str
         if spec.partition is not None and path.is_file():  # the split's row as the file counts it
             import datasets
 
-            count = len(_read_file(datasets, path, _BUILDERS[path.suffix.lower()]))
+            count = len(_read_file(datasets, path, _BUILDERS[path.suffix.lower()], _cache_dir(datasets, spec, path)))
             row = int(partition_indices(count, spec.partition, spec.partition_seed)[spec.split][row])
         raise DataError(f"{where}: row {row + 1} of label column '{column}' holds {quoted(value, 60)}, {problem}. "
                         f"{todo}")
