@@ -12,6 +12,7 @@ whatever the thread count and however many fine-tunes run at once in one process
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -24,6 +25,12 @@ from .errors import DataError, ModelError, RecipeError
 Batch = Mapping[str, torch.Tensor]
 BatchesFactory = Callable[[int], Iterable[Batch]]
 Progress = Callable[[int, int, float], None]
+
+
+# transformers' from_pretrained swaps class attributes for the length of a load (PreTrainedModel.tie_weights,
+# torch's init functions) and puts back what it found: two loads in two threads can leave the
+# placeholders in place for the whole process (every later model untied). Models are built one at a time.
+MODEL_BUILD_LOCK = threading.RLock()
 
 
 def fresh_classifier(base_path: str | Path, num_labels: int, seed: int, **config_overrides):
@@ -46,9 +53,10 @@ def fresh_classifier(base_path: str | Path, num_labels: int, seed: int, **config
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model, loading = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, local_files_only=True, output_loading_info=True, **config_overrides
-        )
+        with MODEL_BUILD_LOCK:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, local_files_only=True, output_loading_info=True, **config_overrides
+            )
     finally:
         hf_logging.set_verbosity(verbosity)
         if bar:

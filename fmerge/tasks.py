@@ -20,6 +20,7 @@ from .data import (DataSpec, encode_batches, encode_choice_batches, encode_lm_ba
                    load_dataset_split, select_examples)
 from .distributed import launched
 from .errors import FmergeError, ModelError, RecipeError
+from .finetune import MODEL_BUILD_LOCK
 from .io import ModelDir
 from .recipe import BASE
 
@@ -271,7 +272,8 @@ def build_classifier(rt, model: str, weights: dict[str, torch.Tensor] | None = N
 
     config = model_config(rt, model)
     config._attn_implementation = "eager"
-    net = AutoModelForSequenceClassification.from_config(config)
+    with MODEL_BUILD_LOCK:  # see fmerge/finetune.py
+        net = AutoModelForSequenceClassification.from_config(config)
     src = rt.source(model)
     state = {n: src.get(n) for n in src.names()}
     if weights:
@@ -322,7 +324,8 @@ def build_causal_lm(rt, model: str, weights: dict[str, torch.Tensor] | None = No
     config = model_config(rt, model)
     config._attn_implementation = "eager"
     try:
-        net = AutoModelForCausalLM.from_config(config)
+        with MODEL_BUILD_LOCK:
+            net = AutoModelForCausalLM.from_config(config)
     except ValueError as exc:  # a config of no causal-LM architecture
         raise ModelError(f"Model '{rt.label(model)}': its config (model_type '{config.model_type}') has no causal "
                          f"language-model architecture in transformers, so it cannot be run as a causal LM; set "
@@ -408,7 +411,8 @@ def build_clip_classifier(rt, model: str, head, weights: dict[str, torch.Tensor]
     config = model_config(rt, model)
     vision_config = getattr(config, "vision_config", config)
     vision_config._attn_implementation = "eager"
-    tower = vision_tower_module(vision_config)
+    with MODEL_BUILD_LOCK:
+        tower = vision_tower_module(vision_config)
     src = rt.source(model)
     state = {n: src.get(n) for n in src.names()}
     state.update(weights or {})
