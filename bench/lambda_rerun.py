@@ -116,15 +116,25 @@ def runtime(recipe_file: Path, lam: list[float]) -> Runtime:
 
 
 def input_sources(rt: Runtime) -> list:
-    """Every tensor source the merge reads: the models, the base and the Fisher artifacts."""
+    """Every tensor source the merge reads: the models, the base and the Fisher artifacts (planned
+    first, so that models a step makes, the demo's fine-tunes, are bound to their artifacts)."""
+    fishers = executor.plan_step(rt, "fisher_exact")
+    executor.plan_step(rt, "fisher")
     sources = [rt.source(m) for m in [*rt.recipe.models, BASE]]
-    return sources + [rt.store.open(d.key) for d in executor.plan_step(rt, "fisher_exact")]
+    return sources + [rt.store.open(d.key) for d in fishers]
 
 
 def input_files(rt: Runtime) -> list[Path]:
-    files = [f for m in [*rt.recipe.models, BASE] for f in rt.source(m).weight_files()]
+    def artifact_files(key: str) -> list[Path]:
+        return [Path(dirpath) / f for dirpath, _, names in os.walk(rt.store.path(key)) for f in names]
+
+    files = []
     for d in executor.plan_step(rt, "fisher_exact"):
-        files += [Path(dirpath) / f for dirpath, _, names in os.walk(rt.store.path(d.key)) for f in names]
+        files += artifact_files(d.key)
+    executor.plan_step(rt, "fisher")
+    for m in [*rt.recipe.models, BASE]:
+        step = rt.spec(m).from_step
+        files += artifact_files(rt.output_of(step)) if step is not None else rt.source(m).weight_files()
     return files
 
 
