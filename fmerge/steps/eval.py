@@ -278,12 +278,10 @@ class EvalStep(StepKind):
         spec = data_spec(rt, p.extra["data"], p.params["split"])
         sub = load_subset(rt, p.extra["data"], p.params["split"], p.params["limit"], p.params["seed"], model.config)
         kind = task_kind(rt, task)
-        # An LM reads at most its position table's length at once; longer texts are scored in windows.
-        positions = getattr(model.config, "max_position_embeddings", None) if kind == "causal_lm" else None
-        length = min(cfg.max_length, positions or cfg.max_length)
         # Under torchrun each rank scores its rows (rank::world_size) and the scorers gather them.
+        # task_batches caps max_length at the model's position table (an LM scores longer texts in windows).
         rows = shard_by_rank(sub.rows)
-        batches = task_batches(rt, task, rows, spec, cfg.batch_size, length)
+        batches = task_batches(rt, task, rows, spec, cfg.batch_size, cfg.max_length)
         with torch.no_grad():
             if kind == "causal_lm":
                 scores = language_model_scores(rt, model, batches, spec)
